@@ -1,0 +1,47 @@
+"""Typed exceptions for kolm_ray.
+
+Inner code raises these; only the CLI (``kolm_ray.cli``) turns them into exit
+codes. Each class carries the exit code a user sees:
+
+* ``InputError``   -> 2: bad arguments or a bad input file (the message names file and line).
+* ``KolmRuntimeError`` -> 1: a failure while running (teacher outage past its threshold, ...).
+* ``GateFailed``   -> 3: the K-score gate was not met.
+"""
+
+from __future__ import annotations
+
+
+class KolmError(Exception):
+    """Base of every error kolm_ray raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(KolmError):
+    """Bad arguments or bad input data; the message says what, where and how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
+        self.path = path
+        self.line = line
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(f"{where}{message}")
+
+
+class KolmRuntimeError(KolmError):
+    """A failure while running, not caused by the user's input."""
+
+    exit_code = 1
+
+
+class TeacherError(KolmRuntimeError):
+    """The teacher stage failed past its stated threshold."""
+
+
+class GateFailed(KolmError):
+    """The K-score gate was not met."""
+
+    exit_code = 3

@@ -1,0 +1,45 @@
+"""Typed configs of the sampling stage; the CLI's flags map onto these fields."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TeacherConfig(BaseModel):
+    """How one teacher call is made. The SDK itself reads ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str = Field("claude-opus-4-7", description="Teacher model id.")
+    max_tokens: int = Field(1024, ge=1, le=64000, description="Most output tokens per sample.")
+    # None: the model's own default, which samples (k samples must differ for best-of-k to
+    # choose among anything). Current SDKs have no parameter for it; it goes in extra_body.
+    temperature: float | None = Field(None, ge=0.0, le=1.0, description="Sampling temperature (default: the model's).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before one call is abandoned and retried.")
+    max_attempts: int = Field(6, ge=1, description="Attempts per sample before it counts as failed.")
+    backoff_base_s: float = Field(1.0, ge=0, description="First retry wait without retry-after; doubles per attempt.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between attempts.")
+    few_shot: int = Field(4, ge=0, description="Labeled rows shown to the teacher as examples.")
+
+
+class QuotaConfig(BaseModel):
+    """The organization's teacher limits, shared by every compile on the cluster."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_in_flight: int = Field(64, ge=1, description="Teacher calls in flight across the cluster.")
+    calls_per_minute: int = Field(4000, ge=1, description="Teacher calls started per minute across the cluster.")
+    tokens_per_minute: int = Field(2_000_000, ge=1, description="Input+output tokens per minute across the cluster.")
+
+
+class SampleConfig(BaseModel):
+    """The fan-out: how many samples, how wide, and when the stage gives up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    k: int = Field(4, ge=1, le=64, description="Teacher samples per input row.")
+    n: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    concurrency: int = Field(64, ge=1, description="Calls in flight from this compile (the quota may allow fewer).")
+    actors: int = Field(2, ge=1, description="Ray Data async actors making the calls.")
+    # 5%: a handful of rows lost to an outage is fine for distillation; more means a broken run.
+    max_failed_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Fail the stage past this share of failed rows.")
+    batch: bool = Field(False, description="Use the Message Batches API (half price, slower).")
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a submitted batch.")
+    batch_max_requests: int = Field(10_000, ge=1, le=100_000, description="Requests per submitted batch.")

@@ -1,0 +1,410 @@
+"""The k-sampled teacher fan-out on Ray Data, and best-of-k selection.
+
+``sample_rows`` is the stage, in order:
+
+1. ``plan``: the system prompt (task + verifier rules + few-shot examples).
+2. ``call_teacher``: Ray Data reads the rows, expands each into k requests and calls the
+   teacher from async actors (``_TeacherCall``) under the cluster-wide quota; or, with
+   ``batch``, the Message Batches API (``kolm_ray.sampling.batch``). Cached answers cost nothing.
+3. ``score_samples``: the verifier's T/C/L for every sample (on Ray Data); where the rows have
+   no reference outputs the verifier is first synthesized from the teacher's samples.
+4. ``choose_best``: a pure function picks one sample per row.
+
+Writing the dataset is ``write_samples`` (all or nothing). Must not train or sign anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict
+
+from kolm_ray.errors import TeacherError
+from kolm_ray.sampling.cache import ResponseCache, request_key
+from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
+from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
+from kolm_ray.sampling.prompt import message_params, system_blocks
+from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
+from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult
+from kolm_ray.verifier import Verifier, normalize_label, parse_json_object, synthesize
+
+SAMPLES_FORMAT_VERSION = 1
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("input", pa.string()),
+        ("reference", pa.string()),
+        ("sample_index", pa.int32()),
+        ("key", pa.string()),
+        ("text", pa.string()),
+        ("error", pa.string()),
+        ("failures", pa.string()),
+        ("attempts", pa.int32()),
+        ("cached", pa.bool_()),
+        ("input_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("cache_read_tokens", pa.int64()),
+        ("cache_write_tokens", pa.int64()),
+    ]
+)
+SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), ("k", pa.float64()), ("passed", pa.bool_())]
+
+
+class SampleSummary(BaseModel):
+    """What the stage did and what it cost; printed by the CLI and stored beside the dataset."""
+
+    model_config = ConfigDict(frozen=True)
+    format_version: int = SAMPLES_FORMAT_VERSION
+    teacher: str
+    mode: str
+    rows: int
+    k: int
+    samples: int
+    calls: int
+    cache_hits: int
+    retries: int
+    retries_by_kind: dict[str, int]
+    failed_samples: int
+    failed_rows: int
+    failed_row_ids: list[str]
+    accepted_rows: int
+    acceptance_rate: float
+    usage: Usage
+    cost_usd: float
+    elapsed_s: float
+    quota: dict[str, Any] | None = None
+
+    def lines(self) -> list[str]:
+        u = self.usage
+        retry_kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_kind.items())) or "none"
+        return [
+            f"teacher     {self.teacher} ({self.mode}) · {self.rows} rows x k={self.k} = {self.samples} samples",
+            f"calls       {self.calls} paid, {self.cache_hits} from cache, {self.retries} retries ({retry_kinds}), "
+            f"{self.failed_samples} failed samples",
+            f"rows        {self.rows - self.failed_rows} kept, {self.failed_rows} failed · "
+            f"acceptance {100 * self.acceptance_rate:.1f}% pass the verifier",
+            f"tokens      in {u.input_tokens:,} · out {u.output_tokens:,} · cache read {u.cache_read_tokens:,} · "
+            f"cache write {u.cache_write_tokens:,}",
+            f"cost        ${self.cost_usd:.4f}",
+            f"time        {self.elapsed_s:.1f} s",
+        ]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    task: str
+    system: list[dict[str, Any]]
+    teacher: TeacherConfig
+    sample: SampleConfig
+    quota: QuotaConfig
+    cache_dir: str
+
+
+def plan(
+    task: str, rows: pa.Table, verifier: Verifier | None, teacher: TeacherConfig, sample: SampleConfig,
+    quota: QuotaConfig, cache_dir: str | Path,
+) -> SamplingPlan:
+    labeled = [(r["input"], r["output"]) for r in rows.to_pylist() if r["output"]]
+    return SamplingPlan(
+        task=task,
+        system=system_blocks(task, verifier, labeled[: teacher.few_shot]),
+        teacher=teacher, sample=sample, quota=quota, cache_dir=str(cache_dir),
+    )
+
+
+def _expand(row: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    return [
+        {"id": row["id"], "input": row["input"], "reference": row["output"], "sample_index": j} for j in range(k)
+    ]
+
+
+def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, Any]:
+    return {
+        "id": req["id"], "input": req["input"], "reference": req["reference"],
+        "sample_index": int(req["sample_index"]), "key": key, "text": res.text, "error": res.error,
+        "failures": ",".join(res.failures), "attempts": res.attempts, "cached": res.cached,
+        "input_tokens": res.usage.input_tokens, "output_tokens": res.usage.output_tokens,
+        "cache_read_tokens": res.usage.cache_read_tokens, "cache_write_tokens": res.usage.cache_write_tokens,
+    }
+
+
+class _TeacherCall:
+    """Ray Data async actor: calls the teacher for a batch of requests, concurrently."""
+
+    def __init__(self, plan: SamplingPlan, quota_actor: str, concurrency: int):
+        self.plan = plan
+        quota = ray.get_actor(quota_actor, namespace=NAMESPACE)
+        self.teacher = AnthropicTeacher(plan.teacher, ResponseCache(plan.cache_dir), quota)
+        self.sem: asyncio.Semaphore | None = None
+        self.concurrency = concurrency
+
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        if self.sem is None:  # created on the actor's event loop
+            self.sem = asyncio.Semaphore(self.concurrency)
+        reqs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+
+        async def one(req: dict[str, Any]) -> dict[str, Any]:
+            params = message_params(
+                model=self.plan.teacher.model, system=self.plan.system, user_input=req["input"],
+                max_tokens=self.plan.teacher.max_tokens, temperature=self.plan.teacher.temperature,
+            )
+            key = request_key(params, int(req["sample_index"]))
+            async with self.sem:
+                res = await self.teacher.sample(params, key)
+            return _result_row(req, key, res)
+
+        out = await asyncio.gather(*(one(r) for r in reqs))
+        return {name: [row[name] for row in out] for name in SAMPLE_SCHEMA.names}
+
+
+def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
+    """Every (row, sample) through the teacher; one output row per sample, failed ones included."""
+    cfg = plan.sample
+    if cfg.batch:
+        from kolm_ray.sampling.batch import call_teacher_batch
+
+        return call_teacher_batch(plan, rows, progress)
+    api_key, base_url = os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")
+    get_quota(plan.quota, api_key, base_url)
+    n_samples = rows.num_rows * cfg.k
+    per_actor = max(1, -(-cfg.concurrency // cfg.actors))
+    # Enough blocks that every actor gets work; batches small enough that one slow retry
+    # holds back few finished samples, large enough to keep `per_actor` calls in flight.
+    n_blocks = max(1, min(rows.num_rows, cfg.actors * 8))
+    step = -(-rows.num_rows // n_blocks)
+    blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
+    ds = (
+        ray.data.from_arrow(blocks)
+        .flat_map(_expand, fn_kwargs={"k": cfg.k})
+        .map_batches(
+            _TeacherCall,
+            fn_constructor_kwargs={"plan": plan, "quota_actor": quota_name(api_key, base_url), "concurrency": per_actor},
+            batch_size=max(1, min(per_actor // 2, 64)),
+            compute=ray.data.ActorPoolStrategy(
+                size=cfg.actors, max_concurrent_calls_per_actor=8, max_tasks_in_flight_per_actor=8
+            ),
+            num_cpus=0.25,  # I/O-bound: the actors wait on the network, not the CPU
+        )
+    )
+    tables = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(batch.cast(SAMPLE_SCHEMA) if batch.num_rows else batch)
+        if progress:
+            progress(batch.num_rows)
+    table = pa.concat_tables([t for t in tables if t.num_rows]) if tables else SAMPLE_SCHEMA.empty_table()
+    if table.num_rows != n_samples:
+        raise TeacherError(f"fan-out returned {table.num_rows} samples, expected {n_samples}: data was lost")
+    return table.sort_by([("id", "ascending"), ("sample_index", "ascending")])
+
+
+def _score_batch(batch: pa.Table, verifier_json: str) -> pa.Table:
+    verifier = _verifier_cache(verifier_json)
+    texts, inputs, refs = (batch.column(c).to_pylist() for c in ("text", "input", "reference"))
+    cols: dict[str, list] = {name: [] for name, _ in SCORE_COLUMNS}
+    for text, inp, ref in zip(texts, inputs, refs):
+        if text is None:
+            for name, _ in SCORE_COLUMNS:
+                cols[name].append(None if name != "passed" else False)
+            continue
+        ch = verifier.score(text, inp, ref)
+        for name in ("t", "c", "l", "k", "passed"):
+            cols[name].append(getattr(ch, name))
+    for name, typ in SCORE_COLUMNS:
+        batch = batch.append_column(pa.field(name, typ), pa.array(cols[name], type=typ))
+    return batch
+
+
+_VERIFIERS: dict[str, Verifier] = {}
+
+
+def _verifier_cache(verifier_json: str) -> Verifier:
+    if verifier_json not in _VERIFIERS:
+        _VERIFIERS[verifier_json] = Verifier.from_json(verifier_json)
+    return _VERIFIERS[verifier_json]
+
+
+def score_samples(samples: pa.Table, verifier: Verifier) -> pa.Table:
+    """Append T, C, L, K and passed to every sample (failed samples score None / False)."""
+    if samples.num_rows == 0:
+        return _score_batch(samples, verifier.to_json())
+    ds = ray.data.from_arrow(samples).map_batches(
+        _score_batch, fn_kwargs={"verifier_json": verifier.to_json()}, batch_format="pyarrow", batch_size=1024
+    )
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(
+        [("id", "ascending"), ("sample_index", "ascending")]
+    )
+
+
+def _vote_key(kind: str, text: str) -> str:
+    if kind == "label":
+        return normalize_label(text)
+    if kind == "json":
+        obj = parse_json_object(text)
+        return json.dumps(obj, sort_keys=True) if obj is not None else text
+    return text
+
+
+def choose_best(samples: Sequence[dict[str, Any]], kind: str) -> int | None:
+    """Index (into ``samples``, one row's k samples) of the sample to keep; None if all failed.
+
+    Highest K wins. For ``label`` and ``json`` outputs, a tie is broken by agreement among the
+    samples that pass the verifier (majority vote), then by the lowest sample index.
+    """
+    ok = [i for i, s in enumerate(samples) if s.get("text") is not None and s.get("k") is not None]
+    if not ok:
+        return None
+    votes: Counter = Counter()
+    if kind in ("label", "json"):
+        votes = Counter(_vote_key(kind, samples[i]["text"]) for i in ok if samples[i].get("passed"))
+
+    def rank(i: int) -> tuple:
+        s = samples[i]
+        return (-round(s["k"], 9), -votes.get(_vote_key(kind, s["text"]), 0), s["sample_index"])
+
+    return min(ok, key=rank)
+
+
+def select(scored: pa.Table, kind: str) -> pa.Table:
+    """Add ``chosen`` (one per row, none for a row whose samples all failed)."""
+    records = scored.to_pylist()
+    chosen = [False] * len(records)
+    start = 0
+    while start < len(records):
+        end = start
+        while end < len(records) and records[end]["id"] == records[start]["id"]:
+            end += 1
+        best = choose_best(records[start:end], kind)
+        if best is not None:
+            chosen[start + best] = True
+        start = end
+    return scored.append_column("chosen", pa.array(chosen, type=pa.bool_()))
+
+
+def summarize(
+    table: pa.Table, plan: SamplingPlan, prices: Prices, elapsed_s: float, quota_stats: dict | None
+) -> SampleSummary:
+    recs = table.to_pylist()
+    paid = [r for r in recs if not r["cached"] and r["text"] is not None]
+    usage = Usage()
+    for r in paid:
+        usage = usage + Usage(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
+                              cache_read_tokens=r["cache_read_tokens"], cache_write_tokens=r["cache_write_tokens"])
+    kinds: Counter = Counter()
+    for r in recs:
+        for f in (r["failures"] or "").split(","):
+            if f:
+                kinds[f] += 1
+    by_row: dict[str, list[dict]] = {}
+    for r in recs:
+        by_row.setdefault(r["id"], []).append(r)
+    failed_rows = sorted(i for i, rs in by_row.items() if all(r["text"] is None for r in rs))
+    accepted = sum(1 for r in recs if r["chosen"] and r["passed"])
+    return SampleSummary(
+        teacher=plan.teacher.model,
+        mode="batch" if plan.sample.batch else "online",
+        rows=len(by_row), k=plan.sample.k, samples=len(recs),
+        calls=len(paid), cache_hits=sum(1 for r in recs if r["cached"]),
+        retries=sum(max(0, r["attempts"] - 1) for r in recs if not r["cached"]),
+        retries_by_kind=dict(kinds),
+        failed_samples=sum(1 for r in recs if r["text"] is None),
+        failed_rows=len(failed_rows), failed_row_ids=failed_rows[:100],
+        accepted_rows=accepted, acceptance_rate=accepted / len(by_row) if by_row else 0.0,
+        usage=usage, cost_usd=round(cost_usd(usage, prices, batch=plan.sample.batch), 6),
+        elapsed_s=round(elapsed_s, 3), quota=quota_stats,
+    )
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    samples: pa.Table  # every sample, scored, with `chosen`
+    verifier: Verifier
+    summary: SampleSummary
+
+
+def sample_rows(
+    task: str,
+    rows: pa.Table,
+    *,
+    teacher: TeacherConfig,
+    sample: SampleConfig,
+    quota: QuotaConfig,
+    prices: Prices,
+    cache_dir: str | Path,
+    verifier: Verifier | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SampleOutcome:
+    """The sampling stage: teacher fan-out, scoring, best-of-k, summary.
+
+    ``verifier`` defaults to one synthesized from the rows' reference outputs, or from the
+    teacher's samples where no row has one.
+
+    Raises:
+        TeacherError: more than ``sample.max_failed_fraction`` of the rows got no sample.
+    """
+    start = time.perf_counter()
+    if sample.n is not None:
+        rows = rows.slice(0, sample.n)
+    refs = [o for o in rows.column("output").to_pylist() if o]
+    if verifier is None and refs:
+        verifier = synthesize(task, rows.column("output").to_pylist(), rows.column("input").to_pylist())
+    p = plan(task, rows, verifier, teacher, sample, quota, cache_dir)
+    raw = call_teacher(p, rows, progress)
+    if verifier is None:
+        ok = raw.filter(pc.invert(pc.is_null(raw.column("text"))))
+        verifier = synthesize(task, ok.column("text").to_pylist(), ok.column("input").to_pylist())
+        verifier = verifier.model_copy(update={"notes": [*verifier.notes, "learned from the teacher's samples"]})
+    scored = select(score_samples(raw, verifier), verifier.kind)
+    quota_stats = None
+    if not sample.batch:
+        handle = ray.get_actor(quota_name(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")),
+                               namespace=NAMESPACE)
+        quota_stats = ray.get(handle.stats.remote())
+    summary = summarize(scored, p, prices, time.perf_counter() - start, quota_stats)
+    if summary.failed_rows > sample.max_failed_fraction * summary.rows:
+        raise TeacherError(
+            f"{summary.failed_rows} of {summary.rows} rows got no teacher sample "
+            f"({100 * summary.failed_rows / summary.rows:.1f}% > max {100 * sample.max_failed_fraction:.1f}%); "
+            f"retries by kind: {summary.retries_by_kind}. Every answer received is cached: re-run to resume."
+        )
+    return SampleOutcome(samples=scored, verifier=verifier, summary=summary)
+
+
+def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> Path:
+    """Write ``samples.parquet``, ``verifier.json`` and ``summary.json`` into ``out_dir`` at once.
+
+    Written into a sibling temporary folder and renamed into place, so a crash leaves either
+    the previous dataset or the new one, never half of one.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        pq.write_table(outcome.samples, tmp / "samples.parquet")
+        (tmp / "verifier.json").write_text(outcome.verifier.to_json())
+        (tmp / "summary.json").write_text(outcome.summary.model_dump_json(indent=2))
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

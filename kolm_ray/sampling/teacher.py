@@ -1,0 +1,159 @@
+"""The teacher: the Anthropic Messages API through the official SDK.
+
+The SDK is configured its own way (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``). Its built-in
+retries are off (``max_retries=0``) because the retry decision (``decide_retry``, a pure function
+of the attempt and the failure) must also count each retry and tell the cluster-wide quota about
+429s. Every answer goes into the response cache before it is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anthropic
+
+from kolm_ray.sampling.cache import ResponseCache
+from kolm_ray.sampling.config import TeacherConfig
+from kolm_ray.sampling.pricing import Usage
+from kolm_ray.sampling.prompt import estimate_tokens, sdk_kwargs
+
+FailureKind = Literal["rate_limited", "overloaded", "server", "timeout", "connection", "malformed", "client"]
+RETRYABLE: frozenset[str] = frozenset({"rate_limited", "overloaded", "server", "timeout", "connection", "malformed"})
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: FailureKind
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass
+class SampleResult:
+    """One sample's outcome. ``text`` is None when every attempt failed."""
+
+    text: str | None
+    usage: Usage = field(default_factory=Usage)
+    attempts: int = 0
+    cached: bool = False
+    error: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def retries(self) -> int:
+        return max(0, self.attempts - 1)
+
+
+class Teacher(Protocol):
+    async def sample(self, params: dict[str, Any], key: str) -> SampleResult: ...
+
+
+def decide_retry(attempt: int, failure: Failure, cfg: TeacherConfig, jitter: float = 0.0) -> float | None:
+    """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+    ``attempt`` counts from 1. Non-retryable failures (bad request, auth) give up at once;
+    ``retry-after`` is honored as the floor of the wait; otherwise exponential backoff with
+    ``jitter`` (0..1) spreading the wait by up to half.
+    """
+    if failure.kind not in RETRYABLE or attempt >= cfg.max_attempts:
+        return None
+    backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
+    backoff *= 1.0 + 0.5 * jitter
+    if failure.retry_after_s is not None:
+        return max(failure.retry_after_s, 0.0)
+    return backoff
+
+
+def classify(exc: BaseException) -> Failure:
+    """Map an SDK exception to a failure kind."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return Failure("timeout", str(exc))
+    if isinstance(exc, anthropic.APIConnectionError):
+        return Failure("connection", str(exc))
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        retry_after = _retry_after(exc.response.headers)
+        if status == 429:
+            return Failure("rate_limited", f"429 {exc.message}", retry_after)
+        if status == 529:
+            return Failure("overloaded", f"529 {exc.message}", retry_after)
+        if status >= 500 or status == 408:
+            return Failure("server", f"{status} {exc.message}", retry_after)
+        return Failure("client", f"{status} {exc.message}")
+    if isinstance(exc, (anthropic.APIResponseValidationError, ValueError)):
+        return Failure("malformed", f"malformed response: {exc}")
+    raise exc
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) * scale
+        except ValueError:
+            continue
+    return None
+
+
+def message_text(message: Any) -> str:
+    return "".join(getattr(b, "text", "") for b in message.content if getattr(b, "type", None) == "text")
+
+
+def usage_of(u: Any) -> Usage:
+    return Usage(
+        input_tokens=u.input_tokens or 0,
+        output_tokens=u.output_tokens or 0,
+        cache_read_tokens=getattr(u, "cache_read_input_tokens", None) or 0,
+        cache_write_tokens=getattr(u, "cache_creation_input_tokens", None) or 0,
+    )
+
+
+class AnthropicTeacher:
+    """A ``Teacher`` over ``anthropic.AsyncAnthropic``, behind the cache and the shared quota."""
+
+    def __init__(self, cfg: TeacherConfig, cache: ResponseCache, quota: Any | None = None):
+        self.cfg = cfg
+        self.cache = cache
+        self.quota = quota
+        self.client = anthropic.AsyncAnthropic(max_retries=0, timeout=cfg.timeout_s)
+        self._rng = random.Random()
+
+    async def sample(self, params: dict[str, Any], key: str) -> SampleResult:
+        hit = self.cache.get(key)
+        if hit is not None:
+            return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+        result = SampleResult(text=None)
+        estimated = estimate_tokens(params)
+        while True:
+            result.attempts += 1
+            if self.quota is not None:
+                await self.quota.acquire.remote(estimated)
+            actual, retry_after_429 = estimated, None
+            try:
+                message = await self.client.messages.create(**sdk_kwargs(params))
+                text = message_text(message)
+                usage = usage_of(message.usage)
+                actual = usage.input_tokens + usage.output_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+                self.cache.put(key, {"text": text, "usage": usage.model_dump(), "model": message.model,
+                                     "stop_reason": message.stop_reason, "at": time.time()})
+                result.text, result.usage = text, usage
+                return result
+            except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
+                failure = classify(exc)
+                result.failures.append(failure.kind)
+                if failure.kind == "rate_limited":
+                    retry_after_429 = failure.retry_after_s or self.cfg.backoff_base_s
+            finally:
+                if self.quota is not None:
+                    await self.quota.release.remote(estimated, actual, retry_after_429)
+            wait = decide_retry(result.attempts, failure, self.cfg, jitter=self._rng.random())
+            if wait is None:
+                result.error = f"{failure.kind}: {failure.message}"[:500]
+                return result
+            await asyncio.sleep(wait)

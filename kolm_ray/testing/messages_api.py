@@ -1,0 +1,348 @@
+"""A local HTTP server speaking the Anthropic Messages API, for tests, benchmarks and offline
+examples: ``POST /v1/messages`` (plain and streaming), and the Message Batches API
+(``POST /v1/messages/batches``, ``GET .../{id}``, ``GET .../{id}/results``).
+
+Answers come from a ``responder`` (a function of the request body and how many times this
+exact prompt was seen, so k samples of one prompt can differ). Faults are injected from a
+seeded plan: 429 with ``retry-after``, 529, 500, slow replies past the client's timeout, and
+malformed bodies. Counters record what was asked and answered, so tests can assert that no
+sample was paid for twice. Runs aiohttp on its own thread and event loop; binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import web
+
+Responder = Callable[[dict[str, Any], int], str]
+
+
+@dataclass
+class FaultPlan:
+    """Probabilities (0..1) of each injected fault per /v1/messages request, drawn from ``seed``."""
+
+    rate_limit: float = 0.0
+    overloaded: float = 0.0
+    server_error: float = 0.0
+    malformed: float = 0.0
+    slow: float = 0.0
+    slow_s: float = 5.0
+    retry_after_s: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0
+    succeeded: int = 0
+    faults: Counter = field(default_factory=Counter)
+    batch_requests: int = 0
+    prompts: Counter = field(default_factory=Counter)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+def user_text(body: dict[str, Any]) -> str:
+    content = body["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+
+
+def _system_text(body: dict[str, Any]) -> str:
+    system = body.get("system") or ""
+    if isinstance(system, str):
+        return system
+    return "".join(b.get("text", "") for b in system)
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def replay_responder(answers: dict[str, str], variants: Callable[[str, int], str] | None = None) -> Responder:
+    """A recorded teacher: the answer stored for the input; ``variants`` rewrites the n-th repeat."""
+
+    def respond(body: dict[str, Any], seen: int) -> str:
+        text = user_text(body)
+        answer = answers.get(text, "I do not know.")
+        return variants(answer, seen) if variants else answer
+
+    return respond
+
+
+def sample_variants(kind: str, labels: list[str] | None = None) -> Callable[[str, int], str]:
+    """Teacher-like variety among the k samples of one prompt: the first is the recorded answer,
+    later ones are flawed the way a real teacher's samples are (a preamble, rambling, a clipped
+    answer, a wrong label, broken JSON), so best-of-k has something to choose between.
+    """
+
+    def vary(answer: str, seen: int) -> str:
+        v = seen % 4
+        if v == 0:
+            return answer
+        if kind == "label":
+            others = [x for x in (labels or []) if x != answer]
+            return others[seen % len(others)] if v == 2 and others else answer
+        if kind == "json":
+            return answer[:-2] if v == 2 else answer
+        if v == 1:
+            return "Here is the summary you asked for: " + answer
+        if v == 2:
+            return " ".join(answer.split()[: max(3, len(answer.split()) // 3)])
+        return answer + " " + answer
+
+    return vary
+
+
+class MessagesAPIServer:
+    """``with MessagesAPIServer(responder) as srv: srv.url`` serves on a free loopback port."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        *,
+        latency_s: float = 0.0,
+        faults: FaultPlan | None = None,
+        batch_delay_s: float = 0.2,
+        batch_error_rate: float = 0.0,
+    ):
+        self.responder = responder
+        self.latency_s = latency_s
+        self.faults = faults or FaultPlan()
+        self.batch_delay_s = batch_delay_s
+        self.batch_error_rate = batch_error_rate
+        self.stats = ServerStats()
+        self._rng = random.Random(self.faults.seed)
+        self._seen: Counter = Counter()
+        self._cached_prefixes: set[str] = set()
+        self._batches: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "MessagesAPIServer":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="messages-api", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("Messages API test server did not start")
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=256 * 1024**2)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/batches", self._batch_create)
+        app.router.add_get("/v1/messages/batches/{id}", self._batch_get)
+        app.router.add_get("/v1/messages/batches/{id}/results", self._batch_results)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)  # type: ignore[union-attr]
+        fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)  # type: ignore[union-attr]
+        self._loop = None
+
+    def __enter__(self) -> "MessagesAPIServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- the model -----------------------------------------------------------------------
+    def _answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt_key = hashlib.sha256(json.dumps([body.get("system"), body["messages"]], sort_keys=True).encode()).hexdigest()
+        prefix = hashlib.sha256(_system_text(body).encode()).hexdigest()
+        with self._lock:
+            seen = self._seen[prompt_key]
+            self._seen[prompt_key] += 1
+            self.stats.prompts[prompt_key] += 1
+            cached = prefix in self._cached_prefixes
+            self._cached_prefixes.add(prefix)
+        text = self.responder(body, seen)
+        sys_tokens = _tokens(_system_text(body))
+        cacheable = any(isinstance(b, dict) and b.get("cache_control") for b in (body.get("system") or []))
+        usage = {
+            "input_tokens": _tokens(user_text(body)) + (0 if cacheable else sys_tokens),
+            "output_tokens": min(_tokens(text), int(body.get("max_tokens", 1024))),
+            "cache_creation_input_tokens": sys_tokens if cacheable and not cached else 0,
+            "cache_read_input_tokens": sys_tokens if cacheable and cached else 0,
+        }
+        return {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", "unknown"),
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+
+    def _draw_fault(self) -> str | None:
+        f = self.faults
+        with self._lock:
+            x = self._rng.random()
+        for name, p in (
+            ("rate_limit", f.rate_limit), ("overloaded", f.overloaded), ("server_error", f.server_error),
+            ("malformed", f.malformed), ("slow", f.slow),
+        ):
+            if x < p:
+                return name
+            x -= p
+        return None
+
+    @staticmethod
+    def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+        return web.json_response(body, status=status, headers=headers)
+
+    # ----- handlers ------------------------------------------------------------------------
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            return await self._messages_inner(request)
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _messages_inner(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            assert isinstance(body.get("messages"), list) and body["messages"]
+            assert "model" in body and "max_tokens" in body
+        except Exception:  # noqa: BLE001 - any unparsable request is the client's error
+            return self._error(400, "invalid_request_error", "body must be JSON with model, max_tokens, messages")
+        fault = self._draw_fault()
+        if fault:
+            self.stats.faults[fault] += 1
+        if fault == "rate_limit":
+            return self._error(429, "rate_limit_error", "rate limited", {"retry-after": str(self.faults.retry_after_s)})
+        if fault == "overloaded":
+            return self._error(529, "overloaded_error", "overloaded")
+        if fault == "server_error":
+            return self._error(500, "api_error", "internal error")
+        if fault == "slow":
+            await asyncio.sleep(self.faults.slow_s)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if fault == "malformed":
+            return web.Response(text='{"id": "msg_x", "content": [', content_type="application/json")
+        message = self._answer(body)
+        self.stats.succeeded += 1
+        if body.get("stream"):
+            return await self._stream(request, message)
+        return web.json_response(message)
+
+    async def _stream(self, request: web.Request, message: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        text = message["content"][0]["text"]
+        start = {**message, "content": [], "stop_reason": None, "usage": {**message["usage"], "output_tokens": 0}}
+        events = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ]
+        for i in range(0, len(text), 16):
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": text[i:i + 16]}}))
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        for name, data in events:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    def _batch_view(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ended = time.time() >= batch["ready_at"]
+        n = len(batch["requests"])
+        counts = {"processing": 0 if ended else n, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        if ended:
+            for r in batch["results"]:
+                counts[r["result"]["type"]] += 1
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created"]))
+        return {
+            "id": batch["id"],
+            "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": counts,
+            "created_at": iso,
+            "expires_at": iso,
+            "ended_at": iso if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": None,
+            "results_url": f"{self.url}/v1/messages/batches/{batch['id']}/results" if ended else None,
+        }
+
+    async def _batch_create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        reqs = body.get("requests")
+        if not isinstance(reqs, list) or not reqs:
+            return self._error(400, "invalid_request_error", "requests must be a non-empty list")
+        self.stats.batch_requests += len(reqs)
+        results = []
+        for r in reqs:
+            with self._lock:
+                errored = self._rng.random() < self.batch_error_rate
+            if errored:
+                results.append({"custom_id": r["custom_id"], "result": {"type": "errored", "error": {
+                    "type": "error", "error": {"type": "overloaded_error", "message": "overloaded"}}}})
+            else:
+                msg = self._answer(r["params"])
+                self.stats.succeeded += 1
+                results.append({"custom_id": r["custom_id"], "result": {"type": "succeeded", "message": msg}})
+        bid = f"msgbatch_{uuid.uuid4().hex[:24]}"
+        batch = {"id": bid, "requests": reqs, "results": results, "created": time.time(),
+                 "ready_at": time.time() + self.batch_delay_s}
+        self._batches[bid] = batch
+        return web.json_response(self._batch_view(batch))
+
+    async def _batch_get(self, request: web.Request) -> web.Response:
+        batch = self._batches.get(request.match_info["id"])
+        if batch is None:
+            return self._error(404, "not_found_error", "no such batch")
+        return web.json_response(self._batch_view(batch))
+
+    async def _batch_results(self, request: web.Request) -> web.Response:
+        batch = self._batches.get(request.match_info["id"])
+        if batch is None or time.time() < batch["ready_at"]:
+            return self._error(404, "not_found_error", "results not ready")
+        lines = "\n".join(json.dumps(r) for r in batch["results"]) + "\n"
+        return web.Response(body=lines.encode(), content_type="application/binary")

@@ -1,0 +1,125 @@
+import asyncio
+
+import pytest
+
+from kolm_ray.sampling.cache import ResponseCache, request_key
+from kolm_ray.sampling.config import TeacherConfig
+from kolm_ray.sampling.prompt import message_params, sdk_kwargs, system_blocks
+from kolm_ray.sampling.teacher import AnthropicTeacher, Failure, decide_retry
+from kolm_ray.testing.messages_api import FaultPlan, replay_responder
+
+CFG = TeacherConfig(max_attempts=4, backoff_base_s=1.0, backoff_max_s=8.0)
+
+
+def test_retry_after_is_the_wait():
+    assert decide_retry(1, Failure("rate_limited", "429", retry_after_s=7.5), CFG) == 7.5
+
+
+def test_backoff_doubles_and_caps():
+    waits = [decide_retry(a, Failure("overloaded", "529"), CFG) for a in (1, 2, 3)]
+    assert waits == [1.0, 2.0, 4.0]
+    big = TeacherConfig(max_attempts=20, backoff_base_s=1.0, backoff_max_s=8.0)
+    assert decide_retry(10, Failure("server", "500"), big) == 8.0
+
+
+def test_gives_up_after_max_attempts_and_on_client_errors():
+    assert decide_retry(4, Failure("overloaded", "529"), CFG) is None
+    assert decide_retry(1, Failure("client", "400 bad request"), CFG) is None
+
+
+def test_jitter_spreads_backoff_by_at_most_half():
+    assert decide_retry(1, Failure("timeout", "t"), CFG, jitter=1.0) == 1.5
+
+
+def _params(text="hello there", temperature=None):
+    system = system_blocks("Reply.", None, [])
+    return message_params(model="claude-opus-4-7", system=system, user_input=text, max_tokens=64,
+                          temperature=temperature)
+
+
+def test_cache_key_covers_what_decides_an_answer():
+    base = request_key(_params(), 0)
+    assert request_key(_params(), 0) == base
+    assert request_key(_params(), 1) != base
+    assert request_key(_params("other"), 0) != base
+    assert request_key(_params(temperature=0.5), 0) != base
+
+
+def test_system_prompt_is_marked_for_prompt_caching():
+    assert _params()["system"][-1]["cache_control"] == {"type": "ephemeral"}
+
+
+def test_temperature_travels_as_extra_body():
+    assert sdk_kwargs(_params(temperature=0.3))["extra_body"] == {"temperature": 0.3}
+    assert "extra_body" not in sdk_kwargs(_params())
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _many(teacher, n):
+    async def go():
+        return await asyncio.gather(*(teacher.sample(_params(), request_key(_params(), i)) for i in range(n)))
+
+    return asyncio.run(go())
+
+
+def test_retries_through_429_529_500_and_malformed_then_caches(messages_api, tmp_path):
+    srv = messages_api(
+        replay_responder({"hello there": "general kenobi"}),
+        faults=FaultPlan(rate_limit=0.2, overloaded=0.2, server_error=0.1, malformed=0.1, seed=7, retry_after_s=0.01),
+    )
+    cfg = TeacherConfig(max_attempts=30, backoff_base_s=0.001, backoff_max_s=0.01)
+    teacher = AnthropicTeacher(cfg, ResponseCache(tmp_path))
+    results = _many(teacher, 20)
+    assert all(r.text == "general kenobi" for r in results)
+    assert srv.stats.succeeded == 20
+    faults = sum(srv.stats.faults.values())
+    assert faults > 0 and sum(r.retries for r in results) == faults
+    assert {"rate_limited", "overloaded", "server", "malformed"} <= {f for r in results for f in r.failures}
+    # Same requests again: every answer from the cache, no call made.
+    again = AnthropicTeacher(cfg, ResponseCache(tmp_path))
+    before = srv.stats.requests
+    results = _many(again, 20)
+    assert all(r.cached and r.text == "general kenobi" for r in results)
+    assert srv.stats.requests == before
+
+
+def test_slow_reply_times_out_and_is_retried(messages_api, tmp_path):
+    srv = messages_api(replay_responder({"hello there": "hi"}), faults=FaultPlan(slow=0.5, slow_s=2.0, seed=3))
+    teacher = AnthropicTeacher(TeacherConfig(timeout_s=0.3, max_attempts=20, backoff_base_s=0.001), ResponseCache(tmp_path))
+    results = _many(teacher, 6)
+    assert all(r.text == "hi" for r in results)
+    assert "timeout" in {f for r in results for f in r.failures}
+    assert srv.stats.faults["slow"] > 0
+
+
+def test_all_attempts_failing_gives_an_error_not_an_exception(messages_api, tmp_path):
+    messages_api(replay_responder({}), faults=FaultPlan(overloaded=1.0))
+    teacher = AnthropicTeacher(TeacherConfig(max_attempts=3, backoff_base_s=0.001), ResponseCache(tmp_path))
+    r = _run(teacher.sample(_params(), "k" * 64))
+    assert r.text is None and r.attempts == 3 and r.error.startswith("overloaded")
+    assert ResponseCache(tmp_path).get("k" * 64) is None
+
+
+def test_usage_records_cache_reads_after_the_first_call(messages_api, tmp_path):
+    messages_api(replay_responder({"hello there": "hi"}))
+    teacher = AnthropicTeacher(TeacherConfig(), ResponseCache(tmp_path))
+    first = _run(teacher.sample(_params(), request_key(_params(), 0)))
+    second = _run(teacher.sample(_params(), request_key(_params(), 1)))
+    assert first.usage.cache_write_tokens > 0 and first.usage.cache_read_tokens == 0
+    assert second.usage.cache_read_tokens > 0 and second.usage.cache_write_tokens == 0
+
+
+@pytest.mark.parametrize("stream", [True])
+def test_local_server_streams_to_the_sdk(messages_api, stream):
+    import anthropic
+
+    messages_api(replay_responder({"hello there": "a streamed answer that spans several deltas"}))
+    client = anthropic.Anthropic(max_retries=0)
+    with client.messages.stream(**sdk_kwargs(_params())) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "a streamed answer that spans several deltas"
+    assert final.usage.output_tokens > 0
