@@ -7,6 +7,7 @@ No logic of its own. Errors from ``kolm_ray.errors`` become exit codes here and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -99,6 +100,8 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     instruction = _task_text(task, task_file)
     rows = read_rows(examples)
     price = price_for(teacher, load_prices(prices) if prices else None)
+    if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+        raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
     teacher_cfg = TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts)
     sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors,
                               max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)

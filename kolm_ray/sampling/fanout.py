@@ -38,7 +38,7 @@ from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
-from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult
+from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
 from kolm_ray.verifier import Verifier, normalize_label, parse_json_object, synthesize
 
 SAMPLES_FORMAT_VERSION = 1
@@ -145,17 +145,17 @@ def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, A
 class _TeacherCall:
     """Ray Data async actor: calls the teacher for a batch of requests, concurrently."""
 
-    def __init__(self, plan: SamplingPlan, quota_actor: str, concurrency: int):
+    def __init__(self, plan: SamplingPlan, quota_actor: str, concurrency: int, env: dict[str, str]):
         self.plan = plan
         quota = ray.get_actor(quota_actor, namespace=NAMESPACE)
-        self.teacher = AnthropicTeacher(plan.teacher, ResponseCache(plan.cache_dir), quota)
+        self.teacher = AnthropicTeacher(plan.teacher, ResponseCache(plan.cache_dir), quota, sdk_env=env)
         self.sem: asyncio.Semaphore | None = None
         self.concurrency = concurrency
 
-    async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.sem is None:  # created on the actor's event loop
             self.sem = asyncio.Semaphore(self.concurrency)
-        reqs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        reqs = batch.to_pylist()  # Arrow, not NumPy: a missing reference must stay None, not NaN
 
         async def one(req: dict[str, Any]) -> dict[str, Any]:
             params = message_params(
@@ -168,7 +168,7 @@ class _TeacherCall:
             return _result_row(req, key, res)
 
         out = await asyncio.gather(*(one(r) for r in reqs))
-        return {name: [row[name] for row in out] for name in SAMPLE_SCHEMA.names}
+        return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
 
 
 def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
@@ -192,8 +192,10 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
         .flat_map(_expand, fn_kwargs={"k": cfg.k})
         .map_batches(
             _TeacherCall,
-            fn_constructor_kwargs={"plan": plan, "quota_actor": quota_name(api_key, base_url), "concurrency": per_actor},
+            fn_constructor_kwargs={"plan": plan, "quota_actor": quota_name(api_key, base_url),
+                                   "concurrency": per_actor, "env": sdk_env()},
             batch_size=max(1, min(per_actor // 2, 64)),
+            batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
                 size=cfg.actors, max_concurrent_calls_per_actor=8, max_tasks_in_flight_per_actor=8
             ),

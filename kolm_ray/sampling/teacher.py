@@ -114,14 +114,32 @@ def usage_of(u: Any) -> Usage:
     )
 
 
+SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+
+
+def sdk_env() -> dict[str, str]:
+    """The SDK's own settings from this process's environment, to hand to Ray workers."""
+    import os
+
+    return {k: os.environ[k] for k in SDK_ENV_VARS if os.environ.get(k)}
+
+
 class AnthropicTeacher:
     """A ``Teacher`` over ``anthropic.AsyncAnthropic``, behind the cache and the shared quota."""
 
-    def __init__(self, cfg: TeacherConfig, cache: ResponseCache, quota: Any | None = None):
+    def __init__(
+        self, cfg: TeacherConfig, cache: ResponseCache, quota: Any | None = None, sdk_env: dict[str, str] | None = None
+    ):
         self.cfg = cfg
         self.cache = cache
         self.quota = quota
-        self.client = anthropic.AsyncAnthropic(max_retries=0, timeout=cfg.timeout_s)
+        # sdk_env carries the driver's ANTHROPIC_* settings to a Ray worker that did not inherit them.
+        env = sdk_env or {}
+        self.client = anthropic.AsyncAnthropic(
+            max_retries=0, timeout=cfg.timeout_s,
+            **({"api_key": env["ANTHROPIC_API_KEY"]} if "ANTHROPIC_API_KEY" in env else {}),
+            **({"base_url": env["ANTHROPIC_BASE_URL"]} if "ANTHROPIC_BASE_URL" in env else {}),
+        )
         self._rng = random.Random()
 
     async def sample(self, params: dict[str, Any], key: str) -> SampleResult:
