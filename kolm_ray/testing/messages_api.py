@@ -50,6 +50,8 @@ class ServerStats:
     prompts: Counter = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
+    first_request_at: float | None = None
+    last_success_at: float | None = None
 
 
 def user_text(body: dict[str, Any]) -> str:
@@ -160,6 +162,8 @@ class MessagesAPIServer:
         app.router.add_post("/v1/messages/batches", self._batch_create)
         app.router.add_get("/v1/messages/batches/{id}", self._batch_get)
         app.router.add_get("/v1/messages/batches/{id}/results", self._batch_results)
+        app.router.add_get("/_stats", self._stats_view)
+        app.router.add_post("/_reset", self._reset)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
@@ -232,6 +236,8 @@ class MessagesAPIServer:
     # ----- handlers ------------------------------------------------------------------------
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        if self.stats.first_request_at is None:
+            self.stats.first_request_at = time.time()
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
@@ -263,6 +269,7 @@ class MessagesAPIServer:
             return web.Response(text='{"id": "msg_x", "content": [', content_type="application/json")
         message = self._answer(body)
         self.stats.succeeded += 1
+        self.stats.last_success_at = time.time()
         if body.get("stream"):
             return await self._stream(request, message)
         return web.json_response(message)
@@ -311,6 +318,18 @@ class MessagesAPIServer:
             "results_url": f"{self.url}/v1/messages/batches/{batch['id']}/results" if ended else None,
         }
 
+    async def _stats_view(self, request: web.Request) -> web.Response:
+        st = self.stats
+        return web.json_response({
+            "requests": st.requests, "succeeded": st.succeeded, "faults": dict(st.faults),
+            "max_in_flight": st.max_in_flight, "first_request_at": st.first_request_at,
+            "last_success_at": st.last_success_at,
+        })
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.stats = ServerStats()
+        return web.json_response({"ok": True})
+
     async def _batch_create(self, request: web.Request) -> web.Response:
         body = await request.json()
         reqs = body.get("requests")
@@ -346,3 +365,40 @@ class MessagesAPIServer:
             return self._error(404, "not_found_error", "results not ready")
         lines = "\n".join(json.dumps(r) for r in batch["results"]) + "\n"
         return web.Response(body=lines.encode(), content_type="application/binary")
+
+
+def main() -> None:
+    """``python -m kolm_ray.testing.messages_api --replay rows.jsonl``: serve until interrupted.
+
+    Prints the base URL on the first line, for ``ANTHROPIC_BASE_URL``.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--replay", help="JSONL rows {input, output}: answer each input with its output.")
+    ap.add_argument("--latency", type=float, default=0.0, help="Seconds added to every reply.")
+    ap.add_argument("--rate-limit", type=float, default=0.0, help="Share of requests answered 429.")
+    ap.add_argument("--overloaded", type=float, default=0.0, help="Share of requests answered 529.")
+    args = ap.parse_args()
+    answers: dict[str, str] = {}
+    if args.replay:
+        with open(args.replay, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    answers[rec["input"]] = rec.get("output") or ""
+
+    def respond(body: dict[str, Any], seen: int) -> str:
+        return answers.get(user_text(body), "ok")
+
+    srv = MessagesAPIServer(respond, latency_s=args.latency,
+                            faults=FaultPlan(rate_limit=args.rate_limit, overloaded=args.overloaded)).start()
+    print(srv.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving Specialists on Ray Serve (not yet built)."""

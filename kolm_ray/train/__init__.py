@@ -1,0 +1,1 @@
+"""LoRA fit under Ray Train with DeepSpeed (not yet built)."""
