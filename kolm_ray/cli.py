@@ -157,6 +157,176 @@ def score(outputs: str, verifier_path: str | None, examples: str | None, task: s
     click.echo(f"passed {ks.passed}/{ks.n} rows")
 
 
+from kolm_ray.train.config import FitConfig  # noqa: E402
+
+
+def _fit_options(f):
+    for opt in reversed([
+        click.option("--epochs", default=FitConfig.model_fields["epochs"].default, show_default=True,
+                     type=click.IntRange(1), help=_help(FitConfig, "epochs")),
+        click.option("--max-steps", default=None, type=click.IntRange(0), help=_help(FitConfig, "max_steps")),
+        click.option("--lr", default=FitConfig.model_fields["lr"].default, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True), help=_help(FitConfig, "lr")),
+        click.option("--lora-r", default=16, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "lora_r")),
+        click.option("--lora-alpha", default=32, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "lora_alpha")),
+        click.option("--target-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+                     help=_help(FitConfig, "target_modules") + " Comma-separated."),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "workers")),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "batch_size")),
+        click.option("--max-length", default=1024, show_default=True, type=click.IntRange(16), help=_help(FitConfig, "max_length")),
+        click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3), help=_help(FitConfig, "zero_stage")),
+        click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(1),
+                     help=_help(FitConfig, "checkpoint_every")),
+        click.option("--max-failures", default=2, show_default=True, type=click.IntRange(0), help=_help(FitConfig, "max_failures")),
+        click.option("--seed", default=0, show_default=True, type=int, help=_help(FitConfig, "seed")),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command(name="compile")
+@click.argument("task", required=False)
+@click.option("--examples", required=True, type=click.Path(dir_okay=False), help="Rows to distill from (JSONL/Parquet).")
+@click.option("--eval", "holdout", required=True, type=click.Path(dir_okay=False),
+              help="Held-out rows {input, output} for the K-score.")
+@click.option("--base", required=True, help="Base model: short name (qwen-2.5-3b-instruct, phi-3-mini), hub id or folder.")
+@click.option("--gate", default=None, help="Minimum holdout K-score, e.g. K=88; below it: exit 3, no artifact.")
+@click.option("--task-file", type=click.Path(dir_okay=False), help="Read the task instruction from this file.")
+@click.option("--teacher", default=TeacherConfig.model_fields["model"].default, show_default=True,
+              help=_help(TeacherConfig, "model"))
+@click.option("--k", default=4, show_default=True, type=click.IntRange(1, 64), help=_help(SampleConfig, "k"))
+@click.option("--n", default=None, type=click.IntRange(1), help=_help(SampleConfig, "n"))
+@click.option("--name", default=None, help="Specialist name [default: from the task].")
+@click.option("--out", "store", default=None, type=click.Path(file_okay=False),
+              help="Artifact store folder [default: $KOLM_HOME/artifacts].")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Working state (samples, checkpoints) [default: runs/NAME].")
+@click.option("--sign", "sign_spec", default=None, help="key:PATH, or sigstore [default: kolm's own key].")
+@click.option("--batch", is_flag=True, help=_help(SampleConfig, "batch"))
+@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=_help(SampleConfig, "concurrency"))
+@click.option("--max-failed-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help=_help(SampleConfig, "max_failed_fraction"))
+@click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@_fit_options
+def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, name, store, work_dir, sign_spec,
+                batch, concurrency, max_failed_fraction, prices, address, epochs, max_steps, lr, lora_r, lora_alpha,
+                target_modules, workers, batch_size, max_length, zero_stage, checkpoint_every, max_failures,
+                seed) -> None:
+    """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign."""
+    from kolm_ray.cluster import connect
+    from kolm_ray.compile import CompileConfig, compile_specialist, derive_name, parse_gate, prepare
+    from kolm_ray.home import kolm_home
+    from kolm_ray.sampling.pricing import load_prices, price_for
+    from kolm_ray.signing import signer_from_spec
+
+    instruction = _task_text(task, task_file)
+    name = name or derive_name(instruction)
+    cfg = CompileConfig(
+        task=instruction, examples=Path(examples), holdout=Path(holdout), base=base, name=name,
+        gate=parse_gate(gate), store=Path(store) if store else kolm_home() / "artifacts",
+        work_dir=Path(work_dir) if work_dir else Path("runs") / name,
+    )
+    prepared = prepare(cfg)
+    price = price_for(teacher, load_prices(prices) if prices else None)
+    if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+        raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
+    fit_cfg = FitConfig(
+        epochs=epochs, max_steps=max_steps, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        workers=workers, batch_size=batch_size, max_length=max_length, zero_stage=zero_stage,
+        checkpoint_every=checkpoint_every, max_failures=max_failures, seed=seed,
+    )
+    signer = signer_from_spec(sign_spec, say=lambda m: click.echo(m, err=True))
+    connect(address)
+    total = min(prepared.rows.num_rows, n or prepared.rows.num_rows) * k
+    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
+        result = compile_specialist(
+            prepared, teacher=TeacherConfig(model=teacher), sample=SampleConfig(
+                k=k, n=n, concurrency=concurrency, max_failed_fraction=max_failed_fraction, batch=batch),
+            quota=QuotaConfig(), prices=price, fit_cfg=fit_cfg, signer=signer,
+            say=lambda line: click.echo("\n" + line if bar.pos and bar.pos < total else line),
+            teacher_progress=bar.update,
+        )
+    click.echo(result.student.line())
+    click.echo(f"artifact    {result.artifact}")
+
+
+def _trust(key: str | None, identity: str | None, issuer: str | None):
+    from kolm_ray.signing import Trust
+
+    return Trust(public_key=Path(key) if key else None, identity=identity, issuer=issuer)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key (PEM) the artifact must be signed with.")
+@click.option("--identity", help="Sigstore signer identity (e.g. an e-mail or workflow URI).")
+@click.option("--issuer", help="Sigstore OIDC issuer URL of that identity.")
+def verify(artifact: str, key: str | None, identity: str | None, issuer: str | None) -> None:
+    """Verify ARTIFACT's signature: exits non-zero on any change, addition or removal, or another signer."""
+    from kolm_ray.artifact import open_verified
+
+    with open_verified(artifact, _trust(key, identity, issuer)) as (_, manifest):
+        click.echo(f"verified    {artifact}: {manifest['name']} {manifest['version']}, "
+                   f"K {manifest['kscore']['student']['k']}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(artifact: str, as_json: bool) -> None:
+    """Show ARTIFACT's manifest (unverified: use `kolm verify` to check the signature)."""
+    from kolm_ray.artifact import CONTENT_DIR, read_manifest, unpacked
+
+    with unpacked(artifact) as root:
+        m = read_manifest(root)
+        files = sorted(p.relative_to(root / CONTENT_DIR).as_posix() for p in (root / CONTENT_DIR).rglob("*") if p.is_file())
+    if as_json:
+        click.echo(json.dumps({**m, "files": files}, indent=2))
+        return
+    ks, kb = m["kscore"]["student"], m["kscore"]["base"]
+
+    def line(k: dict) -> str:
+        f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+        return f"K {k['k']:.1f} (T {f(k['t'])} / C {f(k['c'])} / L {f(k['l'])}), {k['passed']}/{k['n']} rows pass"
+
+    rows = [
+        ("specialist", f"{m['name']} {m['version']}  (format {m['format_version']}, created {m['created_at']})"),
+        ("task", m["task"]),
+        ("base", f"{m['base'].get('name')}  {m['base'].get('revision') or m['base'].get('sha256', '')[:16]}"),
+        ("teacher", f"{m['teacher']['model']} k={m['teacher']['k']} ({m['teacher']['mode']}), "
+                    f"{m['teacher']['samples']} samples, ${m['teacher']['cost_usd']:.4f}"),
+        ("fit", f"{m['fit']['steps']} steps on {m['fit']['examples']} examples, loss "
+                f"{m['fit']['loss_start']} → {m['fit']['loss_end']}"),
+        ("student", line(ks)),
+        ("base model", line(kb)),
+        ("gate", "none" if not m.get("gate") else f"K={m['gate']['k']:g} passed"),
+        ("compute", ", ".join(f"{k} {v}" for k, v in m["compute"].items())),
+        ("files", ", ".join(files)),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<12}{v}")
+
+
+@cli.group()
+def base() -> None:
+    """Base models."""
+
+
+@base.command(name="tiny")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--hidden-size", default=128, show_default=True, type=click.IntRange(16))
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+def base_tiny(out: str, hidden_size: int, layers: int, seed: int) -> None:
+    """Write a tiny random-init Qwen2 causal LM with an offline tokenizer to OUT."""
+    from kolm_ray.train.base import build_tiny_base
+
+    path = build_tiny_base(out, hidden_size=hidden_size, layers=layers, seed=seed)
+    click.echo(f"wrote a tiny Qwen2 base to {path}")
+
+
 def main() -> None:
     cli(prog_name="kolm")
 

@@ -85,6 +85,8 @@ class SampleSummary(BaseModel):
     acceptance_rate: float
     usage: Usage
     cost_usd: float
+    dataset_usage: Usage
+    dataset_cost_usd: float
     elapsed_s: float
     quota: dict[str, Any] | None = None
 
@@ -99,7 +101,7 @@ class SampleSummary(BaseModel):
             f"acceptance {100 * self.acceptance_rate:.1f}% pass the verifier",
             f"tokens      in {u.input_tokens:,} · out {u.output_tokens:,} · cache read {u.cache_read_tokens:,} · "
             f"cache write {u.cache_write_tokens:,}",
-            f"cost        ${self.cost_usd:.4f}",
+            f"cost        ${self.cost_usd:.4f} this run · ${self.dataset_cost_usd:.4f} for the whole dataset",
             f"time        {self.elapsed_s:.1f} s",
         ]
 
@@ -305,6 +307,12 @@ def summarize(
     for r in paid:
         usage = usage + Usage(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
                               cache_read_tokens=r["cache_read_tokens"], cache_write_tokens=r["cache_write_tokens"])
+    dataset_usage = Usage()
+    for r in recs:
+        if r["text"] is not None:  # cached answers carry the usage they were paid for
+            dataset_usage = dataset_usage + Usage(
+                input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
+                cache_read_tokens=r["cache_read_tokens"], cache_write_tokens=r["cache_write_tokens"])
     kinds: Counter = Counter()
     for r in recs:
         for f in (r["failures"] or "").split(","):
@@ -326,6 +334,8 @@ def summarize(
         failed_rows=len(failed_rows), failed_row_ids=failed_rows[:100],
         accepted_rows=accepted, acceptance_rate=accepted / len(by_row) if by_row else 0.0,
         usage=usage, cost_usd=round(cost_usd(usage, prices, batch=plan.sample.batch), 6),
+        dataset_usage=dataset_usage,
+        dataset_cost_usd=round(cost_usd(dataset_usage, prices, batch=plan.sample.batch), 6),
         elapsed_s=round(elapsed_s, 3), quota=quota_stats,
     )
 

@@ -81,11 +81,23 @@ def tldr_rows(n: int, seed: int = 0) -> list[Row]:
 
 
 _ROUTES = {
-    "billing": ["I was charged twice on my invoice", "my card payment failed", "please refund the last charge", "the invoice total looks wrong"],
-    "sales": ["we want a quote for 50 seats", "can we book a demo of the enterprise plan", "what does the pricing look like for a team", "interested in upgrading our contract"],
-    "support": ["the app crashes when I log in", "I cannot reset my password", "the export button returns an error", "sync stopped working this morning"],
-    "spam": ["congratulations you won a free cruise", "cheap watches best price click here", "earn money fast from home", "your account needs crypto verification now"],
+    "billing": ["I was charged twice on my invoice", "my card payment failed", "please refund the last charge",
+                "the invoice total looks wrong", "our receipt shows the wrong VAT number", "the annual renewal charge surprised us",
+                "can you update the billing address on our account", "a refund from March never arrived"],
+    "sales": ["we want a quote for 50 seats", "can we book a demo of the enterprise plan", "what does the pricing look like for a team",
+              "interested in upgrading our contract", "do you offer volume discounts for schools", "our procurement team needs a proposal",
+              "we are comparing vendors and would like a call", "is there a startup plan for ten users"],
+    "support": ["the app crashes when I log in", "I cannot reset my password", "the export button returns an error",
+                "sync stopped working this morning", "the dashboard shows a blank page", "two-factor codes never arrive",
+                "uploads fail with a timeout", "the mobile app logs me out every hour"],
+    "spam": ["congratulations you won a free cruise", "cheap watches best price click here", "earn money fast from home",
+             "your account needs crypto verification now", "claim your lottery prize today", "hot singles in your area",
+             "buy followers for your brand cheap", "urgent wire transfer from a prince"],
 }
+_GREETINGS = ["Hi team,", "Hello,", "Good morning,", "Hey there,", "Dear support,", "Hi all,"]
+_SIGNOFFS = ["Thanks, Ana", "Best, Tom", "Regards, Li", "Cheers, Sam", "Kind regards, Omar", "Thank you, Eva"]
+_CONTEXT = ["", " This is the second time I am writing.", " We are on the Pro plan.", " Sent from my phone.",
+            " Our account is under the Lyon office.", " Please reply today.", " I hope this reaches the right person."]
 
 
 def routing_rows(n: int, seed: int = 0) -> list[Row]:
@@ -95,9 +107,8 @@ def routing_rows(n: int, seed: int = 0) -> list[Row]:
     for i in range(n):
         label = labels[i % len(labels)]
         msg = rng.choice(_ROUTES[label])
-        greet = rng.choice(["Hi team,", "Hello,", "Good morning,", "Hey there,"])
-        sign = rng.choice(["Thanks, Ana", "Best, Tom", "Regards, Li", "Cheers, Sam"])
-        rows.append(Row(id=f"route-{i:04d}", input=f"{greet} {msg}. {sign}", output=label, topic=label))
+        greet, sign, ctx = rng.choice(_GREETINGS), rng.choice(_SIGNOFFS), rng.choice(_CONTEXT)
+        rows.append(Row(id=f"route-{i:04d}", input=f"{greet} {msg}.{ctx} {sign}", output=label, topic=label))
     return rows
 
 

@@ -1,0 +1,310 @@
+"""``kolm compile``: the whole pipeline in one place.
+
+    verifier -> teacher -> fit -> eval -> gate -> sign
+
+``compile_specialist`` calls the stages in that order; each is a named function below. Every
+stage is resumable: the teacher's answers are cached, the fit resumes from its last checkpoint
+(Ray Train run snapshot), and a finished fit or eval is reused when its inputs have not changed.
+Inputs are validated by the caller (``prepare``) before Ray starts or a call is paid for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolm_ray.artifact import (
+    ARTIFACT_FORMAT_VERSION, artifact_path, check_name, file_digest, next_version, pack, write_json,
+)
+from kolm_ray.errors import GateFailed, InputError
+from kolm_ray.home import teacher_cache_dir
+from kolm_ray.kscore import KScore
+from kolm_ray.rows import read_rows
+from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
+from kolm_ray.sampling.fanout import SampleOutcome, sample_rows, write_samples
+from kolm_ray.sampling.pricing import Prices
+from kolm_ray.signing import Signer
+from kolm_ray.train.base import BaseRef, resolve_base
+from kolm_ray.train.config import FitConfig
+from kolm_ray.train.eval import EvalResult, evaluate
+from kolm_ray.train.fit import FitResult, fit, run_name
+from kolm_ray.verifier import Verifier, synthesize
+
+Progress = Callable[[str], None]
+
+
+class CompileConfig(BaseModel):
+    """Everything one compile needs besides its stage configs."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    task: str = Field(description="The task instruction.")
+    examples: Path = Field(description="Rows to distill from.")
+    holdout: Path = Field(description="Held-out rows with reference outputs, for the K-score.")
+    base: str = Field(description="Base model: short name, hub id or local folder.")
+    name: str = Field(description="Specialist name (artifact NAME-MAJOR.MINOR.kolm).")
+    gate: float | None = Field(None, description="Minimum holdout K-score for a promotable artifact.")
+    store: Path = Field(description="Where artifacts are written.")
+    work_dir: Path = Field(description="Per-compile working state: samples, checkpoints, eval.")
+
+
+def parse_gate(text: str | None) -> float | None:
+    """``K=88`` -> 88.0. Raises: InputError for anything else."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*[Kk]\s*=\s*(\d+(?:\.\d+)?)\s*", text)
+    if not m:
+        raise InputError(f"invalid --gate {text!r}: write it as K=88 (a K-score from 0 to 100)")
+    return float(m.group(1))
+
+
+def derive_name(task: str) -> str:
+    words = [w for w in re.findall(r"[a-z0-9]+", task.lower()) if w not in {"a", "an", "the", "for", "of", "to", "and"}]
+    return check_name("-".join(words[:4])[:40].strip("-") or "specialist")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    cfg: CompileConfig
+    rows: pa.Table
+    holdout: pa.Table
+    base: BaseRef
+
+
+def prepare(cfg: CompileConfig) -> Prepared:
+    """Validate every input before anything runs. Raises: InputError."""
+    check_name(cfg.name)
+    rows = read_rows(cfg.examples)
+    holdout = read_rows(cfg.holdout, require_output=True)
+    base = resolve_base(cfg.base)
+    if cfg.gate is not None and not 0 <= cfg.gate <= 101:
+        raise InputError(f"--gate K={cfg.gate:g} is outside 0..100")
+    return Prepared(cfg=cfg, rows=rows, holdout=holdout, base=base)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    artifact: Path
+    name: str
+    version: str
+    student: KScore
+    base: KScore
+    fit: FitResult
+    sampling: SampleOutcome
+    size_bytes: int
+
+
+# ----- the stages ----------------------------------------------------------------------------
+
+
+def stage_verifier(p: Prepared) -> Verifier | None:
+    refs = p.rows.column("output").to_pylist()
+    if not any(refs):
+        return None  # learned from the teacher's samples in the next stage
+    return synthesize(p.cfg.task, refs, p.rows.column("input").to_pylist())
+
+
+def stage_teacher(p: Prepared, verifier: Verifier | None, teacher: TeacherConfig, sample: SampleConfig,
+                  quota: QuotaConfig, prices: Prices, progress: Callable[[int], None] | None) -> SampleOutcome:
+    outcome = sample_rows(p.cfg.task, p.rows, teacher=teacher, sample=sample, quota=quota, prices=prices,
+                          cache_dir=teacher_cache_dir(), verifier=verifier, progress=progress)
+    write_samples(p.cfg.work_dir / "samples", outcome)
+    return outcome
+
+
+def distillation_pairs(outcome: SampleOutcome) -> list[tuple[str, str]]:
+    """The chosen sample of every row whose chosen sample passes the verifier."""
+    return [(r["input"], r["text"]) for r in outcome.samples.to_pylist() if r["chosen"] and r["passed"]]
+
+
+def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig) -> FitResult:
+    if not pairs and (cfg.max_steps is None or cfg.max_steps > 0):
+        raise InputError("no teacher sample passed the verifier: nothing to distill (see samples/summary.json)")
+    name = run_name(p.base, p.cfg.task, pairs, cfg)
+    done = p.cfg.work_dir / "fit" / name
+    marker = done / "fit.json"
+    if marker.is_file():  # this exact fit already finished: reuse it
+        data = json.loads(marker.read_text())
+        data["loss_curve"] = [tuple(x) for x in data["loss_curve"]]
+        return FitResult(**{**data, "adapter_dir": Path(data["adapter_dir"]), "steps_this_run": 0})
+    result = fit(p.base, p.cfg.task, pairs, cfg, storage=p.cfg.work_dir / "train", dest=done / "adapter")
+    write_json(marker, {**result.__dict__, "adapter_dir": str(result.adapter_dir)})
+    return result
+
+
+def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: FitConfig) -> EvalResult:
+    h = p.holdout
+    key = hashlib.sha256(json.dumps([
+        verifier.to_json(), p.base.fingerprint(), p.cfg.task, h.to_pylist(),
+        _dir_digest(adapter) if adapter else None,
+    ], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cached = p.cfg.work_dir / "eval" / f"{key}.json"
+    if cached.is_file():
+        data = json.loads(cached.read_text())
+        return EvalResult(score=KScore.model_validate(data["score"]), outputs=data["outputs"])
+    import ray
+
+    use_gpu = fit_cfg.use_gpu if fit_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    result = evaluate(verifier, p.base.path, str(adapter) if adapter else None, p.cfg.task,
+                      h.column("id").to_pylist(), h.column("input").to_pylist(), h.column("output").to_pylist(),
+                      workers=fit_cfg.workers, use_gpu=use_gpu)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cached, {"score": result.score.model_dump(), "outputs": result.outputs})
+    return result
+
+
+def stage_gate(p: Prepared, student: EvalResult, report: dict[str, Any], version: str) -> None:
+    """Raises: GateFailed (exit 3) below the gate, after keeping the report under rejected/."""
+    if p.cfg.gate is None or student.score.k >= p.cfg.gate:
+        return
+    rejected = p.cfg.store / "rejected"
+    rejected.mkdir(parents=True, exist_ok=True)
+    path = rejected / f"{p.cfg.name}-{version}.report.json"
+    write_json(path, report)
+    raise GateFailed(
+        f"K-score {student.score.k:.1f} is below the gate K={p.cfg.gate:g} by {p.cfg.gate - student.score.k:.1f}; "
+        f"no artifact written. Report kept for inspection: {path}"
+    )
+
+
+def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], adapter: Path, signer: Signer) -> Path:
+    dest = artifact_path(p.cfg.store, p.cfg.name, version)
+    staging = p.cfg.work_dir / "artifact-staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    content = staging / "specialist"
+    content.mkdir(parents=True)
+    shutil.copytree(adapter, content / "adapter")
+    for fname, data in files.items():
+        if isinstance(data, str):
+            (content / fname).write_text(data)
+        else:
+            write_json(content / fname, data)
+    signature = staging / "specialist.sig"
+    signer.sign(content, signature)
+    pack(content, signature, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _dir_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(x for x in path.rglob("*") if x.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()
+
+
+# ----- the pipeline --------------------------------------------------------------------------
+
+
+def compile_specialist(
+    p: Prepared,
+    *,
+    teacher: TeacherConfig,
+    sample: SampleConfig,
+    quota: QuotaConfig,
+    prices: Prices,
+    fit_cfg: FitConfig,
+    signer: Signer,
+    say: Progress = lambda s: None,
+    teacher_progress: Callable[[int], None] | None = None,
+) -> CompileResult:
+    """verifier -> teacher -> fit -> eval -> gate -> sign.
+
+    Raises:
+        GateFailed: the student's holdout K-score is below the gate (no artifact written).
+        TeacherError / KolmRuntimeError: a stage failed at run time (re-running resumes).
+    """
+    cfg = p.cfg
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    verifier = stage_verifier(p)
+    say(f"verifier    {verifier.kind if verifier else 'deferred'} · "
+        + ("; ".join(verifier.notes) if verifier else "no reference outputs: learned from the teacher's samples"))
+
+    outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, teacher_progress)
+    verifier = outcome.verifier
+    s = outcome.summary
+    say(f"teacher     {s.teacher} k={s.k}: {s.calls} calls paid, {s.cache_hits} cached, {s.retries} retries, "
+        f"{s.failed_rows} rows failed · acceptance {100 * s.acceptance_rate:.1f}% · ${s.cost_usd:.4f}")
+
+    pairs = distillation_pairs(outcome)
+    fitted = stage_fit(p, pairs, fit_cfg)
+    resumed = f", resumed at step {fitted.resumed_from_step}" if fitted.resumed_from_step else ""
+    reused = " (reused)" if fitted.steps_this_run == 0 and fitted.steps else ""
+    loss = (f"loss {fitted.loss_start:.3f} → {fitted.loss_end:.3f}" if fitted.loss_curve else "no steps")
+    say(f"fit         LoRA r={fit_cfg.lora_r} on {p.base.name}: {fitted.steps} steps on {len(pairs)} examples, "
+        f"{fitted.workers} {fitted.device} worker(s), {fitted.train_seconds:.1f} s, {loss}{resumed}{reused}")
+
+    student = stage_eval(p, verifier, fitted.adapter_dir, fit_cfg)
+    base = stage_eval(p, verifier, None, fit_cfg)
+    say(f"eval        student {student.score.line()} · base {base.score.line()}")
+
+    version = next_version(cfg.store, cfg.name)
+    vstr = f"{version[0]}.{version[1]}"
+    h = p.holdout
+    eval_report = {
+        "student": _score_summary(student.score),
+        "base": _score_summary(base.score),
+        "rows": [
+            {"id": rid, "input": inp, "reference": ref,
+             "student": {"output": so, **sr.checks.model_dump()},
+             "base": {"output": bo, **br.checks.model_dump()}}
+            for rid, inp, ref, so, sr, bo, br in zip(
+                h.column("id").to_pylist(), h.column("input").to_pylist(), h.column("output").to_pylist(),
+                student.outputs, student.score.rows, base.outputs, base.score.rows)
+        ],
+    }
+    stage_gate(p, student, {"name": cfg.name, "version": vstr, "gate": cfg.gate, "eval": eval_report}, vstr)
+
+    samples_file = cfg.work_dir / "samples" / "samples.parquet"
+    manifest = {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "name": cfg.name,
+        "version": vstr,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "task": cfg.task,
+        "base": {"name": p.base.name, **p.base.fingerprint()},
+        "prompt": {"system": cfg.task, "format": "chat_template"},
+        "generation": {"max_new_tokens": _max_new_tokens(verifier)},
+        "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
+                    "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,
+                    "paid_this_run_usd": s.cost_usd},
+        "digests": {"examples": file_digest(cfg.examples), "holdout": file_digest(cfg.holdout),
+                    "distillation": file_digest(samples_file)},
+        "kscore": {"student": _score_summary(student.score), "base": _score_summary(base.score)},
+        "gate": {"k": cfg.gate, "passed": True} if cfg.gate is not None else None,
+        "compute": {"teacher_cost_usd": s.dataset_cost_usd, f"fit_{fitted.device}_seconds": fitted.worker_seconds,
+                    "compile_seconds": round(time.perf_counter() - started, 1)},
+        "fit": {"steps": fitted.steps, "examples": len(pairs), "loss_start": fitted.loss_start,
+                "loss_end": fitted.loss_end, "tokens": fitted.tokens},
+    }
+    train = {"config": fit_cfg.model_dump(mode="json"), "loss_curve": fitted.loss_curve, "tokens": fitted.tokens,
+             "train_seconds": fitted.train_seconds, "workers": fitted.workers, "device": fitted.device,
+             "resumed_from_step": fitted.resumed_from_step, "run_name": fitted.run_name}
+    files = {"manifest.json": manifest, "verifier.json": verifier.to_json(), "eval.json": eval_report,
+             "train.json": train}
+    dest = stage_sign(p, version, files, fitted.adapter_dir, signer)
+    say(f"signed      {dest} ({dest.stat().st_size / 1e6:.2f} MB, {signer.describe()})")
+    return CompileResult(artifact=dest, name=cfg.name, version=vstr, student=student.score, base=base.score,
+                         fit=fitted, sampling=outcome, size_bytes=dest.stat().st_size)
+
+
+def _score_summary(k: KScore) -> dict[str, Any]:
+    return {"k": round(k.k, 2), "t": None if k.t is None else round(k.t, 2), "c": round(k.c, 2),
+            "l": None if k.l is None else round(k.l, 2), "n": k.n, "passed": k.passed}
+
+
+def _max_new_tokens(verifier: Verifier) -> int:
+    from kolm_ray.train.eval import max_new_tokens_for
+
+    return max_new_tokens_for(verifier)

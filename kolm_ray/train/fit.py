@@ -1,0 +1,240 @@
+"""The LoRA fit: Ray Train's TorchTrainer, one worker per GPU (CPU workers where there is none),
+DeepSpeed ZeRO (stage 2 by default) over a PEFT LoRA adapter on a Hugging Face causal LM.
+
+``fit`` runs the trainer and returns the adapter of its last checkpoint. Resumption is Ray
+Train's: a worker that dies mid-fit is replaced and the group resumes from the last reported
+checkpoint (``FailureConfig``); a compile re-run after a crash creates a trainer with the same
+run name and storage, finds the run's snapshot and resumes from its last checkpoint rather than
+starting over. The run name is a digest of everything that decides the fit, so changed inputs
+never resume someone else's run.
+
+Each checkpoint holds the DeepSpeed engine state (every rank's ZeRO shard), the adapter in
+standard PEFT format, and ``state.json`` (step, loss curve, tokens seen). Must not call the
+teacher or score outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from kolm_ray.errors import KolmRuntimeError
+from kolm_ray.train.base import BaseRef
+from kolm_ray.train.config import FitConfig
+
+FIT_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FitResult:
+    adapter_dir: Path
+    steps: int
+    resumed_from_step: int  # 0 for a fresh fit
+    steps_this_run: int
+    loss_curve: list[tuple[int, float]]
+    tokens: int
+    train_seconds: float
+    worker_seconds: float  # wall time x workers: CPU- or GPU-seconds of the fit
+    device: str
+    workers: int
+    run_name: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss_start(self) -> float | None:
+        return self.loss_curve[0][1] if self.loss_curve else None
+
+    @property
+    def loss_end(self) -> float | None:
+        return self.loss_curve[-1][1] if self.loss_curve else None
+
+
+def run_name(base: BaseRef, system: str, pairs: Sequence[tuple[str, str]], cfg: FitConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([base.fingerprint(), system, list(pairs), cfg.model_dump(mode="json")], sort_keys=True).encode())
+    return f"fit-{h.hexdigest()[:16]}"
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def ds_config(cfg: FitConfig, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train worker
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kolm_ray.train.data import build_examples, bucket_batches, collate
+
+    cfg = FitConfig.model_validate(config["fit"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    use_gpu = config["use_gpu"]
+    bf16 = bool(use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if use_gpu else torch.device("cpu")
+
+    tok = AutoTokenizer.from_pretrained(config["base_path"])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(config["base_path"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+    ))
+    examples = build_examples(tok, config["system"], [tuple(p) for p in config["pairs"]], cfg.max_length)
+    lengths = [len(e.input_ids) for e in examples]
+    steps_per_epoch = max(1, len(bucket_batches(lengths, cfg.batch_size, 0)) // world)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, max(1, total)))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, bf16),
+        dist_init_required=False,
+    )
+
+    state = {"version": FIT_STATE_VERSION, "step": 0, "loss_curve": [], "tokens": 0, "resumed_from_step": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="kolm", load_optimizer_states=True, load_lr_scheduler_states=True)
+            state = json.loads((Path(d) / "state.json").read_text())
+            state["resumed_from_step"] = state["step"]
+    start = state["step"]
+    steps_run = 0
+    t0 = time.perf_counter()
+
+    def checkpoint(step: int, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as td:
+            engine.save_checkpoint(td, tag="kolm")
+            if rank == 0:
+                engine.module.save_pretrained(Path(td) / "adapter")
+                (Path(td) / "state.json").write_text(json.dumps({**state, "step": step}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(td),
+                             checkpoint_dir_name=f"step-{step:06d}")
+
+    fail_at = int(config.get("fail_at_step", -1))  # fault injection: KOLM_FIT_FAIL_AT_STEP in the driver
+    engine.train()
+    for step in range(start, total):
+        if step == fail_at and start == 0:
+            os._exit(1)  # a worker dying mid-fit, as a preempted node would
+        epoch, i = divmod(step, steps_per_epoch)
+        order = bucket_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+        batch = collate([examples[j] for j in order[(i * world + rank) % len(order)]], tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        stats = torch.tensor([out.loss.detach().float().item(), float(batch["attention_mask"].sum())])
+        dist.all_reduce(stats)
+        state["loss_curve"].append([step + 1, round(stats[0].item() / world, 5)])
+        state["tokens"] += int(stats[1].item())
+        steps_run += 1
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            checkpoint(step + 1, {"step": step + 1, "loss": state["loss_curve"][-1][1]})
+    if total == 0 or start >= total:
+        checkpoint(total, {"step": total, "loss": None})
+    if rank == 0:
+        elapsed = time.perf_counter() - t0
+        ray.train.report({"step": total, "steps_this_run": steps_run, "seconds": elapsed, "done": True})
+    else:
+        ray.train.report({})
+
+
+def fit(
+    base: BaseRef,
+    system: str,
+    pairs: Sequence[tuple[str, str]],
+    cfg: FitConfig,
+    storage: Path,
+    dest: Path,
+) -> FitResult:
+    """Fit a LoRA adapter; copy the final adapter to ``dest``.
+
+    Raises:
+        KolmRuntimeError: training failed past ``cfg.max_failures`` (a re-run resumes it).
+    """
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    name = run_name(base, system, pairs, cfg)
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"fit": cfg.model_dump(mode="json"), "base_path": base.path, "system": system,
+                           "pairs": [list(p) for p in pairs], "use_gpu": use_gpu,
+                           # Test hook: a worker dies at this step on a fresh (not resumed) fit.
+                           "fail_at_step": int(os.environ.get("KOLM_FIT_FAIL_AT_STEP", "-1"))},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage.resolve()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise KolmRuntimeError(
+            f"the fit failed after {cfg.max_failures} restarts: {e}. Its checkpoints are kept under "
+            f"{storage / name}: re-run the same compile to resume."
+        ) from None
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise KolmRuntimeError("the fit finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(Path(d) / "adapter", dest)
+    metrics = result.metrics or {}
+    return FitResult(
+        adapter_dir=dest,
+        steps=state["step"],
+        resumed_from_step=state.get("resumed_from_step", 0),
+        steps_this_run=int(metrics.get("steps_this_run", state["step"] - state.get("resumed_from_step", 0))),
+        loss_curve=[tuple(x) for x in state["loss_curve"]],
+        tokens=state["tokens"],
+        train_seconds=round(float(metrics.get("seconds", wall)), 3),
+        worker_seconds=round(wall * cfg.workers, 3),
+        device="gpu" if use_gpu else "cpu",
+        workers=cfg.workers,
+        run_name=name,
+    )
