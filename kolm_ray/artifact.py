@@ -111,6 +111,10 @@ def unpacked(artifact: str | Path) -> Iterator[Path]:
                     name = m.name
                     if not (name == SIGNATURE or name.startswith(f"{CONTENT_DIR}/")) or not (m.isfile() or m.isdir()):
                         raise InputError(f"unexpected entry {name!r} in artifact: refusing it", path=str(p))
+                    # model-signing skips .git* paths when hashing, so such a file would ride along
+                    # unsigned: refuse every dot-file outright.
+                    if any(part.startswith(".") for part in name.split("/")):
+                        raise InputError(f"unexpected hidden entry {name!r} in artifact: refusing it", path=str(p))
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             raise InputError(f"not a readable .kolm artifact ({e})", path=str(p)) from None

@@ -290,7 +290,8 @@ def compile_specialist(
     }
     train = {"config": fit_cfg.model_dump(mode="json"), "loss_curve": fitted.loss_curve, "tokens": fitted.tokens,
              "train_seconds": fitted.train_seconds, "workers": fitted.workers, "device": fitted.device,
-             "resumed_from_step": fitted.resumed_from_step, "run_name": fitted.run_name}
+             "resumed_from_step": fitted.resumed_from_step, "steps_this_run": fitted.steps_this_run,
+             "run_name": fitted.run_name}
     files = {"manifest.json": manifest, "verifier.json": verifier.to_json(), "eval.json": eval_report,
              "train.json": train}
     dest = stage_sign(p, version, files, fitted.adapter_dir, signer)

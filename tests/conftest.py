@@ -60,3 +60,11 @@ def messages_api(monkeypatch: pytest.MonkeyPatch):
 def write_jsonl(path: Path, rows, with_output=True) -> Path:
     path.write_text("\n".join(r.to_json(with_output=with_output) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random-init Qwen2 with an offline tokenizer, built once per session."""
+    from kolm_ray.train.base import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))

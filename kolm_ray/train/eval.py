@@ -28,8 +28,10 @@ class Generator:
 
     def __init__(self, base_path: str, adapter_dir: str | None, system: str, max_new_tokens: int, use_gpu: bool = False):
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        transformers.utils.logging.disable_progress_bar()  # keep the CLI's stage lines clean
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tok = AutoTokenizer.from_pretrained(base_path)
