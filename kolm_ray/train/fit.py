@@ -193,6 +193,10 @@ def fit(
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     name = run_name(base, system, pairs, cfg)
+    # CPU workers share the node's cores (Ray sets each worker's torch threads to its CPUs);
+    # GPU workers take one GPU and one core, the Ray Train default.
+    cpus = int(ray.available_resources().get("CPU", 1))
+    per_worker = None if use_gpu else {"CPU": max(1, cpus // cfg.workers)}
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _train_loop,
@@ -201,7 +205,7 @@ def fit(
                            # Test hook: a worker dies at this step on a fresh (not resumed) fit.
                            "fail_at_step": int(os.environ.get("KOLM_FIT_FAIL_AT_STEP", "-1"))},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name, storage_path=str(storage.resolve()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
