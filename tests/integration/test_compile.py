@@ -62,7 +62,7 @@ def test_compile_beats_the_base_and_signs_an_artifact(compiled, monkeypatch):
         assert any(line.startswith(stage) for line in res.output.splitlines()), res.output
     art = compiled["home"] / "artifacts" / "routing-1.0.kolm"
     assert art.is_file()
-    assert res.output.splitlines()[-2].startswith("K-score ")
+    assert any(line.startswith("K-score ") for line in res.output.splitlines())
 
     _env(compiled, monkeypatch)
     pub = compiled["home"] / "keys" / "signing.pub"
