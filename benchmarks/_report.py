@@ -9,6 +9,13 @@ from pathlib import Path
 README = Path(__file__).parent / "README.md"
 
 
+def publish(name: str, lines: list[str], write: bool) -> None:
+    """Print a benchmark's figures and, with ``write``, record them in README.md."""
+    print("\n".join(lines))
+    if write:
+        record(name, "\n".join(lines))
+
+
 def record(name: str, text: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     stamp = datetime.date.today().isoformat()

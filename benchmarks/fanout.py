@@ -104,11 +104,9 @@ def main() -> None:
         f"  kolm / asyncio                  {base / ours:.3f}                                {base_ss / ours_ss:.3f}",
         f"  machine: {machine()}",
     ]
-    print("\n".join(lines))
-    if args.write:
-        from _report import record
+    from _report import publish
 
-        record("fanout", "\n".join(lines))
+    publish("fanout", lines, args.write)
 
 
 if __name__ == "__main__":

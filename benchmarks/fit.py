@@ -28,8 +28,7 @@ def pairs(n: int):
 def trainer_baseline(base: Path, system: str, data, steps: int, batch: int, max_length: int) -> tuple[float, int]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from kolm_ray.train.data import build_examples
 
@@ -39,10 +38,6 @@ def trainer_baseline(base: Path, system: str, data, steps: int, batch: int, max_
     exs = build_examples(tok, system, data, max_length)
     ds = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in exs]
     seen = {"tokens": 0}
-
-    class Count(TrainerCallback):
-        pass
-
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
     def counting(features):
@@ -53,7 +48,7 @@ def trainer_baseline(base: Path, system: str, data, steps: int, batch: int, max_
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-4,
                                  report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                                  dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting, callbacks=[Count()])
+        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting)
         t = time.perf_counter()
         trainer.train()
         return time.perf_counter() - t, seen["tokens"]
@@ -101,11 +96,9 @@ def main() -> None:
         f"  ratio kolm / Trainer           {(k_tok / k_s) / (b_tok / b_s):.2f}",
         f"  machine: {machine()}",
     ]
-    print("\n".join(lines))
-    if args.write:
-        from _report import record
+    from _report import publish
 
-        record("fit", "\n".join(lines))
+    publish("fit", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -48,11 +48,9 @@ def main() -> None:
         lines.append(f"  {kind:5s}  {ours:9,.0f}/s  ({ours / TARGET:5.1f} x the 5,000/s target; "
                      f"tokenize-only baseline {base:9,.0f}/s, ratio {ours / base:.2f})")
     lines.append(f"  machine: {machine()}")
-    print("\n".join(lines))
-    if args.write:
-        from _report import record
+    from _report import publish
 
-        record("verifier", "\n".join(lines))
+    publish("verifier", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.fanout import SampleOutcome, sample_rows, write_samples
 from kolm_ray.sampling.pricing import Prices
 from kolm_ray.signing import Signer
-from kolm_ray.train.base import BaseRef, resolve_base
+from kolm_ray.train.base import BaseRef, directory_digest, resolve_base
 from kolm_ray.train.config import FitConfig
-from kolm_ray.train.eval import EvalResult, evaluate
+from kolm_ray.train.eval import EvalResult, evaluate, max_new_tokens_for
 from kolm_ray.train.fit import FitResult, fit, run_name
 from kolm_ray.verifier import Verifier, synthesize
 
@@ -144,7 +144,7 @@ def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: F
     h = p.holdout
     key = hashlib.sha256(json.dumps([
         verifier.to_json(), p.base.fingerprint(), p.cfg.task, h.to_pylist(),
-        _dir_digest(adapter) if adapter else None,
+        directory_digest(adapter) if adapter else None,
     ], sort_keys=True, default=str).encode()).hexdigest()[:16]
     cached = p.cfg.work_dir / "eval" / f"{key}.json"
     if cached.is_file():
@@ -193,13 +193,6 @@ def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], ada
     pack(content, signature, dest)
     shutil.rmtree(staging, ignore_errors=True)
     return dest
-
-
-def _dir_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(x for x in path.rglob("*") if x.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_digest(f).encode())
-    return h.hexdigest()
 
 
 # ----- the pipeline --------------------------------------------------------------------------
@@ -275,7 +268,7 @@ def compile_specialist(
         "task": cfg.task,
         "base": {"name": p.base.name, **p.base.fingerprint()},
         "prompt": {"system": cfg.task, "format": "chat_template"},
-        "generation": {"max_new_tokens": _max_new_tokens(verifier)},
+        "generation": {"max_new_tokens": max_new_tokens_for(verifier)},
         "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
                     "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,
                     "paid_this_run_usd": s.cost_usd},
@@ -303,9 +296,3 @@ def compile_specialist(
 def _score_summary(k: KScore) -> dict[str, Any]:
     return {"k": round(k.k, 2), "t": None if k.t is None else round(k.t, 2), "c": round(k.c, 2),
             "l": None if k.l is None else round(k.l, 2), "n": k.n, "passed": k.passed}
-
-
-def _max_new_tokens(verifier: Verifier) -> int:
-    from kolm_ray.train.eval import max_new_tokens_for
-
-    return max_new_tokens_for(verifier)

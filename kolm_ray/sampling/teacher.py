@@ -9,6 +9,7 @@ of the attempt and the failure) must also count each retry and tell the cluster-
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
 def sdk_env() -> dict[str, str]:
     """The SDK's own settings from this process's environment, to hand to Ray workers."""
-    import os
-
     return {k: os.environ[k] for k in SDK_ENV_VARS if os.environ.get(k)}
 
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +45,6 @@ class FitResult:
     device: str
     workers: int
     run_name: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def loss_start(self) -> float | None:

@@ -1,7 +1,5 @@
 import asyncio
 
-import pytest
-
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.config import TeacherConfig
 from kolm_ray.sampling.prompt import message_params, sdk_kwargs, system_blocks
@@ -112,8 +110,7 @@ def test_usage_records_cache_reads_after_the_first_call(messages_api, tmp_path):
     assert second.usage.cache_read_tokens > 0 and second.usage.cache_write_tokens == 0
 
 
-@pytest.mark.parametrize("stream", [True])
-def test_local_server_streams_to_the_sdk(messages_api, stream):
+def test_local_server_streams_to_the_sdk(messages_api):
     import anthropic
 
     messages_api(replay_responder({"hello there": "a streamed answer that spans several deltas"}))
