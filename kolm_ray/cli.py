@@ -309,6 +309,195 @@ def inspect(artifact: str, as_json: bool) -> None:
         click.echo(f"{k:<12}{v}")
 
 
+@cli.command(name="compare")
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--tolerance", default=0.5, show_default=True, type=click.FloatRange(min=0),
+              help="K points NEW may fall below OLD and still be promoted.")
+@click.option("--max-regressions", default=0, show_default=True, type=click.IntRange(0),
+              help="Rows that passed in OLD and fail in NEW allowed for a promote.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key (PEM) both artifacts must be signed with "
+              "[default: kolm's own key, $KOLM_HOME/keys/signing.pub].")
+@click.option("--identity", help="Sigstore signer identity (e.g. an e-mail or workflow URI).")
+@click.option("--issuer", help="Sigstore OIDC issuer URL of that identity.")
+def compare_cmd(old: str, new: str, as_json: bool, tolerance: float, max_regressions: int, key: str | None,
+                identity: str | None, issuer: str | None) -> None:
+    """Compare two signed artifacts on their shared holdout rows: K/T/C/L deltas, regressed rows,
+    and whether to promote NEW. Exits 0 whatever the recommendation (it is a report)."""
+    from kolm_ray.compare import compare, load_side
+    from kolm_ray.signing import default_trust
+
+    if key or identity or issuer:
+        trust = _trust(key, identity, issuer)
+    else:
+        trust = default_trust()
+        click.echo(f"trusting the default key {trust.public_key}", err=True)
+    old_report, old_meta = load_side(old, trust)
+    new_report, new_meta = load_side(new, trust)
+    result = compare(old_report, new_report, old_meta, new_meta, tolerance=tolerance, max_regressions=max_regressions)
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    for line in result.lines():
+        click.echo(line)
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k or not val:
+            raise InputError(f"invalid {flag} {v!r}: use KEY=VALUE")
+        out[k] = val
+    return out
+
+
+def _api_keys(path: str | None) -> dict[str, str]:
+    """An API keys file: JSON {"key name": "token", ...} -> name -> SHA-256 of the token."""
+    from kolm_ray.serve.config import token_digest
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the API keys file ({e})", path=path) from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and len(v) >= 16 for v in data.values()):
+        raise InputError('API keys file must be a JSON object {"name": "token", ...} with tokens of 16+ characters',
+                         path=path)
+    return {name: token_digest(tok) for name, tok in data.items()}
+
+
+@cli.command(name="serve")
+@click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0 to listen on all).")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--app-name", default="kolm", show_default=True, help="Serve application name.")
+@click.option("--route-prefix", default="/", show_default=True, help="Route prefix of the application.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key artifacts must be signed with "
+              "[default: kolm's own key, $KOLM_HOME/keys/signing.pub].")
+@click.option("--identity", help="Sigstore identity artifacts must be signed by.")
+@click.option("--issuer", help="OIDC issuer URL of that identity.")
+@click.option("--api-keys", type=click.Path(dir_okay=False), help='JSON file {"name": "token"}: require bearer auth.')
+@click.option("--base-path", multiple=True, help="BASE_ID_OR_SHA256=DIR: where this host keeps a base model.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replicas per base model.")
+@click.option("--num-gpus", default=None, type=click.FloatRange(0), help="GPU share per replica [default: 1 if the "
+              "cluster has GPUs, else 0].")
+@click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-queued", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests queued per base model before 503s.")
+@click.option("--emit-config", type=click.Path(dir_okay=False), help="Write a `serve deploy` config here and exit.")
+@click.option("--detach", is_flag=True, help="Return once deployed; the app keeps running on the cluster.")
+def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
+              key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
+              base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
+              max_batch_size: int, max_queued: int, emit_config: str | None, detach: bool) -> None:
+    """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
+    every Specialist's adapter on it, a receipt for every call."""
+    from pydantic import ValidationError
+
+    from kolm_ray.home import kolm_home
+    from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
+    from kolm_ray.signing import default_trust
+
+    if not artifacts:
+        raise InputError("give the .kolm artifacts to serve")
+    for a in artifacts:
+        if not Path(a).is_file():
+            raise InputError("artifact not found", path=a)
+    if key or identity or issuer:
+        trust = _trust(key, identity, issuer)
+    else:
+        trust = default_trust()
+        click.echo(f"trusting the default key {trust.public_key}", err=True)
+    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+        raise InputError("--detach needs a running cluster to leave the app on: give --address or set RAY_ADDRESS")
+    if emit_config is None:
+        from kolm_ray.cluster import connect
+
+        connect(address)
+    if num_gpus is None:
+        import ray
+
+        num_gpus = 1.0 if emit_config is None and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    try:
+        cfg = ServeConfig(
+            artifacts=[str(Path(a).resolve()) for a in artifacts],
+            trust_key=str(trust.public_key.resolve()) if trust.public_key else None,
+            trust_identity=trust.identity, trust_issuer=trust.issuer, store=str(kolm_home()), app_name=app_name,
+            route_prefix=route_prefix, base_paths=_pairs(base_path, "--base-path"), api_key_digests=_api_keys(api_keys),
+            model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
+                                         max_batch_size=max_batch_size, max_queued_requests=max_queued),
+        )
+    except ValidationError as e:
+        raise InputError(f"invalid serving options: {e.errors()[0]['msg']}") from None
+    if emit_config:
+        from kolm_ray.serve.app import deploy_config
+
+        Path(emit_config).write_text(json.dumps(deploy_config(cfg, host, port), indent=2) + "\n")
+        click.echo(f"wrote {emit_config}: run `serve deploy {emit_config}` against the cluster")
+        return
+    from kolm_ray.serve.app import run
+
+    catalog = run(cfg, host=host, port=port)
+    for r in catalog.refused:
+        click.echo(f"refused     {r.artifact}: {r.reason}", err=True)
+    for s in catalog.specialists:
+        click.echo(f"serving     {s.ref}  ({s.artifact})")
+    prefix = route_prefix.rstrip("/")
+    click.echo(f"endpoint    http://{host}:{port}{prefix}/v1  (receipts under {cfg.receipts_dir})")
+    if detach:
+        return
+    import time
+
+    from ray import serve
+
+    click.echo("Ctrl-C stops serving")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(app_name)  # graceful: replicas drain and flush their receipts
+        click.echo("stopped")
+
+
+@cli.group()
+def receipts() -> None:
+    """The receipt log of served calls."""
+
+
+@receipts.command(name="verify")
+@click.option("--store", type=click.Path(file_okay=False), help="kolm's store [default: KOLM_HOME].")
+@click.option("--app-name", default=None, help="Only this application's receipts.")
+@click.option("--json", "as_json", is_flag=True)
+def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> None:
+    """Check every receipt's hash and the chain: exits 1 on an edited, dropped or reordered receipt."""
+    from kolm_ray.errors import KolmRuntimeError
+    from kolm_ray.home import kolm_home
+    from kolm_ray.serve.receipts import verify_log
+
+    root = Path(store) if store else kolm_home()
+    directory = root / "receipts" / (app_name or "")
+    if not directory.is_dir():
+        raise InputError("no receipts here", path=str(directory))
+    report = verify_log(directory)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, **report.model_dump()}, indent=2))
+    else:
+        for seg in report.segments:
+            click.echo(f"{'ok' if not seg.problems else 'TAMPERED':<9}{seg.segment}  {seg.receipts} receipts")
+            for p in seg.problems:
+                click.echo(f"         {p}")
+    if not report.ok:
+        raise KolmRuntimeError(f"receipt log under {directory} failed verification"
+                               if report.segments else f"no receipt segments under {directory}")
+    if not as_json:
+        click.echo(f"verified    {report.receipts} receipts in {len(report.segments)} segment(s)")
+
+
 @cli.group()
 def base() -> None:
     """Base models."""

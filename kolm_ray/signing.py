@@ -130,6 +130,21 @@ class Trust:
             raise InputError("public key not found", path=str(self.public_key))
 
 
+def default_trust() -> Trust:
+    """Trust kolm's own default key: the public half at ``$KOLM_HOME/keys/signing.pub``.
+
+    For commands that read artifacts this machine compiled; the caller should say which key it
+    trusted. ``Trust`` itself keeps no default.
+
+    Raises:
+        InputError: there is no default public key.
+    """
+    _, pub = default_key_paths()
+    if not pub.is_file():
+        raise InputError(f"no default public key at {pub}: give --key PUB, or --identity ID with --issuer URL")
+    return Trust(public_key=pub)
+
+
 def verify_signature(content: Path, signature: Path, trust: Trust) -> None:
     """Raises: ArtifactRejected when any file was changed, added or removed, or the signer differs."""
     import model_signing

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 from pathlib import Path
 
-import pytest
+# Before anything imports Ray: Ray reads its auth settings once, at import. The session's head
+# node (fixture `ray_head`) is started with this token and every driver here presents it.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -25,14 +32,26 @@ def kolm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session (Ray starts in seconds, not milliseconds)."""
+def ray_head():
+    """One `ray start --head` node (token auth on) for the whole session: in-process tests join
+    it as drivers and `ray job submit` tests submit to its job server, so one machine never runs
+    two clusters side by side."""
+    from kolm_ray.testing.cluster import LocalHead
+
+    head = LocalHead(token=os.environ["RAY_AUTH_TOKEN"]).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """This process joined to the session's head node (Ray starts in seconds, not milliseconds)."""
     import ray
 
     from kolm_ray.cluster import connect
 
-    os.environ.pop("RAY_ADDRESS", None)
-    connect(None)
+    os.environ["RAY_ADDRESS"] = ray_head.address  # subprocesses (CLI runs) join it too
+    connect(ray_head.address)
     yield ray
     ray.shutdown()
 
@@ -68,3 +87,46 @@ def tiny_base(tmp_path_factory) -> Path:
     from kolm_ray.train.base import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+ROUTING_TASK = "Route the customer message to one team: billing, account or bug."
+ROUTING_REFS = [("I was charged twice for my invoice", "billing"), ("I cannot log in to my account", "account"),
+                ("The app crashes when I open settings", "bug"), ("Refund my last payment please", "billing")]
+
+
+@pytest.fixture(scope="session")
+def specialists(tiny_base, tmp_path_factory) -> dict:
+    """Two signed Specialists on the tiny base (different random adapters), a tampered copy of a
+    third, and the key that signed them: for serving and compare tests, without a compile."""
+    from kolm_ray.signing import default_key_paths
+    from kolm_ray.testing.artifacts import make_artifact
+
+    home = tmp_path_factory.mktemp("specialists-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOLM_HOME", str(home))
+        store = home / "artifacts"
+        route = make_artifact(store, tiny_base, "route", (1, 0), task=ROUTING_TASK, references=ROUTING_REFS, seed=1)
+        route2 = make_artifact(store, tiny_base, "route", (1, 1), task=ROUTING_TASK, references=ROUTING_REFS, seed=3)
+        tldr = make_artifact(store, tiny_base, "tldr", (1, 0), task="Summarize the message in ten words.",
+                             references=ROUTING_REFS, seed=2, max_new_tokens=12)
+        evil = make_artifact(store, tiny_base, "evil", (1, 0), task=ROUTING_TASK, references=ROUTING_REFS, seed=4)
+        public_key = default_key_paths()[1]
+    tampered = _flip_adapter_byte(evil)
+    return {"route": route, "route2": route2, "tldr": tldr, "tampered": tampered, "home": home,
+            "public_key": public_key}
+
+
+def _flip_adapter_byte(artifact: Path) -> Path:
+    """A copy of ``artifact`` with one byte of its adapter weights changed, signature kept."""
+    import io
+    import tarfile
+
+    out = artifact.with_name("tampered-" + artifact.name)
+    with tarfile.open(artifact) as src, tarfile.open(out, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if data is not None and m.name.endswith("adapter_model.safetensors"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            dst.addfile(m, None if data is None else io.BytesIO(data))
+    artifact.unlink()
+    return out

@@ -66,6 +66,12 @@ class Generator:
         return {"id": list(batch["id"]), "output": self.generate(list(batch["input"]))}
 
 
+def _generate_all(base_path: str, adapter_dir: str | None, system: str, inputs: list[str], max_new_tokens: int,
+                  batch_size: int, use_gpu: bool) -> list[str]:
+    gen = Generator(base_path, adapter_dir, system, max_new_tokens, use_gpu)
+    return [o for i in range(0, len(inputs), batch_size) for o in gen.generate(inputs[i:i + batch_size])]
+
+
 @dataclass(frozen=True)
 class EvalResult:
     score: KScore
@@ -76,12 +82,16 @@ def generate_outputs(
     base_path: str, adapter_dir: str | None, system: str, ids: Sequence[str], inputs: Sequence[str],
     max_new_tokens: int, *, workers: int = 1, batch_size: int = 8, use_gpu: bool = False,
 ) -> list[str]:
-    """Outputs aligned with ``ids``; a holdout larger than one batch is spread over ``workers`` actors."""
+    """Outputs aligned with ``ids``. On one CPU worker the generation runs as one Ray task holding
+    the node's free cores (Ray sizes torch's threads by a task's CPUs; a driver such as a
+    ``ray job submit`` entrypoint gets one thread); otherwise a Ray Data actor pool of ``workers``.
+    """
     import ray
 
-    if len(ids) <= batch_size or workers == 1 and not use_gpu:
-        gen = Generator(base_path, adapter_dir, system, max_new_tokens, use_gpu)
-        return [o for i in range(0, len(inputs), batch_size) for o in gen.generate(inputs[i:i + batch_size])]
+    if workers == 1 and not use_gpu or len(ids) <= batch_size:
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        task = ray.remote(_generate_all).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+        return ray.get(task.remote(base_path, adapter_dir, system, list(inputs), max_new_tokens, batch_size, use_gpu))
     ds = ray.data.from_items([{"id": i, "input": x} for i, x in zip(ids, inputs)]).map_batches(
         Generator,
         fn_constructor_kwargs={"base_path": base_path, "adapter_dir": adapter_dir, "system": system,

@@ -1,0 +1,70 @@
+"""Typed configuration of a serving application: which artifacts, whom to trust, how big.
+
+One ``ServeConfig`` is what ``kolm serve`` builds from its flags and what a generated Serve
+config file (``serve deploy``) carries as the application's arguments. Must not start Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelDeploymentOptions(BaseModel):
+    """One deployment per base model; every Specialist on that base shares its replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    replicas: int = Field(1, ge=1, description="Replicas of each base model's deployment.")
+    num_gpus: float = Field(0.0, ge=0, description="GPU share per replica (0.25 fits four on one GPU).")
+    num_cpus: float = Field(1.0, ge=0, description="CPU cores per replica (torch uses this many threads).")
+    max_batch_size: int = Field(8, ge=1, description="Requests generated together, across adapters.")
+    batch_wait_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    # A replica works on up to this many requests; past max_queued_requests more wait in the
+    # callers' queues, and past that they get 503: never an unbounded backlog.
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica holds at once.")
+    max_queued_requests: int = Field(64, ge=0, description="Requests queued for a deployment before 503s.")
+    dtype: str | None = Field(None, description="torch dtype of the base (bfloat16 on GPU, float32 on CPU).")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format_version: int = 1
+    artifacts: list[str] = Field(description="The .kolm files to host.")
+    trust_key: str | None = Field(None, description="Public key (PEM) artifacts must be signed with.")
+    trust_identity: str | None = Field(None, description="Sigstore identity artifacts must be signed by.")
+    trust_issuer: str | None = Field(None, description="OIDC issuer of that identity.")
+    store: str = Field(description="kolm's store (KOLM_HOME): receipts go under receipts/APP/.")
+    app_name: str = Field("kolm", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Serve application name.")
+    route_prefix: str = Field("/", description="Where the application's HTTP routes live.")
+    base_paths: dict[str, str] = Field(default_factory=dict,
+                                       description="Base model id or sha256 -> folder on the serving hosts.")
+    model: ModelDeploymentOptions = ModelDeploymentOptions()
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress.")
+    api_key_digests: dict[str, str] = Field(default_factory=dict,
+                                            description="Key name -> SHA-256 of its bearer token; empty: no auth.")
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_input_chars: int = Field(32_000, ge=1, description="Longest input text a request may send.")
+    receipts_flush_s: float = Field(0.5, gt=0, description="How often receipts are flushed to disk.")
+    pins: dict[str, str] = Field(default_factory=dict, description="Specialist -> version a bare name resolves to.")
+
+    @model_validator(mode="after")
+    def _trust_given(self) -> "ServeConfig":
+        if not self.trust_key and not (self.trust_identity and self.trust_issuer):
+            raise ValueError("serving needs a trust: trust_key, or trust_identity with trust_issuer")
+        return self
+
+    def trust(self):
+        from kolm_ray.signing import Trust
+
+        return Trust(public_key=Path(self.trust_key) if self.trust_key else None,
+                     identity=self.trust_identity, issuer=self.trust_issuer)
+
+    @property
+    def receipts_dir(self) -> Path:
+        return Path(self.store) / "receipts" / self.app_name
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,302 @@
+"""The Ray Serve deployments: ``BaseModelServer`` (one per base model, many adapters on its one
+copy of the base, batched across adapters) and ``Ingress`` (FastAPI, OpenAI-compatible HTTP,
+routing by Specialist name, receipts for every call).
+
+Which Specialists are live is each deployment's ``user_config``: changing it (a new version, a
+pin) reconfigures running replicas without restarting them or dropping requests. A replica
+verifies every artifact before loading it; one that fails is refused with a log line and
+never served, while the others keep serving. Must not compile, sign or publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from kolm_ray.serve.catalog import Specialist, UnknownModel, adapter_name, open_specialist, resolve_model
+from kolm_ray.serve.protocol import (
+    STREAM_DONE, Parsed, RequestError, error_body, kolm_block, models_body, new_id, parse, response_body,
+    stream_chunk,
+)
+
+log = logging.getLogger("kolm_ray.serve")
+
+
+class BaseModelServer:
+    """One base model and the adapters of every Specialist compiled on it."""
+
+    def __init__(self, base_path: str, trust: dict[str, Any], base_paths: dict[str, str], dtype: str | None = None,
+                 device: str | None = None) -> None:
+        from kolm_ray.serve.host import AdapterHost
+        from kolm_ray.signing import Trust
+
+        self.trust = Trust(**{k: Path(v) if k == "public_key" and v else v for k, v in trust.items()})
+        self.base_paths = base_paths
+        self.host = AdapterHost(base_path, device=device, dtype=dtype)
+        self.workdir = Path(tempfile.mkdtemp(prefix="kolm-serve-"))
+        self.live: dict[str, Specialist] = {}  # adapter name -> Specialist
+        self.refused: dict[str, str] = {}  # artifact -> reason
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``{"specialists": [...], "max_batch_size": n, "batch_wait_s": s}``: load what is new
+        (verified first), unload what is gone."""
+        from kolm_ray.errors import KolmError
+
+        self.generate.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        self.generate.set_batch_wait_timeout_s(float(config.get("batch_wait_s", 0.01)))
+        wanted = {adapter_name(s): s for s in (Specialist.model_validate(d) for d in config.get("specialists", []))}
+        for name, s in wanted.items():
+            if name in self.live and self.live[name].artifact_sha256 == s.artifact_sha256:
+                continue
+            try:
+                loaded = open_specialist(s.artifact, self.trust, dest=self.workdir / name, base_paths=self.base_paths)
+                if loaded.artifact_sha256 != s.artifact_sha256:
+                    raise KolmError(f"{s.artifact} changed since it was catalogued")
+            except KolmError as e:
+                self.refused[s.artifact] = str(e)
+                log.error("refusing artifact %s (%s): %s", s.artifact, s.ref, e)
+                self.live.pop(name, None)
+                self.host.unload_adapter(name)
+                continue
+            self.host.load_adapter(name, loaded.adapter_dir)
+            self.live[name] = loaded
+            self.refused.pop(s.artifact, None)
+            log.info("serving %s from %s", s.ref, s.artifact)
+        for name in [n for n in self.live if n not in wanted]:
+            self.host.unload_adapter(name)
+            del self.live[name]
+            shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        return {"live": sorted(s.ref for s in self.live.values()), "refused": dict(self.refused)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch of requests, possibly for different adapters. A request for an adapter that is
+        not live gets an error entry; the rest of the batch is served."""
+        from kolm_ray.serve.host import Generation
+
+        ok = [i for i, r in enumerate(requests) if r["adapter"] in self.live]
+        results: list[dict[str, Any]] = [{"error": f"not loaded: {r['adapter']}"} for r in requests]
+        if ok:
+            gens = [Generation(**{**requests[i], "stop": tuple(requests[i].get("stop", ()))}) for i in ok]
+            done = await asyncio.to_thread(self.host.generate, gens)
+            for i, c in zip(ok, done):
+                results[i] = {"text": c.text, "prompt_tokens": c.prompt_tokens,
+                              "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+        return results
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Text deltas as they are produced, then one final entry with the token counts."""
+        from kolm_ray.serve.host import Completion, Generation
+
+        if request["adapter"] not in self.live:
+            yield {"error": f"not loaded: {request['adapter']}"}
+            return
+        it = self.host.stream(Generation(**{**request, "stop": tuple(request.get("stop", ()))}))
+        end = object()
+        try:
+            while (item := await asyncio.to_thread(next, it, end)) is not end:
+                if isinstance(item, Completion):
+                    yield {"done": True, "text": item.text, "prompt_tokens": item.prompt_tokens,
+                           "completion_tokens": item.completion_tokens, "finish_reason": item.finish_reason}
+                else:
+                    yield {"delta": item}
+        finally:
+            await asyncio.to_thread(it.close)
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+api = FastAPI(title="kolm", docs_url=None, redoc_url=None)
+
+
+@serve.ingress(api)
+class Ingress:
+    """OpenAI-compatible HTTP in front of the base model deployments."""
+
+    def __init__(self, models: dict[str, Any], store: str, app_name: str, api_key_digests: dict[str, str],
+                 max_tokens_cap: int, max_input_chars: int, receipts_flush_s: float) -> None:
+        from kolm_ray.serve.receipts import ReceiptWriter
+
+        self.models = models  # base_key -> DeploymentHandle
+        self.keys = {digest: name for name, digest in api_key_digests.items()}
+        self.max_tokens_cap, self.max_input_chars = max_tokens_cap, max_input_chars
+        ctx = serve.get_replica_context()
+        writer = f"{time.strftime('%Y%m%dT%H%M%S')}-{ctx.replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
+        self.receipts = ReceiptWriter(Path(store) / "receipts" / app_name, writer, flush_interval_s=receipts_flush_s)
+        self.specialists: list[Specialist] = []
+        self.pins: dict[str, str] = {}
+        self.refused: list[dict[str, str]] = []
+        self.verifiers: dict[str, Any] = {}
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``{"specialists": [...], "pins": {name: version}, "refused": [...]}``."""
+        from kolm_ray.verifier import Verifier
+
+        specialists = [Specialist.model_validate(d) for d in config.get("specialists", [])]
+        self.verifiers = {s.ref: self.verifiers.get(s.ref) or Verifier.from_json(s.verifier) for s in specialists}
+        self.specialists, self.pins = specialists, dict(config.get("pins", {}))
+        self.refused = list(config.get("refused", []))
+
+    # ----- plumbing ---------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> str | None:
+        """The calling key's name; None when the API has no keys. Raises RequestError 401."""
+        if not self.keys:
+            return None
+        from kolm_ray.serve.config import token_digest
+
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        name = self.keys.get(token_digest(token.strip())) if scheme.lower() == "bearer" and token.strip() else None
+        if name is None:
+            raise RequestError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+        return name
+
+    def _resolve(self, p: Parsed) -> Specialist:
+        try:
+            return resolve_model(p.model, self.specialists, self.pins)
+        except UnknownModel as e:
+            raise RequestError(404, str(e), param="model", code="model_not_found") from None
+
+    def _request(self, s: Specialist, p: Parsed) -> dict[str, Any]:
+        if p.max_tokens is not None and p.max_tokens > self.max_tokens_cap:
+            raise RequestError(400, f"max_tokens is {p.max_tokens}; at most {self.max_tokens_cap} are allowed",
+                               param="max_tokens")
+        return {"adapter": adapter_name(s), "system": s.system, "input": p.input,
+                "max_new_tokens": p.max_tokens or s.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                "stop": list(p.stop)}
+
+    def _receipt(self, s: Specialist, p: Parsed, rid: str, started: float, status: str, out: dict[str, Any] | None,
+                 key: str | None) -> None:
+        from kolm_ray.serve.receipts import Receipt, digest
+
+        checks = None
+        if out is not None:
+            checks = self.verifiers[s.ref].score(out["text"], p.input)
+        self.receipts.append(Receipt(
+            time=time.time(), request_id=rid, specialist=s.name, version=s.version,
+            artifact_sha256=s.artifact_sha256, route="stable", status=status, input_sha256=digest(p.input),
+            output_sha256=digest(out["text"]) if out else None, latency_ms=round(1000 * (time.perf_counter() - started), 3),
+            prompt_tokens=out["prompt_tokens"] if out else 0, completion_tokens=out["completion_tokens"] if out else 0,
+            t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
+            k=checks.k if checks else None, api_key=key,
+        ))
+
+    async def _call(self, s: Specialist, req: dict[str, Any]) -> dict[str, Any]:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        handle = self.models[s.base_key]
+        for attempt in range(2):  # a replica that died mid-call: once more, on another replica
+            try:
+                out = await handle.generate.remote(req)
+                break
+            except BackPressureError:
+                raise RequestError(503, "the server is overloaded; retry later", code="overloaded") from None
+            except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError):
+                if attempt:
+                    raise RequestError(503, "the model replica is unavailable; retry later",
+                                       code="unavailable") from None
+        if "error" in out:
+            raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
+        return out
+
+    # ----- routes -----------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "specialists": [s.ref for s in self.specialists],
+                             "refused": self.refused})
+
+    @api.get("/v1/models")
+    async def models_(self, request: Request) -> JSONResponse:
+        try:
+            self._auth(request)
+        except RequestError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(models_body(self.specialists, self.pins))
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        return await self._serve("chat", request)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._serve("completion", request)
+
+    async def _serve(self, kind: str, request: Request) -> Any:
+        started = time.perf_counter()
+        key: str | None = None
+        s: Specialist | None = None
+        p: Parsed | None = None
+        rid = new_id(kind)
+        try:
+            key = self._auth(request)
+            p = parse(kind, await request.body(), self.max_input_chars)  # type: ignore[arg-type]
+            s = self._resolve(p)
+            req = self._request(s, p)
+            kolm = kolm_block(s.ref, s.version, s.artifact_sha256, "stable")
+            headers = {"x-kolm-version": s.ref}
+            if p.stream:
+                return StreamingResponse(self._stream(s, p, req, rid, kolm, started, key), headers=headers,
+                                         media_type="text/event-stream")
+            out = await self._call(s, req)
+        except RequestError as e:
+            if s is not None and p is not None and e.status >= 500:
+                self._receipt(s, p, rid, started, "error", None, key)
+            return JSONResponse(e.body(), status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - any other failure is a 500 in OpenAI's shape, and counted
+            log.exception("request %s failed", rid)
+            if s is not None and p is not None:
+                self._receipt(s, p, rid, started, "error", None, None)
+            return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        self._receipt(s, p, rid, started, "ok", out, key)
+        return JSONResponse(response_body(p, rid, s.ref, out["text"], out["finish_reason"], out["prompt_tokens"],
+                                          out["completion_tokens"], kolm), headers=headers)
+
+    async def _stream(self, s: Specialist, p: Parsed, req: dict[str, Any], rid: str, kolm: dict[str, Any],
+                      started: float, key: str | None) -> AsyncIterator[str]:
+        handle = self.models[s.base_key].options(stream=True)
+        first, final = True, None
+        try:
+            async for item in handle.stream.remote(req):
+                if "error" in item:
+                    yield f"data: {_json(error_body(item['error'], 'server_error'))}\n\n"
+                    break
+                if item.get("done"):
+                    final = item
+                    break
+                yield stream_chunk(p, rid, s.ref, item["delta"], None, first=first, kolm=kolm if first else None)
+                first = False
+            if final is not None:
+                usage = {"prompt_tokens": final["prompt_tokens"], "completion_tokens": final["completion_tokens"],
+                         "total_tokens": final["prompt_tokens"] + final["completion_tokens"]}
+                yield stream_chunk(p, rid, s.ref, None, final["finish_reason"], first=first, kolm=kolm, usage=usage)
+                yield STREAM_DONE
+        finally:
+            self._receipt(s, p, rid, started, "ok" if final else "error", final, key)
+
+    def __del__(self) -> None:
+        receipts = getattr(self, "receipts", None)
+        if receipts is not None:
+            receipts.close()
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)

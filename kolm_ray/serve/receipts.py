@@ -1,0 +1,207 @@
+"""Receipts: one per call served, in an append-only, hash-chained log.
+
+Each writer (one per ingress replica lifetime) owns one segment ``<dir>/<writer>.jsonl`` and
+its head file ``<writer>.head.json``. A receipt carries ``seq`` (0, 1, 2, ...), ``prev`` (the
+previous receipt's hash; 64 zeros for the first) and ``hash`` = SHA-256 over ``prev`` and the
+receipt's canonical JSON without ``hash``. The head file names the last ``seq`` and ``hash``
+written, so a receipt cut from the end is detected too. ``verify_log`` checks every segment:
+an edited receipt breaks its hash, a dropped or reordered one breaks the chain (``prev`` and
+``seq``), a truncated tail disagrees with the head.
+
+Writing is off the request path: ``ReceiptWriter.append`` only queues the record; a background
+thread hashes, appends and fsyncs every ``flush_interval_s`` and on ``close()`` (graceful
+shutdown loses none). Must not compute scores or touch models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+RECEIPT_FORMAT_VERSION = 1
+GENESIS = "0" * 64
+
+
+class Receipt(BaseModel):
+    """One served call. Inputs and outputs appear only as SHA-256 digests."""
+
+    model_config = ConfigDict(frozen=True)
+    time: float
+    request_id: str
+    specialist: str
+    version: str
+    artifact_sha256: str
+    route: str  # "stable" or "canary"
+    status: str  # "ok" or "error"
+    input_sha256: str
+    output_sha256: str | None
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    t: float | None
+    c: float | None
+    l: float | None  # noqa: E741
+    k: float | None
+    api_key: str | None = None  # the key's name, never the token
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def chain_hash(prev: str, record: dict[str, Any]) -> str:
+    body = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+@dataclass
+class ReceiptWriter:
+    """Buffered, hash-chained appends to one segment; flushed by a timer thread."""
+
+    directory: Path
+    writer_id: str
+    flush_interval_s: float = 0.5
+    _buf: list[dict[str, Any]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _io_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _seq: int = 0
+    _prev: str = GENESIS
+    _thread: threading.Thread | None = None
+    written: int = 0
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"{self.writer_id}.jsonl"
+        self.head_path = self.directory / f"{self.writer_id}.head.json"
+        if self.path.exists():  # a writer id is used once; resume its chain rather than fork it
+            for rec in _read_lines(self.path):
+                self._seq, self._prev = rec["seq"] + 1, rec["hash"]
+        self._thread = threading.Thread(target=self._run, name=f"receipts-{self.writer_id}", daemon=True)
+        self._thread.start()
+
+    def append(self, receipt: Receipt) -> None:
+        """Queue a receipt (microseconds; no I/O on the caller's thread)."""
+        with self._lock:
+            self._buf.append(receipt.model_dump())
+
+    def flush(self) -> int:
+        """Hash and append everything queued; returns how many receipts were written."""
+        with self._io_lock:
+            with self._lock:
+                batch, self._buf = self._buf, []
+            if not batch:
+                return 0
+            lines = []
+            for rec in batch:
+                rec = {"format_version": RECEIPT_FORMAT_VERSION, "seq": self._seq, "prev": self._prev, **rec}
+                rec["hash"] = chain_hash(self._prev, rec)
+                self._seq, self._prev = self._seq + 1, rec["hash"]
+                lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False))
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.head_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"writer": self.writer_id, "seq": self._seq - 1, "hash": self._prev}))
+            os.replace(tmp, self.head_path)
+            self.written += len(batch)
+            return len(batch)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the timer and write what is queued."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.flush()
+
+
+def _read_lines(path: Path) -> Iterable[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+class SegmentReport(BaseModel):
+    segment: str
+    receipts: int
+    problems: list[str]
+
+
+class LogReport(BaseModel):
+    directory: str
+    segments: list[SegmentReport]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.segments) and not any(s.problems for s in self.segments)
+
+    @property
+    def receipts(self) -> int:
+        return sum(s.receipts for s in self.segments)
+
+
+def verify_segment(lines: list[str], head: dict[str, Any] | None) -> list[str]:
+    """Problems found in one segment's lines (pure: no I/O). Empty means intact."""
+    problems: list[str] = []
+    prev, expect_seq = GENESIS, 0
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"line {n}: not valid JSON")
+            prev = None  # type: ignore[assignment]
+            continue
+        claimed = rec.pop("hash", None)
+        if rec.get("seq") != expect_seq:
+            problems.append(f"line {n}: seq {rec.get('seq')} where {expect_seq} was due (dropped or reordered)")
+        if prev is not None and rec.get("prev") != prev:
+            problems.append(f"line {n}: chain broken (prev does not match the hash of the receipt before it)")
+        if claimed != chain_hash(rec.get("prev", ""), rec):
+            problems.append(f"line {n}: hash mismatch (receipt edited)")
+        prev, expect_seq = claimed, (rec.get("seq") if isinstance(rec.get("seq"), int) else expect_seq) + 1
+    if head is None:
+        problems.append("head file missing")
+    elif head.get("seq") != expect_seq - 1 or head.get("hash") != prev:
+        problems.append(f"log ends at seq {expect_seq - 1} but its head records seq {head.get('seq')}: "
+                        "receipts cut from the end")
+    return problems
+
+
+def verify_log(directory: Path) -> LogReport:
+    """Verify every segment under ``directory`` (searched recursively)."""
+    segments = []
+    for seg in sorted(directory.rglob("*.jsonl")):
+        head_path = seg.with_name(seg.name[: -len(".jsonl")] + ".head.json")
+        head = json.loads(head_path.read_text()) if head_path.is_file() else None
+        lines = seg.read_text(encoding="utf-8").splitlines()
+        segments.append(SegmentReport(segment=str(seg.relative_to(directory)),
+                                      receipts=sum(1 for x in lines if x.strip()),
+                                      problems=verify_segment(lines, head)))
+    heads_without_log = [h for h in directory.rglob("*.head.json")
+                         if not h.with_name(h.name[: -len(".head.json")] + ".jsonl").is_file()]
+    for h in heads_without_log:
+        segments.append(SegmentReport(segment=str(h.relative_to(directory)), receipts=0,
+                                      problems=["segment deleted: its head file remains"]))
+    return LogReport(directory=str(directory), segments=segments)
+
+
+def read_receipts(directory: Path, since: float | None = None) -> list[dict[str, Any]]:
+    """Every receipt under ``directory`` (newer than ``since``), oldest first."""
+    out = [r for seg in sorted(directory.rglob("*.jsonl")) for r in _read_lines(seg)
+           if since is None or r["time"] >= since]
+    return sorted(out, key=lambda r: r["time"])

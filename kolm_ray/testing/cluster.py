@@ -1,0 +1,97 @@
+"""A local Ray head node started with ``ray start --head`` in its own temp dir, with token auth,
+for tests and benchmarks that need what only a real cluster has (the job server for
+``ray job submit``, a cluster that outlives its drivers).
+
+Stopped by killing the processes that name its temp dir, never by ``ray stop`` (which stops
+every Ray instance on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalHead:
+    """``ray start --head`` on loopback ports chosen free, token auth on."""
+
+    num_cpus: int | None = None
+    object_store_bytes: int = 1 << 30
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    temp_dir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process (``ray job submit``, a driver) needs in its environment."""
+        bin_dir = str(Path(sys.executable).parent)
+        return {"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": self.token}
+
+    @property
+    def ray_bin(self) -> str:
+        return str(Path(sys.executable).parent / "ray")
+
+    def start(self) -> "LocalHead":
+        # Short: Ray's unix socket paths under the temp dir have a length limit.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
+        cmd = [self.ray_bin, "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={self.temp_dir}",
+               f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats"]
+        # Every port explicit and free: another Ray on this machine (a developer's, a leaked one)
+        # holds the defaults, and a head whose dashboard agent lost port 52365 has no job agent.
+        cmd += [f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        env = {**os.environ, **self.env}
+        env.pop("RAY_ADDRESS", None)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if res.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"`ray start --head` failed ({res.returncode}): {res.stderr[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        import psutil
+
+        if self.temp_dir is None:
+            return
+        me = psutil.Process()
+        spared = {me.pid, *(p.pid for p in me.parents())}
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if p.pid not in spared and any(str(self.temp_dir) in part for part in (p.info["cmdline"] or [])):
+                    procs += [c for c in (p, *p.children(recursive=True)) if c.pid not in spared]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = None

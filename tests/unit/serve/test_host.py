@@ -1,0 +1,68 @@
+"""Many adapters on one base: a mixed batch answers each request as its own adapter would alone."""
+
+import pytest
+
+from kolm_ray.serve.catalog import adapter_name, open_specialist
+from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Completion, Generation
+from kolm_ray.signing import Trust
+
+
+@pytest.fixture(scope="module")
+def host(specialists, tiny_base, tmp_path_factory):
+    trust = Trust(public_key=specialists["public_key"])
+    h = AdapterHost(str(tiny_base))
+    loaded = {}
+    for key in ("route", "tldr"):
+        s = open_specialist(specialists[key], trust, dest=tmp_path_factory.mktemp(key) / "adapter")
+        h.load_adapter(adapter_name(s), s.adapter_dir)
+        loaded[key] = s
+    return h, loaded
+
+
+def _gen(s, text, n=10, **kw):
+    return Generation(adapter=adapter_name(s), system=s.system, input=text, max_new_tokens=n, **kw)
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(host):
+    h, sp = host
+    gens = [_gen(sp["route"], "I was charged twice"), _gen(sp["tldr"], "I was charged twice"),
+            _gen(sp["route"], "the app crashes", n=4),
+            Generation(adapter=BASE_ADAPTER, system="x", input="I was charged twice", max_new_tokens=10)]
+    together = h.generate(gens)
+    alone = [h.generate([g])[0] for g in gens]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert together[0].text != together[1].text != together[3].text  # the adapters really differ
+    assert together[2].completion_tokens <= 4
+
+
+def test_stream_yields_the_same_text_as_a_batch(host):
+    h, sp = host
+    g = _gen(sp["tldr"], "summarize this message please", n=12)
+    items = list(h.stream(g))
+    final = items[-1]
+    assert isinstance(final, Completion)
+    assert "".join(items[:-1]).strip() == final.text == h.generate([g])[0].text
+
+
+def test_stop_strings_cut_the_output(host):
+    h, sp = host
+    full = h.generate([_gen(sp["route"], "hello", n=12)])[0].text
+    stop = full.split()[1] if len(full.split()) > 1 else full[-2:]
+    cut = h.generate([_gen(sp["route"], "hello", n=12, stop=(stop,))])[0]
+    assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def test_unknown_adapter_is_a_key_error(host):
+    h, sp = host
+    with pytest.raises(KeyError, match="not loaded"):
+        h.generate([Generation(adapter="nope", system="x", input="y", max_new_tokens=2)])
+
+
+def test_unloading_the_last_adapter_returns_to_the_base(specialists, tiny_base, tmp_path):
+    trust = Trust(public_key=specialists["public_key"])
+    h = AdapterHost(str(tiny_base))
+    s = open_specialist(specialists["route"], trust, dest=tmp_path / "a")
+    base_out = h.generate([Generation(adapter=BASE_ADAPTER, system="x", input="hi", max_new_tokens=6)])[0].text
+    h.load_adapter(adapter_name(s), s.adapter_dir)
+    h.unload_adapter(adapter_name(s))
+    assert h.generate([Generation(adapter=BASE_ADAPTER, system="x", input="hi", max_new_tokens=6)])[0].text == base_out

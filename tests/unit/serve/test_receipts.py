@@ -1,0 +1,109 @@
+"""The receipt log: hash chain, head file, flush on close, and one test per kind of tampering."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kolm_ray.serve.receipts import Receipt, ReceiptWriter, read_receipts, verify_log
+
+
+def _receipt(i: int) -> Receipt:
+    return Receipt(time=1000.0 + i, request_id=f"req-{i}", specialist="tldr", version="1.0", artifact_sha256="a" * 64,
+                   route="stable", status="ok", input_sha256="b" * 64, output_sha256="c" * 64, latency_ms=1.5,
+                   prompt_tokens=10, completion_tokens=5, t=0.9, c=1.0, l=0.8, k=0.9)
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    w = ReceiptWriter(tmp_path / "receipts", "w1", flush_interval_s=60)
+    for i in range(6):
+        w.append(_receipt(i))
+    w.flush()
+    for i in range(6, 10):
+        w.append(_receipt(i))
+    w.close()  # the last four are written by close(), not by the timer
+    return tmp_path / "receipts"
+
+
+def _lines(d: Path) -> list[str]:
+    return (d / "w1.jsonl").read_text().splitlines()
+
+
+def _write(d: Path, lines: list[str]) -> None:
+    (d / "w1.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_untouched_log_verifies_and_close_loses_nothing(log_dir):
+    report = verify_log(log_dir)
+    assert report.ok and report.receipts == 10
+    assert [r["request_id"] for r in read_receipts(log_dir)] == [f"req-{i}" for i in range(10)]
+
+
+def test_timer_flushes_without_close(tmp_path):
+    w = ReceiptWriter(tmp_path, "w", flush_interval_s=0.05)
+    w.append(_receipt(0))
+    for _ in range(200):
+        if w.written:
+            break
+        w._stop.wait(0.05)
+    assert w.written == 1 and verify_log(tmp_path).ok
+    w.close()
+
+
+def test_edited_receipt_is_detected(log_dir):
+    lines = _lines(log_dir)
+    rec = json.loads(lines[3])
+    rec["completion_tokens"] = 1
+    lines[3] = json.dumps(rec, sort_keys=True)
+    _write(log_dir, lines)
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("line 4: hash mismatch" in p for p in problems), problems
+
+
+def test_edited_receipt_with_recomputed_hash_breaks_the_chain(log_dir):
+    from kolm_ray.serve.receipts import chain_hash
+
+    lines = _lines(log_dir)
+    rec = json.loads(lines[3])
+    rec.pop("hash")
+    rec["k"] = 0.1
+    rec["hash"] = chain_hash(rec["prev"], rec)
+    lines[3] = json.dumps(rec, sort_keys=True)
+    _write(log_dir, lines)
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("line 5: chain broken" in p for p in problems), problems
+
+
+def test_dropped_receipt_is_detected(log_dir):
+    lines = _lines(log_dir)
+    del lines[4]
+    _write(log_dir, lines)
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("line 5: seq 5 where 4 was due" in p for p in problems), problems
+
+
+def test_reordered_receipts_are_detected(log_dir):
+    lines = _lines(log_dir)
+    lines[2], lines[3] = lines[3], lines[2]
+    _write(log_dir, lines)
+    assert not verify_log(log_dir).ok
+
+
+def test_receipts_cut_from_the_end_are_detected(log_dir):
+    _write(log_dir, _lines(log_dir)[:-2])
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("cut from the end" in p for p in problems), problems
+
+
+def test_deleted_segment_is_detected(log_dir):
+    (log_dir / "w1.jsonl").unlink()
+    assert not verify_log(log_dir).ok
+
+
+def test_a_reopened_writer_continues_its_chain(log_dir):
+    w = ReceiptWriter(log_dir, "w1", flush_interval_s=60)
+    w.append(_receipt(10))
+    w.close()
+    report = verify_log(log_dir)
+    assert report.ok and report.receipts == 11
