@@ -387,6 +387,8 @@ def _api_keys(path: str | None) -> dict[str, str]:
               "cluster has GPUs, else 0].")
 @click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-ongoing", default=16, show_default=True, type=click.IntRange(1),
+              help="Requests one replica works on at once.")
 @click.option("--max-queued", default=64, show_default=True, type=click.IntRange(0),
               help="Requests queued per base model before 503s.")
 @click.option("--emit-config", type=click.Path(dir_okay=False), help="Write a `serve deploy` config here and exit.")
@@ -394,7 +396,7 @@ def _api_keys(path: str | None) -> dict[str, str]:
 def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
               key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
               base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
-              max_batch_size: int, max_queued: int, emit_config: str | None, detach: bool) -> None:
+              max_batch_size: int, max_ongoing: int, max_queued: int, emit_config: str | None, detach: bool) -> None:
     """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
     every Specialist's adapter on it, a receipt for every call."""
     from pydantic import ValidationError
@@ -430,7 +432,8 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
             trust_identity=trust.identity, trust_issuer=trust.issuer, store=str(kolm_home()), app_name=app_name,
             route_prefix=route_prefix, base_paths=_pairs(base_path, "--base-path"), api_key_digests=_api_keys(api_keys),
             model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
-                                         max_batch_size=max_batch_size, max_queued_requests=max_queued),
+                                         max_batch_size=max_batch_size, max_ongoing_requests=max_ongoing,
+                                         max_queued_requests=max_queued),
         )
     except ValidationError as e:
         raise InputError(f"invalid serving options: {e.errors()[0]['msg']}") from None

@@ -79,12 +79,29 @@ def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, catalog: Ca
     """
     from ray import serve
 
-    from kolm_ray.errors import InputError
+    from kolm_ray.errors import InputError, KolmRuntimeError
 
     catalog = catalog or build_catalog(cfg.artifacts, cfg.trust(), cfg.base_paths)
     if not catalog.specialists:
         reasons = "; ".join(f"{r.artifact}: {r.reason}" for r in catalog.refused) or "no artifacts given"
         raise InputError(f"nothing to serve ({reasons})")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg, catalog), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    try:
+        serve.run(build_app(cfg, catalog), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    except RuntimeError as e:
+        raise KolmRuntimeError(f"deploying the app {cfg.app_name!r} failed: {e}; {_failure_detail(cfg.app_name)}") from None
     return catalog
+
+
+def _failure_detail(app_name: str) -> str:
+    """The first failing deployment's message, from Serve's status."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - best effort: the caller's error stands without it
+        return "see the Serve controller logs"
+    for name, dep in (app.deployments if app else {}).items():
+        if dep.message:
+            return f"{name}: {dep.message.strip().splitlines()[-1]}"
+    return "see the Serve controller logs"

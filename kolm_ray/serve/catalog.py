@@ -13,7 +13,6 @@ verify, so one bad artifact never stops the others from serving.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ class Specialist(BaseModel):
     base_path: str = Field(description="What from_pretrained loads for the base: a folder or a hub id.")
     system: str = Field(description="The task prompt the Specialist was trained with.")
     max_new_tokens: int
-    verifier: dict[str, Any] = Field(description="verifier.json, for the receipts' reference-free T, C, L.")
+    verifier: str = Field(description="verifier.json, for the receipts' reference-free T, C, L.")
     adapter_dir: str | None = Field(None, description="Where the adapter was extracted (set in a replica).")
 
     @property
@@ -115,7 +114,7 @@ def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,
             name=manifest["name"], version=manifest["version"], artifact=str(Path(artifact).resolve()),
             artifact_sha256=file_digest(Path(artifact)), base_key=base_key(mbase), base_path=path,
             system=manifest["prompt"]["system"], max_new_tokens=int(manifest["generation"]["max_new_tokens"]),
-            verifier=json.loads((content / "verifier.json").read_text()), adapter_dir=adapter_dir,
+            verifier=(content / "verifier.json").read_text(), adapter_dir=adapter_dir,
         )
 
 

@@ -8,7 +8,6 @@ verifies every artifact before loading it; one that fails is refused with a log 
 never served, while the others keep serving. Must not compile, sign or publish.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -1,0 +1,192 @@
+"""Serving on Ray Serve over loopback: two Specialists on one tiny base behind the
+OpenAI-compatible ingress, reached through the real `openai` client and plain HTTP; a tampered
+artifact refused while the others serve; receipts; 4xx, 404, 401 and 503."""
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import openai
+import requests
+import pytest
+from click.testing import CliRunner
+
+from kolm_ray.cli import cli
+from kolm_ray.testing.cluster import free_port
+
+RUNNER = CliRunner()
+
+
+def _wait_healthy(url: str) -> dict:
+    for _ in range(240):
+        try:
+            r = requests.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} never became healthy")
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, specialists, tmp_path_factory):
+    """`kolm serve --detach` of route, tldr and a tampered artifact, and a second, tight app
+    (bearer keys, one request at a time, a one-deep queue) on the same Serve instance."""
+    from ray import serve
+
+    home = tmp_path_factory.mktemp("serve-home")
+    port = free_port()
+    keys = home / "keys.json"
+    keys.write_text(json.dumps({"team-a": "token-aaaaaaaaaaaaaaaa"}))
+    common = ["--port", str(port), "--detach", "--num-cpus", "0", "--key", str(specialists["public_key"])]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOLM_HOME", str(home))
+        res = RUNNER.invoke(cli, ["serve", str(specialists["route"]), str(specialists["tldr"]),
+                                  str(specialists["tampered"]), *common])
+        assert res.exit_code == 0, res.output
+        tight = RUNNER.invoke(cli, ["serve", str(specialists["route"]), *common, "--app-name", "tight",
+                                    "--route-prefix", "/tight", "--api-keys", str(keys), "--max-batch-size", "1",
+                                    "--max-ongoing", "1", "--max-queued", "1"])
+        assert tight.exit_code == 0, tight.output
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    _wait_healthy(f"{url}/tight")
+    yield {"url": url, "home": home, "output": res.output}
+    for app in ("kolm", "tight"):
+        serve.delete(app)  # a no-op for an app already deleted
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+
+
+def test_two_specialists_answer_through_the_openai_client_naming_their_versions(served, client):
+    answers = {}
+    for name in ("route", "tldr"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=name, messages=[{"role": "user", "content": "I was charged twice for my invoice"}], max_tokens=8,
+            temperature=0)
+        assert raw.headers["x-kolm-version"] == f"{name}@1.0"
+        resp = raw.parse()
+        assert resp.model == f"{name}@1.0" and resp.kolm["version"] == "1.0"  # type: ignore[attr-defined]
+        assert resp.usage.completion_tokens <= 8 and resp.choices[0].message.role == "assistant"
+        answers[name] = resp.choices[0].message.content
+    assert answers["route"] != answers["tldr"]  # each Specialist's own adapter answered
+    comp = client.completions.create(model="route@1.0", prompt="I was charged twice for my invoice", max_tokens=8,
+                                     temperature=0)
+    assert comp.choices[0].text == answers["route"] and comp.model == "route@1.0"
+
+
+def test_streaming_matches_the_plain_answer(client):
+    kw = dict(model="tldr", messages=[{"role": "user", "content": "please summarize this"}], max_tokens=10,
+              temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == plain
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"} and chunks[0].model == "tldr@1.0"
+
+
+def test_models_lists_specialists_and_versions_and_unknown_ones_are_404(client):
+    ids = {m.id for m in client.models.list()}
+    assert {"route", "route@1.0", "tldr", "tldr@1.0"} <= ids and not any(i.startswith("evil") for i in ids)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="route@9.9", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_tampered_artifact_is_refused_while_the_others_serve(served, client):
+    assert "refused" in served["output"] and "signature verification failed" in served["output"]
+    health = requests.get(f"{served['url']}/healthz", timeout=30).json()
+    assert health["specialists"] == ["route@1.0", "tldr@1.0"]
+    assert any("tampered" in r["artifact"] for r in health["refused"])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="evil", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/v1/chat/completions", b"{broken", 400, "not valid JSON"),
+    ("/v1/chat/completions", json.dumps({"model": "route"}).encode(), 400, "invalid 'messages'"),
+    ("/v1/chat/completions", json.dumps({"model": "route", "n": 3, "messages": [{"role": "user", "content": "x"}]})
+     .encode(), 400, "only n=1"),
+    ("/v1/chat/completions", json.dumps({"model": "route", "max_tokens": 10**6,
+                                         "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "at most"),
+    ("/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "does not exist"),
+])
+def test_bad_requests_get_openai_shaped_errors(served, path, body, status, words):
+    r = requests.post(served["url"] + path, data=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"] and "code" in err and "param" in err
+
+
+def test_receipts_record_every_call_and_verify(served, client):
+    from kolm_ray.serve.receipts import digest
+
+    prompts = {digest(t): t for t in ("receipt one", "receipt two", "receipt three")}
+    for text in prompts.values():
+        client.chat.completions.create(model="route", messages=[{"role": "user", "content": text}], max_tokens=4)
+    for _ in range(60):  # flushed on a 0.5 s timer
+        mine = [r for r in _receipts(served) if r["input_sha256"] in prompts]
+        if len(mine) == 3:
+            break
+        time.sleep(0.25)
+    assert len(mine) == 3
+    for r in mine:
+        assert (r["specialist"], r["version"], r["status"]) == ("route", "1.0", "ok")
+        assert r["output_sha256"] and r["artifact_sha256"] and r["latency_ms"] > 0 and r["completion_tokens"] > 0
+        assert r["c"] is not None and r["k"] is not None  # the verifier's reference-free checks
+    ok = RUNNER.invoke(cli, ["receipts", "verify", "--store", str(served["home"]), "--app-name", "kolm"])
+    assert ok.exit_code == 0, ok.output
+
+
+def _receipts(served) -> list[dict]:
+    from kolm_ray.serve.receipts import read_receipts
+
+    d = served["home"] / "receipts" / "kolm"
+    return read_receipts(d) if d.is_dir() else []
+
+
+def test_bearer_keys_are_required_when_configured(served):
+    url = f"{served['url']}/tight/v1"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong-key", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=url, api_key="token-aaaaaaaaaaaaaaaa", max_retries=0)
+    resp = ok.chat.completions.create(model="route", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert resp.model == "route@1.0"
+
+
+def test_overload_gets_503_not_an_unbounded_backlog(served):
+    async def burst() -> list[int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as c:
+            async def one() -> int:
+                async with c.post(f"{served['url']}/tight/v1/completions",
+                                  headers={"authorization": "Bearer token-aaaaaaaaaaaaaaaa"},
+                                  json={"model": "route", "prompt": "a long answer please", "max_tokens": 64}) as r:
+                    if r.status == 503:
+                        assert (await r.json())["error"]["code"] == "overloaded"
+                    return r.status
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    codes = asyncio.run(burst())
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+
+
+def test_deleting_the_app_flushes_every_receipt(served):
+    """Graceful shutdown loses no receipt: calls made just before the app goes away are on disk."""
+    from ray import serve
+
+    from kolm_ray.serve.receipts import digest, read_receipts
+
+    c = openai.OpenAI(base_url=f"{served['url']}/tight/v1", api_key="token-aaaaaaaaaaaaaaaa", max_retries=0)
+    prompts = [f"last call {i}" for i in range(5)]
+    for p in prompts:
+        c.completions.create(model="route", prompt=p, max_tokens=2)
+    serve.delete("tight")  # well inside the 0.5 s flush interval of the last calls
+    logged = {r["input_sha256"] for r in read_receipts(served["home"] / "receipts" / "tight")}
+    assert {digest(p) for p in prompts} <= logged
+    ok = RUNNER.invoke(cli, ["receipts", "verify", "--store", str(served["home"])])
+    assert ok.exit_code == 0, ok.output
