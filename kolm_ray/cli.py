@@ -417,21 +417,31 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         click.echo(f"trusting the default key {trust.public_key}", err=True)
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise InputError("--detach needs a running cluster to leave the app on: give --address or set RAY_ADDRESS")
+    from kolm_ray.serve.catalog import build_catalog
+
+    base_paths = _pairs(base_path, "--base-path")
+    key_digests = _api_keys(api_keys)
+    paths = [str(Path(a).resolve()) for a in artifacts]
+    catalog = build_catalog(paths, trust, base_paths)  # verified before Ray starts
+    for r in catalog.refused:
+        click.echo(f"refused     {r.artifact}: {r.reason}", err=True)
+    if not catalog.specialists:
+        raise InputError("nothing to serve: every artifact was refused")
     if emit_config is None:
+        import ray
+
         from kolm_ray.cluster import connect
 
         connect(address)
-    if num_gpus is None:
-        import ray
-
-        num_gpus = 1.0 if emit_config is None and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     try:
         cfg = ServeConfig(
-            artifacts=[str(Path(a).resolve()) for a in artifacts],
+            artifacts=paths,
             trust_key=str(trust.public_key.resolve()) if trust.public_key else None,
             trust_identity=trust.identity, trust_issuer=trust.issuer, store=str(kolm_home()), app_name=app_name,
-            route_prefix=route_prefix, base_paths=_pairs(base_path, "--base-path"), api_key_digests=_api_keys(api_keys),
-            model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
+            route_prefix=route_prefix, base_paths=base_paths, api_key_digests=key_digests,
+            model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus or 0.0, num_cpus=num_cpus,
                                          max_batch_size=max_batch_size, max_ongoing_requests=max_ongoing,
                                          max_queued_requests=max_queued),
         )
@@ -445,9 +455,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         return
     from kolm_ray.serve.app import run
 
-    catalog = run(cfg, host=host, port=port)
-    for r in catalog.refused:
-        click.echo(f"refused     {r.artifact}: {r.reason}", err=True)
+    run(cfg, host=host, port=port, catalog=catalog)
     for s in catalog.specialists:
         click.echo(f"serving     {s.ref}  ({s.artifact})")
     prefix = route_prefix.rstrip("/")

@@ -20,11 +20,11 @@ def connect(address: str | None = None) -> None:
         KolmRuntimeError: the cluster at ``address`` cannot be reached.
     """
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS") or None
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                      include_dashboard=False if address is None else None)
-        except (ConnectionError, RuntimeError) as e:
+        except (ConnectionError, RuntimeError, ValueError) as e:
             raise KolmRuntimeError(f"cannot join the Ray cluster at {address!r}: {e}") from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
