@@ -393,10 +393,15 @@ def _api_keys(path: str | None) -> dict[str, str]:
               help="Requests queued per base model before 503s.")
 @click.option("--emit-config", type=click.Path(dir_okay=False), help="Write a `serve deploy` config here and exit.")
 @click.option("--detach", is_flag=True, help="Return once deployed; the app keeps running on the cluster.")
+@click.option("--env", default=None, help="Serve an environment's released Specialists (see `kolm publish`), with "
+              "its canary split and rollout controller, instead of ARTIFACTS.")
+@click.option("--rollout-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds between the rollout controller's ticks (with --env).")
 def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
               key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
               base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
-              max_batch_size: int, max_ongoing: int, max_queued: int, emit_config: str | None, detach: bool) -> None:
+              max_batch_size: int, max_ongoing: int, max_queued: int, emit_config: str | None, detach: bool,
+              env: str | None, rollout_interval: float) -> None:
     """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
     every Specialist's adapter on it, a receipt for every call."""
     from pydantic import ValidationError
@@ -405,6 +410,17 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
     from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
     from kolm_ray.signing import default_trust
 
+    if env is not None:
+        from kolm_ray.home import kolm_home as _home
+        from kolm_ray.publish.release import ReleaseStore
+
+        if artifacts or emit_config:
+            raise InputError("--env serves the environment's released versions: give no ARTIFACTS or --emit-config")
+        store = ReleaseStore(_home(), env)
+        if not store.exists():
+            raise InputError(f"no environment {env!r}: `kolm publish ART --to {env}` creates it")
+        artifacts = tuple(sorted({v.artifact for r in store.load().releases.values() for v in r.hosted()}))
+        app_name = f"kolm-{env}"
     if not artifacts:
         raise InputError("give the .kolm artifacts to serve")
     for a in artifacts:
@@ -453,9 +469,16 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         Path(emit_config).write_text(json.dumps(deploy_config(cfg, host, port), indent=2) + "\n")
         click.echo(f"wrote {emit_config}: run `serve deploy {emit_config}` against the cluster")
         return
-    from kolm_ray.serve.app import run
+    if env is not None:
+        from kolm_ray.publish import controller
 
-    run(cfg, host=host, port=port, catalog=catalog)
+        base = cfg.model_dump(exclude={"artifacts", "app_name", "pins", "routes"})
+        controller.start(env, kolm_home(), base, host, port, rollout_interval)
+        click.echo(f"rollout     controller kolm-rollout-{env} ticks every {rollout_interval:g} s")
+    else:
+        from kolm_ray.serve.app import run
+
+        run(cfg, host=host, port=port, catalog=catalog)
     for s in catalog.specialists:
         click.echo(f"serving     {s.ref}  ({s.artifact})")
     prefix = route_prefix.rstrip("/")
@@ -473,6 +496,114 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
     except KeyboardInterrupt:
         serve.delete(app_name)  # graceful: replicas drain and flush their receipts
         click.echo("stopped")
+
+
+def _trust_or_default(key: str | None, identity: str | None, issuer: str | None):
+    from kolm_ray.signing import default_trust
+
+    if key or identity or issuer:
+        return _trust(key, identity, issuer)
+    trust = default_trust()
+    click.echo(f"trusting the default key {trust.public_key}", err=True)
+    return trust
+
+
+def _poke(env: str) -> None:
+    """Tell a running rollout controller (on the cluster at RAY_ADDRESS) to apply the change now."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    from kolm_ray.cluster import connect
+    from kolm_ray.publish import controller
+
+    connect(None)
+    if controller.poke(env) is not None:
+        click.echo(f"applied     the running app kolm-{env} picked the change up")
+
+
+@cli.command(name="publish")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--to", "env", required=True, help="Environment (e.g. prod, marketing-prod).")
+@click.option("--canary", default=5.0, show_default=True, type=click.FloatRange(0, 100),
+              help="Percent of the Specialist's traffic the new version gets while it holds.")
+@click.option("--hold", default="24h", show_default=True, help="How long the canary holds before it may be promoted.")
+@click.option("--min-samples", default=200, show_default=True, type=click.IntRange(1),
+              help="Canary calls needed before it is judged.")
+@click.option("--tolerance", default=0.5, show_default=True, type=click.FloatRange(0),
+              help="K points the new version may trail stable (offline compare and online).")
+@click.option("--force", is_flag=True, help="Publish even if the compare rejects it, or replace a running canary.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key the artifact must be signed with.")
+@click.option("--identity", help="Sigstore signer identity.")
+@click.option("--issuer", help="Sigstore OIDC issuer URL.")
+def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float, force: bool,
+                key: str | None, identity: str | None, issuer: str | None) -> None:
+    """Release ARTIFACT to an environment: the first version is stable at once; a later one goes
+    out behind a canary, holds, and is promoted or rolled back by the rollout controller."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.release import check_env
+    from kolm_ray.publish.service import parse_duration, publish_artifact
+
+    check_env(env)
+    hold_s = parse_duration(hold)
+    trust = _trust_or_default(key, identity, issuer)
+    _, line, comparison = publish_artifact(kolm_home(), env, artifact, trust, weight=canary / 100, hold_s=hold_s,
+                                           min_samples=min_samples, tolerance=tolerance, force=force)
+    if comparison is not None:
+        for c in comparison.lines()[:5]:
+            click.echo(c)
+    click.echo(line)
+    _poke(env)
+
+
+@cli.command(name="status")
+@click.option("--env", required=True, help="Environment.")
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(env: str, as_json: bool) -> None:
+    """Each Specialist in ENV: stable and canary versions, weight, phase, online K, samples, hold left."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import env_status
+
+    st = env_status(kolm_home(), env)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+    for e in st["specialists"]:
+        click.echo(f"{e['name']:<16}{e['phase']:<12}stable {e['stable']} (online K {f(e['stable_online_k'])}, "
+                   f"{e['stable_calls']} calls)")
+        if e["canary"]:
+            click.echo(f"{'':<28}canary {e['canary']} at {100 * e['weight']:g}% (online K {f(e['canary_online_k'])}, "
+                       f"{e['canary_calls']}/{e['min_samples']} calls), hold {e['hold_left_s']:.0f} s left")
+        if e["last_decision"]:
+            click.echo(f"{'':<28}controller: {e['last_decision']['action']}: {e['last_decision']['reason']}")
+        elif e["last_transition"]:
+            t = e["last_transition"]
+            click.echo(f"{'':<28}last: {t['phase']} {t['version']}: {t['reason']}")
+
+
+@cli.command(name="promote")
+@click.argument("name")
+@click.option("--env", required=True)
+def promote_cmd(name: str, env: str) -> None:
+    """Give NAME's canary all traffic now."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import manual
+
+    r = manual(kolm_home(), env, name, "promote").releases[name]
+    click.echo(f"promoted    {name}@{r.stable.version} is stable in {env} (previous {r.previous.version} kept)")
+    _poke(env)
+
+
+@cli.command(name="rollback")
+@click.argument("name")
+@click.option("--env", required=True)
+def rollback_cmd(name: str, env: str) -> None:
+    """Send NAME's canary to 0% (or, after a promotion, bring the previous stable back)."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import manual
+
+    r = manual(kolm_home(), env, name, "rollback").releases[name]
+    click.echo(f"rolled back {name}: stable {r.stable.version} in {env}")
+    _poke(env)
 
 
 @cli.group()

@@ -17,6 +17,8 @@ os.environ.pop("RAY_ADDRESS", None)
 import pytest  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "routing"
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +132,40 @@ def _flip_adapter_byte(artifact: Path) -> Path:
             dst.addfile(m, None if data is None else io.BytesIO(data))
     artifact.unlink()
     return out
+
+
+def _recorded_teacher():
+    import json
+
+    from kolm_ray.testing.messages_api import MessagesAPIServer, replay_responder
+
+    answers = {}
+    for line in (EXAMPLE / "recorded-teacher.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        answers[rec["input"]] = rec["output"]
+    return MessagesAPIServer(replay_responder(answers)).start()
+
+
+@pytest.fixture(scope="session")
+def compiled(ray_session, tiny_base, tmp_path_factory):
+    """One compile of the bundled example (recorded teacher, tiny base), shared by every test
+    that needs a real Specialist: compile, compare, publish."""
+    from click.testing import CliRunner
+
+    from kolm_ray.cli import cli
+
+    home = tmp_path_factory.mktemp("home")
+    work = tmp_path_factory.mktemp("work")
+    srv = _recorded_teacher()
+    env = {"KOLM_HOME": str(home), "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": "recorded"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        args = ["compile", "--task-file", str(EXAMPLE / "task.txt"), "--examples", str(EXAMPLE / "examples.jsonl"),
+                "--eval", str(EXAMPLE / "holdout.jsonl"), "--base", str(tiny_base), "--name", "routing",
+                "--work-dir", str(work), "--epochs", "8", "--lr", "3e-3"]
+        res = CliRunner().invoke(cli, [*args, "--gate", "K=60"])
+    yield {"res": res, "home": home, "work": work, "args": args, "env": env, "server": srv}
+    srv.stop()
+
+

@@ -48,7 +48,7 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
         max_ongoing_requests=max(64, 4 * m.max_ongoing_requests * m.replicas),
         max_queued_requests=max(64, 4 * m.max_queued_requests),
         user_config={"specialists": [s.model_dump() for s in catalog.specialists], "pins": cfg.pins,
-                     "refused": [r.model_dump() for r in catalog.refused]},
+                     "routes": cfg.routes, "refused": [r.model_dump() for r in catalog.refused]},
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(handles, cfg.store, cfg.app_name, cfg.api_key_digests, cfg.max_tokens_cap,

@@ -48,6 +48,8 @@ class ServeConfig(BaseModel):
     max_input_chars: int = Field(32_000, ge=1, description="Longest input text a request may send.")
     receipts_flush_s: float = Field(0.5, gt=0, description="How often receipts are flushed to disk.")
     pins: dict[str, str] = Field(default_factory=dict, description="Specialist -> version a bare name resolves to.")
+    routes: dict[str, dict] = Field(default_factory=dict, description="Specialist -> {stable, canary, weight}: "
+                                    "the canary split a release sets (see kolm_ray.publish).")
 
     @model_validator(mode="after")
     def _trust_given(self) -> "ServeConfig":

@@ -137,16 +137,20 @@ class Ingress:
         self.receipts = ReceiptWriter(Path(store) / "receipts" / app_name, writer, flush_interval_s=receipts_flush_s)
         self.specialists: list[Specialist] = []
         self.pins: dict[str, str] = {}
+        self.routes: dict[str, dict[str, Any]] = {}
         self.refused: list[dict[str, str]] = []
         self.verifiers: dict[str, Any] = {}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """``{"specialists": [...], "pins": {name: version}, "refused": [...]}``."""
+        """``{"specialists": [...], "pins": {name: version}, "routes": {name: {stable, canary,
+        weight}}, "refused": [...]}``; swapped in at once, so no request sees half of it."""
         from kolm_ray.verifier import Verifier
 
         specialists = [Specialist.model_validate(d) for d in config.get("specialists", [])]
-        self.verifiers = {s.ref: self.verifiers.get(s.ref) or Verifier.from_json(s.verifier) for s in specialists}
+        verifiers = {s.ref: self.verifiers.get(s.ref) or Verifier.from_json(s.verifier) for s in specialists}
+        self.verifiers = {**self.verifiers, **verifiers}  # a request in flight may still need an old one
         self.specialists, self.pins = specialists, dict(config.get("pins", {}))
+        self.routes = dict(config.get("routes", {}))
         self.refused = list(config.get("refused", []))
 
     # ----- plumbing ---------------------------------------------------------------------------
@@ -165,9 +169,23 @@ class Ingress:
                                code="invalid_api_key")
         return name
 
-    def _resolve(self, p: Parsed) -> Specialist:
+    def _resolve(self, p: Parsed, routing_key: str | None) -> tuple[Specialist, str]:
+        """The Specialist version to serve and the route that chose it: "pinned" (name@version),
+        "canary" or "stable" (a release's split, sticky per routing key), or "latest"."""
+        from kolm_ray.publish.rollout import choose_route
+
+        specialists, routes = self.specialists, self.routes  # one consistent snapshot
         try:
-            return resolve_model(p.model, self.specialists, self.pins)
+            if "@" in p.model:
+                return resolve_model(p.model, specialists), "pinned"
+            route = routes.get(p.model)
+            if route:
+                which = choose_route(p.model, float(route.get("weight") or 0), routing_key)
+                if not route.get("canary"):
+                    which = "stable"
+                version = route["canary"] if which == "canary" else route["stable"]
+                return resolve_model(f"{p.model}@{version}", specialists), which
+            return resolve_model(p.model, specialists, self.pins), "latest"
         except UnknownModel as e:
             raise RequestError(404, str(e), param="model", code="model_not_found") from None
 
@@ -180,7 +198,7 @@ class Ingress:
                 "stop": list(p.stop)}
 
     def _receipt(self, s: Specialist, p: Parsed, rid: str, started: float, status: str, out: dict[str, Any] | None,
-                 key: str | None) -> None:
+                 key: str | None, route: str) -> None:
         from kolm_ray.serve.receipts import Receipt, digest
 
         checks = None
@@ -188,7 +206,7 @@ class Ingress:
             checks = self.verifiers[s.ref].score(out["text"], p.input)
         self.receipts.append(Receipt(
             time=time.time(), request_id=rid, specialist=s.name, version=s.version,
-            artifact_sha256=s.artifact_sha256, route="stable", status=status, input_sha256=digest(p.input),
+            artifact_sha256=s.artifact_sha256, route=route, status=status, input_sha256=digest(p.input),
             output_sha256=digest(out["text"]) if out else None, latency_ms=round(1000 * (time.perf_counter() - started), 3),
             prompt_tokens=out["prompt_tokens"] if out else 0, completion_tokens=out["completion_tokens"] if out else 0,
             t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
@@ -219,7 +237,7 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "specialists": [s.ref for s in self.specialists],
-                             "refused": self.refused})
+                             "routes": self.routes, "refused": self.refused})
 
     @api.get("/v1/models")
     async def models_(self, request: Request) -> JSONResponse:
@@ -242,33 +260,43 @@ class Ingress:
         key: str | None = None
         s: Specialist | None = None
         p: Parsed | None = None
+        route = "latest"
         rid = new_id(kind)
         try:
             key = self._auth(request)
             p = parse(kind, await request.body(), self.max_input_chars)  # type: ignore[arg-type]
-            s = self._resolve(p)
+            s, route = self._resolve(p, request.headers.get("x-kolm-routing-key") or p.user)
             req = self._request(s, p)
-            kolm = kolm_block(s.ref, s.version, s.artifact_sha256, "stable")
-            headers = {"x-kolm-version": s.ref}
             if p.stream:
-                return StreamingResponse(self._stream(s, p, req, rid, kolm, started, key), headers=headers,
-                                         media_type="text/event-stream")
-            out = await self._call(s, req)
+                kolm = kolm_block(s.ref, s.version, s.artifact_sha256, route)
+                return StreamingResponse(self._stream(s, p, req, rid, kolm, started, key, route),
+                                         headers={"x-kolm-version": s.ref}, media_type="text/event-stream")
+            try:
+                out = await self._call(s, req)
+            except RequestError as e:
+                if route != "canary" or e.code != "unavailable":
+                    raise
+                # The canary is not live on its replica (yet, or any more): stable answers instead.
+                s = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists)
+                route = "stable"
+                out = await self._call(s, self._request(s, p))
         except RequestError as e:
             if s is not None and p is not None and e.status >= 500:
-                self._receipt(s, p, rid, started, "error", None, key)
+                self._receipt(s, p, rid, started, "error", None, key, route)
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:  # noqa: BLE001 - any other failure is a 500 in OpenAI's shape, and counted
             log.exception("request %s failed", rid)
             if s is not None and p is not None:
-                self._receipt(s, p, rid, started, "error", None, None)
+                self._receipt(s, p, rid, started, "error", None, None, route)
             return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
-        self._receipt(s, p, rid, started, "ok", out, key)
+        self._receipt(s, p, rid, started, "ok", out, key, route)
+        kolm = kolm_block(s.ref, s.version, s.artifact_sha256, route)
+        headers = {"x-kolm-version": s.ref}
         return JSONResponse(response_body(p, rid, s.ref, out["text"], out["finish_reason"], out["prompt_tokens"],
                                           out["completion_tokens"], kolm), headers=headers)
 
     async def _stream(self, s: Specialist, p: Parsed, req: dict[str, Any], rid: str, kolm: dict[str, Any],
-                      started: float, key: str | None) -> AsyncIterator[str]:
+                      started: float, key: str | None, route: str) -> AsyncIterator[str]:
         handle = self.models[s.base_key].options(stream=True)
         first, final = True, None
         try:
@@ -287,7 +315,7 @@ class Ingress:
                 yield stream_chunk(p, rid, s.ref, None, final["finish_reason"], first=first, kolm=kolm, usage=usage)
                 yield STREAM_DONE
         finally:
-            self._receipt(s, p, rid, started, "ok" if final else "error", final, key)
+            self._receipt(s, p, rid, started, "ok" if final else "error", final, key, route)
 
     def __del__(self) -> None:
         receipts = getattr(self, "receipts", None)

@@ -38,7 +38,7 @@ class Receipt(BaseModel):
     specialist: str
     version: str
     artifact_sha256: str
-    route: str  # "stable" or "canary"
+    route: str  # "stable" or "canary" (a release's split), "pinned" (name@version), "latest"
     status: str  # "ok" or "error"
     input_sha256: str
     output_sha256: str | None

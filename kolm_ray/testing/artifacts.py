@@ -78,3 +78,22 @@ def make_artifact(
         dest.parent.mkdir(parents=True, exist_ok=True)
         return pack(content, sig, dest)
 
+
+
+def rebadge(artifact: Path, store: Path, version: tuple[int, int], name: str | None = None,
+            private_key: Path | None = None) -> Path:
+    """The same Specialist re-signed as another version (an identical adapter), optionally under
+    another name: a canary that is no worse than its stable, without a second compile."""
+    import json
+
+    from kolm_ray.artifact import CONTENT_DIR, unpacked
+
+    with unpacked(artifact) as root, tempfile.TemporaryDirectory() as td:
+        content = root / CONTENT_DIR
+        manifest = json.loads((content / "manifest.json").read_text())
+        manifest["version"] = f"{version[0]}.{version[1]}"
+        manifest["name"] = name or manifest["name"]
+        write_json(content / "manifest.json", manifest)
+        sig = Path(td) / "specialist.sig"
+        KeySigner(private_key or ensure_default_key()).sign(content, sig)
+        return pack(content, sig, artifact_path(store, manifest["name"], version))

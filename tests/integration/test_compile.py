@@ -12,37 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
-from kolm_ray.testing.messages_api import MessagesAPIServer, replay_responder
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "routing"
 RUNNER = CliRunner()
-
-
-def _recorded_teacher() -> MessagesAPIServer:
-    answers = {}
-    for line in (EXAMPLE / "recorded-teacher.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        answers[rec["input"]] = rec["output"]
-    return MessagesAPIServer(replay_responder(answers)).start()
-
-
-@pytest.fixture(scope="module")
-def compiled(ray_session, tiny_base, tmp_path_factory):
-    """One compile of the bundled example, shared by the tests below."""
-    home = tmp_path_factory.mktemp("home")
-    work = tmp_path_factory.mktemp("work")
-    srv = _recorded_teacher()
-    env = {"KOLM_HOME": str(home), "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": "recorded"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        args = ["compile", "--task-file", str(EXAMPLE / "task.txt"), "--examples", str(EXAMPLE / "examples.jsonl"),
-                "--eval", str(EXAMPLE / "holdout.jsonl"), "--base", str(tiny_base), "--name", "routing",
-                "--work-dir", str(work), "--epochs", "8", "--lr", "3e-3"]
-        res = RUNNER.invoke(cli, [*args, "--gate", "K=60"])
-        yield {"res": res, "home": home, "work": work, "args": args, "env": env, "server": srv, "mp": mp}
-    srv.stop()
 
 
 def _env(compiled, monkeypatch):

@@ -1,0 +1,162 @@
+"""The rollout controller: one detached Ray actor per environment (``kolm-rollout-ENV``) that,
+on a timer, (1) judges every canary from the receipts with ``rollout.decide`` and records the
+transition it calls for, and (2) brings the environment's Serve app in line with the release
+state whenever the state's revision moved (a publish, promote or rollback from any CLI, or its
+own decision).
+
+Applying is two-phase so no request fails: first every version the new state hosts is loaded
+(on top of what is live) with the old routes, then the routes switch. A version stops being
+loaded only once it has left the release state (two transitions later). Must not compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kolm_ray.publish.release import EnvState, ReleaseStore, promote, rollback, routes
+from kolm_ray.publish.rollout import Policy, decide, window
+
+log = logging.getLogger("kolm_ray.publish")
+
+
+def app_name(env: str) -> str:
+    return f"kolm-{env}"
+
+
+def actor_name(env: str) -> str:
+    return f"kolm-rollout-{env}"
+
+
+def judge(state: EnvState, receipts: list[dict[str, Any]], now: float) -> EnvState:
+    """Every canary's decision from the receipts; transitions recorded with their reasons (pure)."""
+    from kolm_ray.publish.release import Decision
+
+    releases = dict(state.releases)
+    for name, r in state.releases.items():
+        if r.canary is None or r.phase != "canary":
+            continue
+        c = r.canary
+        pol = Policy(hold_s=c.hold_s, min_samples=c.min_samples, tolerance=c.tolerance)
+        action, reason = decide(window(receipts, name, c.version, c.started_at),
+                                window(receipts, name, r.stable.version, c.started_at), now - c.started_at, pol)
+        if action == "promote":
+            releases[name] = promote(r, now=now, reason=reason)
+        elif action == "rollback":
+            releases[name] = rollback(r, now=now, reason=reason)
+        else:
+            releases[name] = r
+        releases[name] = releases[name].model_copy(update={"last_decision": Decision(time=now, action=action,
+                                                                                     reason=reason)})
+    return state.model_copy(update={"releases": releases})
+
+
+def serve_config(state: EnvState, base: dict[str, Any], hosted_extra: list[str] = (), with_routes: bool = True,
+                 route_source: EnvState | None = None) -> Any:
+    """The ServeConfig for an environment's app: every hosted version loaded, names pinned to
+    stable, and the canary split (from ``route_source`` when given: the routes still live)."""
+    from kolm_ray.serve.config import ServeConfig
+
+    artifacts = sorted({v.artifact for r in state.releases.values() for v in r.hosted()} | set(hosted_extra))
+    src = route_source or state
+    return ServeConfig(**{**base, "artifacts": artifacts, "app_name": app_name(state.env),
+                          "pins": {n: r.stable.version for n, r in src.releases.items()},
+                          "routes": routes(src) if with_routes else {}})
+
+
+class RolloutController:
+    """Ray actor body: ``tick`` judges and applies; a thread calls it every ``interval_s``."""
+
+    def __init__(self, env: str, home: str, serve_base: dict[str, Any], host: str, port: int,
+                 interval_s: float = 10.0) -> None:
+        self.env, self.home = env, Path(home)
+        self.store = ReleaseStore(self.home, env)
+        self.serve_base, self.host, self.port = serve_base, host, port
+        self.interval_s = interval_s
+        self.applied: EnvState | None = None
+        self.last_error: str | None = None
+        self.ticks = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name=f"rollout-{env}").start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - keep the loop alive; the error is reported by status()
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("rollout tick failed for %s", self.env)
+
+    def tick(self) -> dict[str, Any]:
+        """Judge canaries, then apply the state to Serve if it moved. Returns ``status()``."""
+        from kolm_ray.serve.receipts import read_receipts
+
+        with self._lock:
+            receipts_dir = self.home / "receipts" / app_name(self.env)
+            state = self.store.load()
+            canaries = [r.canary.started_at for r in state.releases.values() if r.canary is not None]
+            if canaries:
+                receipts = read_receipts(receipts_dir, since=min(canaries)) if receipts_dir.is_dir() else []
+                state = self.store.update(lambda s: judge(s, receipts, time.time()))
+            if self.applied is None or state.revision != self.applied.revision or _routes_differ(state, self.applied):
+                self._apply(state)
+            self.ticks += 1
+            self.last_error = None
+            return self.status()
+
+    def _apply(self, state: EnvState) -> None:
+        from kolm_ray.serve.app import run
+
+        if self.applied is not None:
+            old_hosted = {v.artifact for r in self.applied.releases.values() for v in r.hosted()}
+            new_hosted = {v.artifact for r in state.releases.values() for v in r.hosted()}
+            if not new_hosted <= old_hosted:  # phase 1: load the new versions, old routes
+                run(serve_config(state, self.serve_base, hosted_extra=sorted(old_hosted), route_source=self.applied),
+                    host=self.host, port=self.port)
+        run(serve_config(state, self.serve_base), host=self.host, port=self.port)  # phase 2: switch routes
+        self.applied = state
+        log.info("applied release state revision %d of %s", state.revision, self.env)
+
+    def status(self) -> dict[str, Any]:
+        return {"env": self.env, "applied_revision": self.applied.revision if self.applied else None,
+                "ticks": self.ticks, "last_error": self.last_error}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _routes_differ(a: EnvState, b: EnvState) -> bool:
+    return routes(a) != routes(b)
+
+
+def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int, interval_s: float) -> Any:
+    """Start (or restart, with these settings) the environment's controller; applies the state once."""
+    import ray
+
+    name = actor_name(env)
+    try:
+        old = ray.get_actor(name, namespace="kolm")
+        ray.get(old.stop.remote())
+        ray.kill(old)
+    except ValueError:
+        pass
+    actor = ray.remote(RolloutController).options(
+        name=name, namespace="kolm", lifetime="detached", num_cpus=0, max_restarts=-1, max_concurrency=4,
+    ).remote(env, str(home), serve_base, host, port, interval_s)
+    ray.get(actor.tick.remote())
+    return actor
+
+
+def poke(env: str) -> dict[str, Any] | None:
+    """Ask a running controller to tick now (a publish's change goes live at once); None if none runs."""
+    import ray
+
+    try:
+        actor = ray.get_actor(actor_name(env), namespace="kolm")
+    except ValueError:
+        return None
+    return ray.get(actor.tick.remote())

@@ -1,0 +1,214 @@
+"""Release state: per environment and Specialist, the stable version, the canary and its weight,
+the phase, and every transition with its reason.
+
+Durable in ``$KOLM_HOME/envs/ENV/release.json`` (atomic replace), so a restart of Serve, of the
+cluster or of the CLI restores the same routing. One writer at a time: every change goes through
+``ReleaseStore.update``, which holds an exclusive lock on ``release.lock`` for the whole
+read-modify-write, so concurrent publishes are serialized, never interleaved. The transitions
+(``publish``, ``promote``, ``rollback``) are pure functions of a ``Release``; they raise
+``InputError`` where the move is not allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolm_ray.errors import InputError
+
+RELEASE_FORMAT_VERSION = 1
+Phase = Literal["stable", "canary", "promoted", "rolled_back"]
+_ENV = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Version(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    version: str
+    artifact: str
+    artifact_sha256: str
+    offline_k: float | None = Field(None, description="The artifact's holdout K (0-100).")
+
+
+class Canary(Version):
+    weight: float = Field(ge=0, le=1, description="Share of the Specialist's traffic sent to the canary.")
+    started_at: float
+    hold_s: float = Field(ge=0)
+    min_samples: int = Field(ge=1)
+    tolerance: float = Field(ge=0, description="K points the canary may trail stable online.")
+
+
+class Transition(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    time: float
+    phase: Phase
+    version: str
+    reason: str
+
+
+class Decision(BaseModel):
+    """The rollout controller's last word on a canary (shown by `kolm status`)."""
+
+    model_config = ConfigDict(frozen=True)
+    time: float
+    action: Literal["wait", "promote", "rollback"]
+    reason: str
+
+
+class Release(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    phase: Phase
+    stable: Version
+    canary: Canary | None = None
+    previous: Version | None = Field(None, description="The stable before the last promotion, kept for rollback.")
+    history: list[Transition] = []
+    last_decision: Decision | None = None
+
+    def hosted(self) -> list[Version]:
+        """Every version a serving app keeps loaded for this Specialist (routed or not)."""
+        out = [self.stable] + ([self.canary] if self.canary else []) + ([self.previous] if self.previous else [])
+        seen, unique = set(), []
+        for v in out:
+            if v.version not in seen:
+                seen.add(v.version)
+                unique.append(v)
+        return unique
+
+
+class EnvState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    format_version: int = RELEASE_FORMAT_VERSION
+    env: str
+    revision: int = 0
+    releases: dict[str, Release] = {}
+
+
+# ----- transitions (pure) -----------------------------------------------------------------------
+
+
+def publish(current: Release | None, name: str, new: Version, *, now: float, weight: float, hold_s: float,
+            min_samples: int, tolerance: float, force: bool = False) -> Release:
+    """The first version of a Specialist becomes stable at once; a later one goes out as canary.
+
+    Raises:
+        InputError: the version is already released, or a canary is still running (without ``force``).
+    """
+    if current is None:
+        return Release(name=name, phase="stable", stable=new,
+                       history=[Transition(time=now, phase="stable", version=new.version, reason="first version")])
+    if new.version == current.stable.version or (current.canary and current.canary.version == new.version):
+        raise InputError(f"{name} {new.version} is already released in this environment")
+    if current.canary is not None and current.phase == "canary" and not force:
+        raise InputError(f"{name} {current.canary.version} is still in canary: promote or roll it back first "
+                         "(or publish with --force to replace it)")
+    canary = Canary(**new.model_dump(), weight=weight, started_at=now, hold_s=hold_s, min_samples=min_samples,
+                    tolerance=tolerance)
+    if weight >= 1:
+        return promote(current.model_copy(update={"canary": canary, "phase": "canary"}), now=now,
+                       reason="published with 100% weight")
+    return current.model_copy(update={
+        "phase": "canary", "canary": canary, "last_decision": None,
+        "history": [*current.history, Transition(time=now, phase="canary", version=new.version,
+                                                 reason=f"published behind {100 * weight:g}% of traffic")]})
+
+
+def promote(r: Release, *, now: float, reason: str) -> Release:
+    """The canary takes all traffic; the old stable is kept for rollback. Raises: InputError (no canary)."""
+    if r.canary is None or r.phase != "canary":
+        raise InputError(f"{r.name} has no canary to promote")
+    new_stable = Version(**r.canary.model_dump(include=set(Version.model_fields)))
+    return r.model_copy(update={
+        "phase": "promoted", "stable": new_stable, "canary": None, "previous": r.stable,
+        "history": [*r.history, Transition(time=now, phase="promoted", version=new_stable.version, reason=reason)]})
+
+
+def rollback(r: Release, *, now: float, reason: str) -> Release:
+    """A canary goes to 0%; after a promotion, the previous stable comes back. Raises: InputError."""
+    if r.canary is not None and r.phase == "canary":
+        return r.model_copy(update={
+            "phase": "rolled_back", "canary": None, "previous": Version(**r.canary.model_dump(
+                include=set(Version.model_fields))),
+            "history": [*r.history, Transition(time=now, phase="rolled_back", version=r.canary.version,
+                                               reason=reason)]})
+    if r.previous is not None:
+        return r.model_copy(update={
+            "phase": "rolled_back", "stable": r.previous, "previous": r.stable,
+            "history": [*r.history, Transition(time=now, phase="rolled_back", version=r.stable.version,
+                                               reason=reason)]})
+    raise InputError(f"{r.name} has nothing to roll back to")
+
+
+def routes(state: EnvState) -> dict[str, dict]:
+    """What the ingress needs: name -> stable version, canary version and weight."""
+    return {name: {"stable": r.stable.version, "canary": r.canary.version if r.canary else None,
+                   "weight": r.canary.weight if r.canary else 0.0}
+            for name, r in state.releases.items()}
+
+
+# ----- the store --------------------------------------------------------------------------------
+
+
+def check_env(env: str) -> str:
+    if not _ENV.match(env):
+        raise InputError(f"invalid environment name {env!r}: lower-case letters, digits, - and _")
+    return env
+
+
+class ReleaseStore:
+    """``$KOLM_HOME/envs/ENV/``: release.json (the state) and release.lock (one writer at a time)."""
+
+    def __init__(self, home: Path, env: str) -> None:
+        self.env = check_env(env)
+        self.dir = home / "envs" / env
+        self.path = self.dir / "release.json"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> EnvState:
+        if not self.path.is_file():
+            return EnvState(env=self.env)
+        data = json.loads(self.path.read_text())
+        if data.get("format_version") != RELEASE_FORMAT_VERSION:
+            raise InputError(f"release state format_version {data.get('format_version')!r} is not supported",
+                             path=str(self.path))
+        return EnvState.model_validate(data)
+
+    @contextlib.contextmanager
+    def _locked(self, timeout_s: float) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "release.lock", "w") as f:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise InputError(f"another publish to {self.env!r} holds the lock; try again") from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def update(self, change: Callable[[EnvState], EnvState], timeout_s: float = 30.0) -> EnvState:
+        """Apply ``change`` to the current state under the lock and write the result atomically."""
+        with self._locked(timeout_s):
+            before = self.load()
+            after = change(before)
+            if after == before:
+                return before
+            after = after.model_copy(update={"revision": before.revision + 1})
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(after.model_dump_json(indent=2))
+            os.replace(tmp, self.path)
+            return after

@@ -1,0 +1,124 @@
+"""What the ``kolm publish / status / promote / rollback`` commands do, over the release store.
+
+``publish_artifact``: verify the artifact, compare it with the environment's stable version
+(``kolm_ray.compare``), refuse what the compare rejects (unless forced), record the release.
+``env_status``: the state with each version's online figures from the receipts. A running
+rollout controller picks every change up on its next tick (``controller.poke`` makes that now).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from kolm_ray.errors import GateFailed, InputError
+from kolm_ray.publish.release import EnvState, ReleaseStore, Version, promote, publish, rollback
+from kolm_ray.publish.rollout import window
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def parse_duration(text: str) -> float:
+    """'24h', '30m', '45s', '2d' or plain seconds. Raises: InputError."""
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise InputError(f"invalid duration {text!r}: use e.g. 24h, 30m, 45s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight: float, hold_s: float,
+                     min_samples: int, tolerance: float, force: bool = False) -> tuple[EnvState, str, Any]:
+    """Returns the new state, a one-line summary, and the comparison with stable (or None).
+
+    Raises:
+        InputError: bad artifact or a move the release does not allow.
+        ArtifactRejected: the signature does not verify.
+        GateFailed: the compare with stable says reject (without ``force``).
+    """
+    from kolm_ray.compare import compare, load_side
+    from kolm_ray.serve.catalog import open_specialist
+
+    store = ReleaseStore(home, env)
+    spec = open_specialist(artifact, trust)
+    report, meta = load_side(artifact, trust)
+    new = Version(version=spec.version, artifact=spec.artifact, artifact_sha256=spec.artifact_sha256,
+                  offline_k=(report.get("student") or {}).get("k"))
+    current = store.load().releases.get(spec.name)
+    comparison = None
+    if current is not None:
+        old_report, old_meta = load_side(current.stable.artifact, trust)
+        comparison = compare(old_report, report, old_meta, meta, tolerance=tolerance)
+        if comparison.recommendation == "reject" and not force:
+            raise GateFailed(f"refusing to publish {spec.ref}: compared with stable {current.stable.version}, "
+                             f"{comparison.reason} (use --force to publish anyway)")
+
+    def change(s: EnvState) -> EnvState:
+        r = publish(s.releases.get(spec.name), spec.name, new, now=time.time(), weight=weight, hold_s=hold_s,
+                    min_samples=min_samples, tolerance=tolerance, force=force)
+        return s.model_copy(update={"releases": {**s.releases, spec.name: r}})
+
+    state = store.update(change)
+    r = state.releases[spec.name]
+    if r.phase == "stable":
+        line = f"{spec.ref} is the first version in {env}: stable at once"
+    elif r.phase == "promoted":
+        line = f"{spec.ref} published with all traffic: stable in {env}"
+    else:
+        line = (f"{spec.ref} rolled out behind {100 * weight:g}% traffic in {env}; hold for "
+                f"{_human(hold_s)}, auto-promote on no K-score regression")
+    return state, line, comparison
+
+
+def manual(home: Path, env: str, name: str, action: str) -> EnvState:
+    """``kolm promote`` / ``kolm rollback``. Raises: InputError."""
+    store = ReleaseStore(home, env)
+
+    def change(s: EnvState) -> EnvState:
+        r = s.releases.get(name)
+        if r is None:
+            raise InputError(f"{name!r} is not released in {env!r}")
+        moved = (promote if action == "promote" else rollback)(r, now=time.time(), reason=f"manual {action}")
+        return s.model_copy(update={"releases": {**s.releases, name: moved}})
+
+    return store.update(change)
+
+
+def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]:
+    """Each Specialist: stable and canary, weight, phase, online K and calls of each, hold left."""
+    from kolm_ray.publish.controller import app_name
+    from kolm_ray.serve.receipts import read_receipts
+
+    store = ReleaseStore(home, env)
+    if not store.exists():
+        raise InputError(f"no environment {env!r} under {home / 'envs'}: `kolm publish ART --to {env}` creates it")
+    state = store.load()
+    now = now or time.time()
+    rdir = home / "receipts" / app_name(env)
+    out = {"env": env, "revision": state.revision, "specialists": []}
+    for name, r in sorted(state.releases.items()):
+        since = r.canary.started_at if r.canary else (r.history[-1].time if r.history else 0.0)
+        receipts = read_receipts(rdir, since=since) if rdir.is_dir() else []
+        st = window(receipts, name, r.stable.version, since)
+        entry: dict[str, Any] = {
+            "name": name, "phase": r.phase, "stable": r.stable.version,
+            "stable_online_k": st.k, "stable_calls": st.calls,
+            "canary": None, "weight": 0.0, "previous": r.previous.version if r.previous else None,
+            "last_decision": r.last_decision.model_dump() if r.last_decision else None,
+            "last_transition": r.history[-1].model_dump() if r.history else None,
+        }
+        if r.canary:
+            cw = window(receipts, name, r.canary.version, since)
+            entry.update(canary=r.canary.version, weight=r.canary.weight, canary_online_k=cw.k,
+                         canary_calls=cw.calls, min_samples=r.canary.min_samples,
+                         hold_left_s=max(0.0, r.canary.hold_s - (now - r.canary.started_at)))
+        out["specialists"].append(entry)
+    return out
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

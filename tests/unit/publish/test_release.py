@@ -1,0 +1,69 @@
+"""Release state: transitions with reasons, durability, and one writer at a time."""
+
+import threading
+
+import pytest
+
+from kolm_ray.errors import InputError
+from kolm_ray.publish.release import EnvState, ReleaseStore, Version, promote, publish, rollback, routes
+
+
+def v(ver: str) -> Version:
+    return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64, offline_k=90.0)
+
+
+KW = dict(weight=0.05, hold_s=60, min_samples=10, tolerance=0.5)
+
+
+def test_first_version_is_stable_then_canary_then_promoted_then_rolled_back():
+    r = publish(None, "t", v("1.0"), now=1, **KW)
+    assert r.phase == "stable" and r.canary is None
+    r = publish(r, "t", v("1.1"), now=2, **KW)
+    assert r.phase == "canary" and r.canary.version == "1.1" and r.canary.weight == 0.05
+    r = promote(r, now=3, reason="online K fine")
+    assert (r.phase, r.stable.version, r.previous.version, r.canary) == ("promoted", "1.1", "1.0", None)
+    r = rollback(r, now=4, reason="manual")
+    assert (r.stable.version, r.previous.version) == ("1.0", "1.1")
+    assert [(t.phase, t.version, t.reason) for t in r.history] == [
+        ("stable", "1.0", "first version"), ("canary", "1.1", "published behind 5% of traffic"),
+        ("promoted", "1.1", "online K fine"), ("rolled_back", "1.1", "manual")]
+
+
+def test_a_rolled_back_canary_leaves_stable_serving_and_stays_loaded():
+    r = rollback(publish(publish(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW), now=3,
+                 reason="regressed")
+    assert (r.phase, r.stable.version, r.canary) == ("rolled_back", "1.0", None)
+    assert {x.version for x in r.hosted()} == {"1.0", "1.1"}
+    assert routes(EnvState(env="e", releases={"t": r})) == {"t": {"stable": "1.0", "canary": None, "weight": 0.0}}
+
+
+def test_publishing_over_a_running_canary_needs_force_and_a_version_once():
+    r = publish(publish(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW)
+    with pytest.raises(InputError, match="still in canary"):
+        publish(r, "t", v("1.2"), now=3, **KW)
+    assert publish(r, "t", v("1.2"), now=3, force=True, **KW).canary.version == "1.2"
+    with pytest.raises(InputError, match="already released"):
+        publish(r, "t", v("1.1"), now=3, force=True, **KW)
+    with pytest.raises(InputError, match="no canary to promote"):
+        promote(publish(None, "t", v("1.0"), now=1, **KW), now=2, reason="x")
+
+
+def test_state_survives_a_new_store_and_concurrent_writers_serialize(tmp_path):
+    def add(i):
+        def change(s: EnvState) -> EnvState:
+            return s.model_copy(update={"releases": {**s.releases, f"s{i}": publish(None, f"s{i}", v("1.0"), now=i,
+                                                                                      **KW)}})
+        ReleaseStore(tmp_path, "prod").update(change)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = ReleaseStore(tmp_path, "prod").load()
+    assert sorted(state.releases) == sorted(f"s{i}" for i in range(12)) and state.revision == 12
+
+
+def test_bad_environment_names_are_refused(tmp_path):
+    with pytest.raises(InputError, match="invalid environment name"):
+        ReleaseStore(tmp_path, "../prod")
