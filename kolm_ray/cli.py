@@ -212,7 +212,7 @@ def _fit_options(f):
 def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, name, store, work_dir, sign_spec,
                 batch, concurrency, max_failed_fraction, prices, address, epochs, max_steps, lr, lora_r, lora_alpha,
                 target_modules, workers, batch_size, max_length, zero_stage, checkpoint_every, max_failures,
-                seed) -> None:
+                seed) -> Any:
     """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign."""
     from kolm_ray.cluster import connect
     from kolm_ray.compile import CompileConfig, compile_specialist, derive_name, parse_gate, prepare
@@ -250,6 +250,7 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
         )
     click.echo(result.student.line())
     click.echo(f"artifact    {result.artifact}")
+    return result  # for callers that run the command in-process (jobs/nightly.py)
 
 
 def _trust(key: str | None, identity: str | None, issuer: str | None):
