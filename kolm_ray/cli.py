@@ -495,6 +495,10 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        if env is not None:
+            from kolm_ray.publish import controller
+
+            controller.stop(env)
         serve.delete(app_name)  # graceful: replicas drain and flush their receipts
         click.echo("stopped")
 

@@ -138,17 +138,24 @@ def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int
     import ray
 
     name = actor_name(env)
-    try:
-        old = ray.get_actor(name, namespace="kolm")
-        ray.get(old.stop.remote())
-        ray.kill(old)
-    except ValueError:
-        pass
+    stop(env)
     actor = ray.remote(RolloutController).options(
         name=name, namespace="kolm", lifetime="detached", num_cpus=0, max_restarts=-1, max_concurrency=4,
     ).remote(env, str(home), serve_base, host, port, interval_s)
     ray.get(actor.tick.remote())
     return actor
+
+
+def stop(env: str) -> None:
+    """Stop and remove the environment's controller, if one runs."""
+    import ray
+
+    try:
+        actor = ray.get_actor(actor_name(env), namespace="kolm")
+    except ValueError:
+        return
+    ray.get(actor.stop.remote())
+    ray.kill(actor)
 
 
 def poke(env: str) -> dict[str, Any] | None:
