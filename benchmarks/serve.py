@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import time
