@@ -183,8 +183,12 @@ class Ingress:
                 which = choose_route(p.model, float(route.get("weight") or 0), routing_key)
                 if not route.get("canary"):
                     which = "stable"
-                version = route["canary"] if which == "canary" else route["stable"]
-                return resolve_model(f"{p.model}@{version}", specialists), which
+                if which == "canary":
+                    try:
+                        return resolve_model(f"{p.model}@{route['canary']}", specialists), "canary"
+                    except UnknownModel:  # refused on this host (e.g. its artifact changed): stable answers
+                        which = "stable"
+                return resolve_model(f"{p.model}@{route['stable']}", specialists), which
             return resolve_model(p.model, specialists, self.pins), "latest"
         except UnknownModel as e:
             raise RequestError(404, str(e), param="model", code="model_not_found") from None
