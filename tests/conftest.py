@@ -58,6 +58,14 @@ def ray_session(ray_head):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """Serve's one HTTP port on the session's cluster (Serve keeps the first port it starts on)."""
+    from kolm_ray.testing.cluster import free_port
+
+    return free_port()
+
+
 @pytest.fixture
 def messages_api(monkeypatch: pytest.MonkeyPatch):
     """Factory: start a local Messages API server and point the SDK at it by environment."""

@@ -1,8 +1,8 @@
 """The rollout controller: one detached Ray actor per environment (``kolm-rollout-ENV``) that,
 on a timer, (1) judges every canary from the receipts with ``rollout.decide`` and records the
 transition it calls for, and (2) brings the environment's Serve app in line with the release
-state whenever the state's revision moved (a publish, promote or rollback from any CLI, or its
-own decision).
+state whenever what it serves moved: hosted versions, stable pins or the canary split (a
+publish, promote or rollback from any CLI, or its own decision).
 
 Applying is two-phase so no request fails: first every version the new state hosts is loaded
 (on top of what is live) with the old routes, then the routes switch. A version stops being
@@ -102,8 +102,12 @@ class RolloutController:
             if canaries:
                 receipts = read_receipts(receipts_dir, since=min(canaries)) if receipts_dir.is_dir() else []
                 state = self.store.update(lambda s: judge(s, receipts, time.time()))
-            if self.applied is None or state.revision != self.applied.revision or _routes_differ(state, self.applied):
+            # Decisions that only "wait" rewrite the state (its last_decision), not what is served:
+            # apply only when the hosted versions or the routes moved.
+            if self.applied is None or _serving_differs(state, self.applied):
                 self._apply(state)
+            else:
+                self.applied = self.applied.model_copy(update={"revision": state.revision})
             self.ticks += 1
             self.last_error = None
             return self.status()
@@ -112,8 +116,7 @@ class RolloutController:
         from kolm_ray.serve.app import run
 
         if self.applied is not None:
-            old_hosted = {v.artifact for r in self.applied.releases.values() for v in r.hosted()}
-            new_hosted = {v.artifact for r in state.releases.values() for v in r.hosted()}
+            old_hosted, new_hosted = _hosted(self.applied), _hosted(state)
             if not new_hosted <= old_hosted:  # phase 1: load the new versions, old routes
                 run(serve_config(state, self.serve_base, hosted_extra=sorted(old_hosted), route_source=self.applied),
                     host=self.host, port=self.port)
@@ -129,8 +132,13 @@ class RolloutController:
         self._stop.set()
 
 
-def _routes_differ(a: EnvState, b: EnvState) -> bool:
-    return routes(a) != routes(b)
+def _hosted(state: EnvState) -> set[str]:
+    return {v.artifact for r in state.releases.values() for v in r.hosted()}
+
+
+def _serving_differs(a: EnvState, b: EnvState) -> bool:
+    return routes(a) != routes(b) or _hosted(a) != _hosted(b) or \
+        {n: r.stable.version for n, r in a.releases.items()} != {n: r.stable.version for n, r in b.releases.items()}
 
 
 def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int, interval_s: float) -> Any:

@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
-from kolm_ray.testing.cluster import free_port
 
 RUNNER = CliRunner()
 ENV = "prod"
@@ -76,7 +75,7 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def env(compiled, ray_session):
+def env(compiled, ray_session, serve_port):
     from ray import serve
 
     from kolm_ray.testing.artifacts import rebadge
@@ -84,7 +83,7 @@ def env(compiled, ray_session):
     store = compiled["home"] / "artifacts"
     key = compiled["home"] / "keys" / "signing.pem"
     stable = store / "routing-1.0.kolm"
-    port = free_port()
+    port = serve_port
     with pytest.MonkeyPatch.context() as mp:
         # The worse canary: the same compile with no training steps (its adapter is a no-op).
         worse = _invoke([*compiled["args"], "--max-steps", "0", "--name", "routing-untrained"], compiled, mp)
@@ -95,6 +94,9 @@ def env(compiled, ray_session):
                  "--max-ongoing", "32", "--rollout-interval", "0.5"], compiled, mp)
     yield {"url": f"http://127.0.0.1:{port}", "store": store, "stable": stable, "worse": worse_art, "port": port,
            "key": key}
+    from kolm_ray.publish import controller
+
+    controller.stop(ENV)
     serve.delete(f"kolm-{ENV}")
 
 

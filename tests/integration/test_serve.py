@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
-from kolm_ray.testing.cluster import free_port
 
 RUNNER = CliRunner()
 
@@ -31,13 +30,13 @@ def _wait_healthy(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, specialists, tmp_path_factory):
+def served(ray_session, specialists, tmp_path_factory, serve_port):
     """`kolm serve --detach` of route, tldr and a tampered artifact, and a second, tight app
     (bearer keys, one request at a time, a one-deep queue) on the same Serve instance."""
     from ray import serve
 
     home = tmp_path_factory.mktemp("serve-home")
-    port = free_port()
+    port = serve_port
     keys = home / "keys.json"
     keys.write_text(json.dumps({"team-a": "token-aaaaaaaaaaaaaaaa"}))
     common = ["--port", str(port), "--detach", "--num-cpus", "0", "--key", str(specialists["public_key"])]
