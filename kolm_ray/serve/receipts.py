@@ -201,7 +201,9 @@ def verify_log(directory: Path) -> LogReport:
 
 
 def read_receipts(directory: Path, since: float | None = None) -> list[dict[str, Any]]:
-    """Every receipt under ``directory`` (newer than ``since``), oldest first."""
-    out = [r for seg in sorted(directory.rglob("*.jsonl")) for r in _read_lines(seg)
-           if since is None or r["time"] >= since]
+    """Every receipt under ``directory`` (newer than ``since``), oldest first. A segment last
+    written before ``since`` holds nothing newer (receipts are written after they are timed), so
+    it is not read."""
+    segments = [seg for seg in sorted(directory.rglob("*.jsonl")) if since is None or seg.stat().st_mtime >= since]
+    out = [r for seg in segments for r in _read_lines(seg) if since is None or r["time"] >= since]
     return sorted(out, key=lambda r: r["time"])

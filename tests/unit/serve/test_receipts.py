@@ -107,3 +107,17 @@ def test_a_reopened_writer_continues_its_chain(log_dir):
     w.close()
     report = verify_log(log_dir)
     assert report.ok and report.receipts == 11
+
+
+def test_reading_since_a_time_skips_segments_last_written_before_it(tmp_path):
+    import os
+
+    old = ReceiptWriter(tmp_path, "old", flush_interval_s=60)
+    old.append(_receipt(0))
+    old.close()
+    os.utime(tmp_path / "old.jsonl", (500.0, 500.0))  # last written long before the window
+    new = ReceiptWriter(tmp_path, "new", flush_interval_s=60)
+    new.append(_receipt(5))
+    new.close()
+    assert [r["request_id"] for r in read_receipts(tmp_path, since=1003.0)] == ["req-5"]
+    assert len(read_receipts(tmp_path)) == 2
