@@ -520,15 +520,19 @@ def _poke(env: str) -> None:
     from kolm_ray.cluster import connect
     from kolm_ray.publish import controller
 
-    connect(None)
-    if controller.poke(env) is not None:
-        click.echo(f"applied     the running app kolm-{env} picked the change up")
+    try:  # the change is already recorded: a controller that can't be reached picks it up on its next tick
+        connect(None)
+        if controller.poke(env) is not None:
+            click.echo(f"applied     the running app kolm-{env} picked the change up")
+    except Exception as e:  # noqa: BLE001 - a warning, never a failed publish
+        click.echo(f"warning: could not reach the rollout controller of {env!r} ({type(e).__name__}: {e}); "
+                   "it applies the change on its next tick", err=True)
 
 
 @cli.command(name="publish")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--to", "env", required=True, help="Environment (e.g. prod, marketing-prod).")
-@click.option("--canary", default=5.0, show_default=True, type=click.FloatRange(0, 100),
+@click.option("--canary", default=5.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
               help="Percent of the Specialist's traffic the new version gets while it holds.")
 @click.option("--hold", default="24h", show_default=True, help="How long the canary holds before it may be promoted.")
 @click.option("--min-samples", default=200, show_default=True, type=click.IntRange(1),

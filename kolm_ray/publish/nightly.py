@@ -21,6 +21,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kolm_ray.errors import InputError, KolmError
+from kolm_ray.publish.release import check_env
+from kolm_ray.publish.service import parse_duration
 
 Outcome = Literal["published", "first_version", "gate_failed", "not_recommended", "failed"]
 
@@ -30,7 +32,7 @@ class NightlySpec(BaseModel):
     name: str
     env: str
     compile: list[str] = Field(description="`kolm compile` arguments.")
-    canary: float = Field(5.0, ge=0, le=100)
+    canary: float = Field(5.0, gt=0, le=100)
     hold: str = "24h"
     min_samples: int = Field(200, ge=1)
     tolerance: float = Field(0.5, ge=0)
@@ -50,7 +52,12 @@ def load_specs(folder: Path) -> list[tuple[Path, NightlySpec]]:
     specs = []
     for f in sorted(folder.glob("*.json")):
         try:
-            specs.append((f, NightlySpec.model_validate(json.loads(f.read_text()))))
+            spec = NightlySpec.model_validate(json.loads(f.read_text()))
+            check_env(spec.env)
+            parse_duration(spec.hold)
+            specs.append((f, spec))
+        except InputError as e:
+            raise InputError(f"invalid spec: {e}", path=str(f)) from None
         except json.JSONDecodeError as e:
             raise InputError(f"not valid JSON ({e.msg})", path=str(f), line=e.lineno) from None
         except ValidationError as e:
@@ -62,10 +69,12 @@ def load_specs(folder: Path) -> list[tuple[Path, NightlySpec]]:
 
 
 def _resolve_paths(args: list[str], base: Path) -> list[str]:
-    path_flags = {"--task-file", "--examples", "--eval", "--prices"}
+    path_flags = {"--task-file", "--examples", "--eval", "--prices", "--out", "--work-dir"}
     out = list(args)
     for i, a in enumerate(out[:-1]):
         if a in path_flags and not Path(out[i + 1]).is_absolute():
+            out[i + 1] = str(base / out[i + 1])
+        elif a == "--base" and (base / out[i + 1]).is_dir():  # a local base folder, not a hub id
             out[i + 1] = str(base / out[i + 1])
     return out
 
@@ -74,7 +83,7 @@ def run_one(spec_path: Path, spec: NightlySpec, home: Path, trust: Any, say: Cal
     from kolm_ray.cli import cli
     from kolm_ray.compare import compare, load_side
     from kolm_ray.publish.release import ReleaseStore
-    from kolm_ray.publish.service import parse_duration, publish_artifact
+    from kolm_ray.publish.service import publish_artifact
 
     def result(outcome: Outcome, detail: str) -> NightlyResult:
         say(f"{spec.name:<16}{outcome:<16}{detail}")
@@ -105,4 +114,13 @@ def run_one(spec_path: Path, spec: NightlySpec, home: Path, trust: Any, say: Cal
 
 
 def run_nightly(folder: Path, home: Path, trust: Any, say: Callable[[str], None] = print) -> list[NightlyResult]:
-    return [run_one(path, spec, home, trust, say) for path, spec in load_specs(folder)]
+    """Every spec, each on its own: one that fails is reported and the others still run."""
+    results = []
+    for path, spec in load_specs(folder):
+        try:
+            results.append(run_one(path, spec, home, trust, say))
+        except Exception as e:  # noqa: BLE001 - counted as failed (the job exits 1), never silent
+            say(f"{spec.name:<16}{'failed':<16}{type(e).__name__}: {e}")
+            results.append(NightlyResult(spec=str(path), name=spec.name, outcome="failed",
+                                         detail=f"{type(e).__name__}: {e}"))
+    return results

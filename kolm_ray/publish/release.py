@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolm_ray.errors import InputError
+from kolm_ray.errors import InputError, KolmRuntimeError
 
 RELEASE_FORMAT_VERSION = 1
 Phase = Literal["stable", "canary", "promoted", "rolled_back"]
@@ -69,12 +69,14 @@ class Release(BaseModel):
     stable: Version
     canary: Canary | None = None
     previous: Version | None = Field(None, description="The stable before the last promotion, kept for rollback.")
+    retired: Version | None = Field(None, description="The last version rolled back: kept loaded (no routes) so "
+                                    "no request in flight meets an unloaded adapter.")
     history: list[Transition] = []
     last_decision: Decision | None = None
 
     def hosted(self) -> list[Version]:
         """Every version a serving app keeps loaded for this Specialist (routed or not)."""
-        out = [self.stable] + ([self.canary] if self.canary else []) + ([self.previous] if self.previous else [])
+        out = [self.stable] + [v for v in (self.canary, self.previous, self.retired) if v is not None]
         seen, unique = set(), []
         for v in out:
             if v.version not in seen:
@@ -104,8 +106,10 @@ def publish(current: Release | None, name: str, new: Version, *, now: float, wei
     if current is None:
         return Release(name=name, phase="stable", stable=new,
                        history=[Transition(time=now, phase="stable", version=new.version, reason="first version")])
-    if new.version == current.stable.version or (current.canary and current.canary.version == new.version):
-        raise InputError(f"{name} {new.version} is already released in this environment")
+    known = [v for v in (current.stable, current.canary, current.previous, current.retired) if v is not None]
+    if any(v.version == new.version for v in known):
+        raise InputError(f"{name} {new.version} is already released in this environment (versions are immutable: "
+                         "compile a new one)")
     if current.canary is not None and current.phase == "canary" and not force:
         raise InputError(f"{name} {current.canary.version} is still in canary: promote or roll it back first "
                          "(or publish with --force to replace it)")
@@ -126,24 +130,26 @@ def promote(r: Release, *, now: float, reason: str) -> Release:
         raise InputError(f"{r.name} has no canary to promote")
     new_stable = Version(**r.canary.model_dump(include=set(Version.model_fields)))
     return r.model_copy(update={
-        "phase": "promoted", "stable": new_stable, "canary": None, "previous": r.stable,
+        "phase": "promoted", "stable": new_stable, "canary": None, "previous": r.stable, "last_decision": None,
         "history": [*r.history, Transition(time=now, phase="promoted", version=new_stable.version, reason=reason)]})
 
 
 def rollback(r: Release, *, now: float, reason: str) -> Release:
-    """A canary goes to 0%; after a promotion, the previous stable comes back. Raises: InputError."""
+    """A canary goes to 0%; right after a promotion, the previous stable comes back. Either way
+    the version rolled back is retired (loaded, unrouted). Raises: InputError (nothing to undo)."""
     if r.canary is not None and r.phase == "canary":
         return r.model_copy(update={
-            "phase": "rolled_back", "canary": None, "previous": Version(**r.canary.model_dump(
-                include=set(Version.model_fields))),
+            "phase": "rolled_back", "canary": None, "last_decision": None,
+            "retired": Version(**r.canary.model_dump(include=set(Version.model_fields))),
             "history": [*r.history, Transition(time=now, phase="rolled_back", version=r.canary.version,
                                                reason=reason)]})
-    if r.previous is not None:
+    if r.phase == "promoted" and r.previous is not None:
         return r.model_copy(update={
-            "phase": "rolled_back", "stable": r.previous, "previous": r.stable,
+            "phase": "rolled_back", "stable": r.previous, "previous": None, "retired": r.stable,
+            "last_decision": None,
             "history": [*r.history, Transition(time=now, phase="rolled_back", version=r.stable.version,
                                                reason=reason)]})
-    raise InputError(f"{r.name} has nothing to roll back to")
+    raise InputError(f"{r.name} has nothing to roll back to (phase {r.phase}, stable {r.stable.version})")
 
 
 def routes(state: EnvState) -> dict[str, dict]:
@@ -193,7 +199,8 @@ class ReleaseStore:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise InputError(f"another publish to {self.env!r} holds the lock; try again") from None
+                        raise KolmRuntimeError(f"another publish to {self.env!r} held the lock for "
+                                               f"{timeout_s:g} s; try again") from None
                     time.sleep(0.05)
             try:
                 yield

@@ -47,8 +47,8 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
     calls = errors = 0
     k_sum = 0.0
     for r in receipts:
-        if r["specialist"] != name or r["version"] != version or r["time"] < since:
-            continue
+        if r["specialist"] != name or r["version"] != version or r["time"] < since or r["status"] == "cancelled":
+            continue  # a client that hung up says nothing about the version
         calls += 1
         if r["status"] != "ok":
             errors += 1

@@ -37,36 +37,36 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
         ArtifactRejected: the signature does not verify.
         GateFailed: the compare with stable says reject (without ``force``).
     """
+    from kolm_ray.artifact import file_digest
     from kolm_ray.compare import compare, load_side
-    from kolm_ray.serve.catalog import open_specialist
 
     store = ReleaseStore(home, env)
-    spec = open_specialist(artifact, trust)
-    report, meta = load_side(artifact, trust)
-    new = Version(version=spec.version, artifact=spec.artifact, artifact_sha256=spec.artifact_sha256,
-                  offline_k=(report.get("student") or {}).get("k"))
-    current = store.load().releases.get(spec.name)
+    report, meta = load_side(artifact, trust)  # verified; the base model is not needed to publish
+    new = Version(version=meta.version, artifact=str(Path(artifact).resolve()),
+                  artifact_sha256=file_digest(Path(artifact)), offline_k=(report.get("student") or {}).get("k"))
+    ref = f"{meta.name}@{meta.version}"
+    current = store.load().releases.get(meta.name)
     comparison = None
     if current is not None:
         old_report, old_meta = load_side(current.stable.artifact, trust)
         comparison = compare(old_report, report, old_meta, meta, tolerance=tolerance)
         if comparison.recommendation == "reject" and not force:
-            raise GateFailed(f"refusing to publish {spec.ref}: compared with stable {current.stable.version}, "
+            raise GateFailed(f"refusing to publish {ref}: compared with stable {current.stable.version}, "
                              f"{comparison.reason} (use --force to publish anyway)")
 
     def change(s: EnvState) -> EnvState:
-        r = publish(s.releases.get(spec.name), spec.name, new, now=time.time(), weight=weight, hold_s=hold_s,
+        r = publish(s.releases.get(meta.name), meta.name, new, now=time.time(), weight=weight, hold_s=hold_s,
                     min_samples=min_samples, tolerance=tolerance, force=force)
-        return s.model_copy(update={"releases": {**s.releases, spec.name: r}})
+        return s.model_copy(update={"releases": {**s.releases, meta.name: r}})
 
     state = store.update(change)
-    r = state.releases[spec.name]
+    r = state.releases[meta.name]
     if r.phase == "stable":
-        line = f"{spec.ref} is the first version in {env}: stable at once"
+        line = f"{ref} is the first version in {env}: stable at once"
     elif r.phase == "promoted":
-        line = f"{spec.ref} published with all traffic: stable in {env}"
+        line = f"{ref} published with all traffic: stable in {env}"
     else:
-        line = (f"{spec.ref} rolled out behind {100 * weight:g}% traffic in {env}; hold for "
+        line = (f"{ref} rolled out behind {100 * weight:g}% traffic in {env}; hold for "
                 f"{_human(hold_s)}, auto-promote on no K-score regression")
     return state, line, comparison
 

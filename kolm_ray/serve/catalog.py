@@ -78,8 +78,10 @@ def _base_path(manifest_base: dict[str, Any], base_paths: dict[str, str]) -> str
     or the local folder the compile used)."""
     for key in (manifest_base.get("sha256"), manifest_base.get("id"), manifest_base.get("name")):
         if key and key in base_paths:
-            return base_paths[key]
-    return str(manifest_base.get("id") or manifest_base.get("name"))
+            return str(Path(base_paths[key]).resolve()) if Path(base_paths[key]).is_dir() else base_paths[key]
+    ref = str(manifest_base.get("id") or manifest_base.get("name"))
+    # A local base recorded as the user typed it (maybe relative): replicas run elsewhere.
+    return str(Path(ref).resolve()) if manifest_base.get("sha256") and Path(ref).is_dir() else ref
 
 
 def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,

@@ -58,7 +58,9 @@ class BaseModelServer:
             if name in self.live and self.live[name].artifact_sha256 == s.artifact_sha256:
                 continue
             try:
-                loaded = open_specialist(s.artifact, self.trust, dest=self.workdir / name, base_paths=self.base_paths)
+                # One folder per artifact digest: new bytes under an old name@version really reload.
+                dest = self.workdir / f"{name}-{s.artifact_sha256[:12]}"
+                loaded = open_specialist(s.artifact, self.trust, dest=dest, base_paths=self.base_paths)
                 if loaded.artifact_sha256 != s.artifact_sha256:
                     raise KolmError(f"{s.artifact} changed since it was catalogued")
             except KolmError as e:
@@ -72,9 +74,9 @@ class BaseModelServer:
             self.refused.pop(s.artifact, None)
             log.info("serving %s from %s", s.ref, s.artifact)
         for name in [n for n in self.live if n not in wanted]:
+            gone = self.live.pop(name)  # out of live first: new requests for it stop here
             self.host.unload_adapter(name)
-            del self.live[name]
-            shutil.rmtree(self.workdir / name, ignore_errors=True)
+            shutil.rmtree(self.workdir / f"{name}-{gone.artifact_sha256[:12]}", ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
         return {"live": sorted(s.ref for s in self.live.values()), "refused": dict(self.refused)}
@@ -85,15 +87,11 @@ class BaseModelServer:
         not live gets an error entry; the rest of the batch is served."""
         from kolm_ray.serve.host import Generation
 
-        ok = [i for i, r in enumerate(requests) if r["adapter"] in self.live]
-        results: list[dict[str, Any]] = [{"error": f"not loaded: {r['adapter']}"} for r in requests]
-        if ok:
-            gens = [Generation(**{**requests[i], "stop": tuple(requests[i].get("stop", ()))}) for i in ok]
-            done = await asyncio.to_thread(self.host.generate, gens)
-            for i, c in zip(ok, done):
-                results[i] = {"text": c.text, "prompt_tokens": c.prompt_tokens,
-                              "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
-        return results
+        gens = [Generation(**{**r, "stop": tuple(r.get("stop", ()))}) for r in requests]
+        done = await asyncio.to_thread(lambda: self.host.generate(gens, strict=False))
+        return [{"error": f"not loaded: {r['adapter']}"} if c is None else
+                {"text": c.text, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                 "finish_reason": c.finish_reason} for r, c in zip(requests, done)]
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Text deltas as they are produced, then one final entry with the token counts."""
@@ -147,7 +145,8 @@ class Ingress:
         from kolm_ray.verifier import Verifier
 
         specialists = [Specialist.model_validate(d) for d in config.get("specialists", [])]
-        verifiers = {s.ref: self.verifiers.get(s.ref) or Verifier.from_json(s.verifier) for s in specialists}
+        verifiers = {s.artifact_sha256: self.verifiers.get(s.artifact_sha256) or Verifier.from_json(s.verifier)
+                     for s in specialists}
         self.verifiers = {**self.verifiers, **verifiers}  # a request in flight may still need an old one
         self.specialists, self.pins = specialists, dict(config.get("pins", {}))
         self.routes = dict(config.get("routes", {}))
@@ -207,7 +206,7 @@ class Ingress:
 
         checks = None
         if out is not None:
-            checks = self.verifiers[s.ref].score(out["text"], p.input)
+            checks = self.verifiers[s.artifact_sha256].score(out["text"], p.input)
         self.receipts.append(Receipt(
             time=time.time(), request_id=rid, specialist=s.name, version=s.version,
             artifact_sha256=s.artifact_sha256, route=route, status=status, input_sha256=digest(p.input),
@@ -272,8 +271,11 @@ class Ingress:
             s, route = self._resolve(p, request.headers.get("x-kolm-routing-key") or p.user)
             req = self._request(s, p)
             if p.stream:
+                # The first item is awaited here, so overload, a dead replica or a missing adapter
+                # is still a proper 503 (or the canary's fallback) before the 200 goes out.
+                s, route, items, first_item = await self._open_stream(s, p, route)
                 kolm = kolm_block(s.ref, s.version, s.artifact_sha256, route)
-                return StreamingResponse(self._stream(s, p, req, rid, kolm, started, key, route),
+                return StreamingResponse(self._stream(s, p, items, first_item, rid, kolm, started, key, route),
                                          headers={"x-kolm-version": s.ref}, media_type="text/event-stream")
             try:
                 out = await self._call(s, req)
@@ -299,12 +301,41 @@ class Ingress:
         return JSONResponse(response_body(p, rid, s.ref, out["text"], out["finish_reason"], out["prompt_tokens"],
                                           out["completion_tokens"], kolm), headers=headers)
 
-    async def _stream(self, s: Specialist, p: Parsed, req: dict[str, Any], rid: str, kolm: dict[str, Any],
-                      started: float, key: str | None, route: str) -> AsyncIterator[str]:
-        handle = self.models[s.base_key].options(stream=True)
-        first, final = True, None
+    async def _open_stream(self, s: Specialist, p: Parsed, route: str) -> tuple[Specialist, str, Any, dict]:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        for attempt in range(3):
+            items = self.models[s.base_key].options(stream=True).stream.remote(self._request(s, p))
+            try:
+                first = await items.__anext__()
+            except StopAsyncIteration:
+                first = {"error": "the model produced nothing"}
+            except BackPressureError:
+                raise RequestError(503, "the server is overloaded; retry later", code="overloaded") from None
+            except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError):
+                if attempt:
+                    raise RequestError(503, "the model replica is unavailable; retry later",
+                                       code="unavailable") from None
+                continue
+            if "error" not in first:
+                return s, route, items, first
+            if route != "canary":
+                raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
+            s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
+        raise RequestError(503, "the model replica is unavailable; retry later", code="unavailable")
+
+    async def _stream(self, s: Specialist, p: Parsed, items: Any, first_item: dict[str, Any], rid: str,
+                      kolm: dict[str, Any], started: float, key: str | None, route: str) -> AsyncIterator[str]:
+        first, final, status = True, None, "error"
+
+        async def chain() -> AsyncIterator[dict[str, Any]]:
+            yield first_item
+            async for x in items:
+                yield x
+
         try:
-            async for item in handle.stream.remote(req):
+            async for item in chain():
                 if "error" in item:
                     yield f"data: {_json(error_body(item['error'], 'server_error'))}\n\n"
                     break
@@ -318,8 +349,12 @@ class Ingress:
                          "total_tokens": final["prompt_tokens"] + final["completion_tokens"]}
                 yield stream_chunk(p, rid, s.ref, None, final["finish_reason"], first=first, kolm=kolm, usage=usage)
                 yield STREAM_DONE
+                status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"  # the client hung up: says nothing about the version
+            raise
         finally:
-            self._receipt(s, p, rid, started, "ok" if final else "error", final, key, route)
+            self._receipt(s, p, rid, started, status, final, key, route)
 
     def __del__(self) -> None:
         receipts = getattr(self, "receipts", None)

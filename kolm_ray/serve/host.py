@@ -106,17 +106,25 @@ class AdapterHost:
             raise KeyError(f"adapter(s) not loaded: {', '.join(unknown)}")
         return names
 
-    def generate(self, gens: Sequence[Generation]) -> list[Completion]:
-        """One batch; requests with different adapters share it, grouped by sampling settings."""
+    def generate(self, gens: Sequence[Generation], *, strict: bool = True) -> list[Completion | None]:
+        """One batch; requests with different adapters share it, grouped by sampling settings.
+
+        Which adapters are loaded is checked under the lock, so a concurrent unload cannot fail
+        the batch: with ``strict=False`` a request for an adapter not loaded gets None and the
+        rest are served; with ``strict`` it raises KeyError.
+        """
         out: list[Completion | None] = [None] * len(gens)
-        groups: dict[tuple, list[int]] = {}
-        for i, g in enumerate(gens):
-            groups.setdefault((g.temperature or 0.0, g.top_p or 1.0), []).append(i)
         with self._lock:
+            known = [i for i, g in enumerate(gens) if g.adapter == BASE_ADAPTER or g.adapter in self.adapters]
+            if strict and len(known) < len(gens):
+                self._adapter_names(gens)  # raises, naming the missing adapters
+            groups: dict[tuple, list[int]] = {}
+            for i in known:
+                groups.setdefault((gens[i].temperature or 0.0, gens[i].top_p or 1.0), []).append(i)
             for idx in groups.values():
                 for i, c in zip(idx, self._generate_group([gens[i] for i in idx])):
                     out[i] = c
-        return [c for c in out if c is not None]
+        return out
 
     def _generate_group(self, gens: Sequence[Generation]) -> list[Completion]:
         import torch

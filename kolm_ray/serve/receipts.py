@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
+log = logging.getLogger("kolm_ray.serve")
 RECEIPT_FORMAT_VERSION = 1
 GENESIS = "0" * 64
 
@@ -93,22 +95,29 @@ class ReceiptWriter:
             self._buf.append(receipt.model_dump())
 
     def flush(self) -> int:
-        """Hash and append everything queued; returns how many receipts were written."""
+        """Hash and append everything queued; returns how many receipts were written. On an I/O
+        error the batch goes back to the front of the queue and the chain is not advanced."""
         with self._io_lock:
             with self._lock:
                 batch, self._buf = self._buf, []
             if not batch:
                 return 0
-            lines = []
+            seq, prev, lines = self._seq, self._prev, []
             for rec in batch:
-                rec = {"format_version": RECEIPT_FORMAT_VERSION, "seq": self._seq, "prev": self._prev, **rec}
-                rec["hash"] = chain_hash(self._prev, rec)
-                self._seq, self._prev = self._seq + 1, rec["hash"]
+                rec = {"format_version": RECEIPT_FORMAT_VERSION, "seq": seq, "prev": prev, **rec}
+                rec["hash"] = chain_hash(prev, rec)
+                seq, prev = seq + 1, rec["hash"]
                 lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False))
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                with self._lock:
+                    self._buf[:0] = batch
+                raise
+            self._seq, self._prev = seq, prev
             tmp = self.head_path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"writer": self.writer_id, "seq": self._seq - 1, "hash": self._prev}))
             os.replace(tmp, self.head_path)
@@ -117,7 +126,10 @@ class ReceiptWriter:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            self.flush()
+            try:
+                self.flush()
+            except OSError:  # a full or failing disk: keep the receipts queued and try again next tick
+                log.exception("flushing receipts to %s failed; retrying", self.path)
 
     def close(self) -> None:
         """Stop the timer and write what is queued."""
@@ -128,10 +140,20 @@ class ReceiptWriter:
 
 
 def _read_lines(path: Path) -> Iterable[dict[str, Any]]:
+    """Receipts of a segment for readers (the controller, status); a torn or garbled line (a
+    writer killed mid-append) is skipped with a warning here and reported by ``verify_log``."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or not line.endswith("\n"):
+                log.warning("skipping unreadable receipt at %s:%d", path, n)
+                continue
+            yield rec
 
 
 class SegmentReport(BaseModel):
@@ -163,7 +185,9 @@ def verify_segment(lines: list[str], head: dict[str, Any] | None) -> list[str]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            problems.append(f"line {n}: not valid JSON")
+            rec = None
+        if not isinstance(rec, dict):
+            problems.append(f"line {n}: not a receipt (not a JSON object)")
             prev = None  # type: ignore[assignment]
             continue
         claimed = rec.pop("hash", None)
@@ -187,7 +211,14 @@ def verify_log(directory: Path) -> LogReport:
     segments = []
     for seg in sorted(directory.rglob("*.jsonl")):
         head_path = seg.with_name(seg.name[: -len(".jsonl")] + ".head.json")
-        head = json.loads(head_path.read_text()) if head_path.is_file() else None
+        head = None
+        if head_path.is_file():
+            try:
+                head = json.loads(head_path.read_text())
+            except json.JSONDecodeError:
+                head = {"seq": "unreadable head file"}
+            if not isinstance(head, dict):
+                head = {"seq": "unreadable head file"}
         lines = seg.read_text(encoding="utf-8").splitlines()
         segments.append(SegmentReport(segment=str(seg.relative_to(directory)),
                                       receipts=sum(1 for x in lines if x.strip()),

@@ -23,7 +23,9 @@ def test_first_version_is_stable_then_canary_then_promoted_then_rolled_back():
     r = promote(r, now=3, reason="online K fine")
     assert (r.phase, r.stable.version, r.previous.version, r.canary) == ("promoted", "1.1", "1.0", None)
     r = rollback(r, now=4, reason="manual")
-    assert (r.stable.version, r.previous.version) == ("1.0", "1.1")
+    assert (r.stable.version, r.previous, r.retired.version) == ("1.0", None, "1.1")
+    with pytest.raises(InputError, match="nothing to roll back to"):
+        rollback(r, now=5, reason="again")  # a second rollback never brings the rejected version back
     assert [(t.phase, t.version, t.reason) for t in r.history] == [
         ("stable", "1.0", "first version"), ("canary", "1.1", "published behind 5% of traffic"),
         ("promoted", "1.1", "online K fine"), ("rolled_back", "1.1", "manual")]
@@ -34,6 +36,10 @@ def test_a_rolled_back_canary_leaves_stable_serving_and_stays_loaded():
                  reason="regressed")
     assert (r.phase, r.stable.version, r.canary) == ("rolled_back", "1.0", None)
     assert {x.version for x in r.hosted()} == {"1.0", "1.1"}
+    with pytest.raises(InputError, match="nothing to roll back to"):
+        rollback(r, now=4, reason="again")
+    with pytest.raises(InputError, match="already released"):
+        publish(r, "t", v("1.1"), now=5, **KW)
     assert routes(EnvState(env="e", releases={"t": r})) == {"t": {"stable": "1.0", "canary": None, "weight": 0.0}}
 
 

@@ -121,3 +121,37 @@ def test_reading_since_a_time_skips_segments_last_written_before_it(tmp_path):
     new.close()
     assert [r["request_id"] for r in read_receipts(tmp_path, since=1003.0)] == ["req-5"]
     assert len(read_receipts(tmp_path)) == 2
+
+
+def test_a_torn_last_line_is_skipped_by_readers_and_reported_by_verify(log_dir):
+    with (log_dir / "w1.jsonl").open("a") as f:
+        f.write('{"seq": 10, "time": 2000')  # a writer killed mid-append
+    assert len(read_receipts(log_dir)) == 10
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("line 11: not a receipt" in p for p in problems), problems
+
+
+def test_a_garbled_head_file_is_reported_not_a_crash(log_dir):
+    (log_dir / "w1.head.json").write_text("{oops")
+    problems = verify_log(log_dir).segments[0].problems
+    assert any("cut from the end" in p for p in problems), problems
+
+
+def test_a_failed_write_keeps_the_receipts_queued_and_the_chain_intact(tmp_path, monkeypatch):
+    w = ReceiptWriter(tmp_path, "w", flush_interval_s=60)
+    w.append(_receipt(0))
+    w.flush()
+    w.append(_receipt(1))
+    real_open = Path.open
+
+    def failing(self, *a, **kw):
+        if self.suffix == ".jsonl" and a and a[0] == "a":
+            raise OSError(28, "No space left on device")
+        return real_open(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "open", failing)
+    with pytest.raises(OSError):
+        w.flush()
+    monkeypatch.setattr(Path, "open", real_open)
+    w.close()  # the disk is back: the queued receipt is written on the same chain
+    assert verify_log(tmp_path).ok and verify_log(tmp_path).receipts == 2
