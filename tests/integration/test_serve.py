@@ -174,6 +174,26 @@ def test_overload_gets_503_not_an_unbounded_backlog(served):
     assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
 
 
+def test_streams_under_overload_get_a_503_before_any_200(served):
+    async def burst() -> list[tuple[int, str]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as c:
+            async def one() -> tuple[int, str]:
+                async with c.post(f"{served['url']}/tight/v1/chat/completions",
+                                  headers={"authorization": "Bearer token-aaaaaaaaaaaaaaaa"},
+                                  json={"model": "route", "stream": True, "max_tokens": 48,
+                                        "messages": [{"role": "user", "content": "a long answer please"}]}) as r:
+                    return r.status, (await r.read()).decode()
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+    got = asyncio.run(burst())
+    assert {code for code, _ in got} <= {200, 503} and any(code == 503 for code, _ in got), [c for c, _ in got]
+    for code, body in got:
+        if code == 503:
+            assert json.loads(body)["error"]["code"] == "overloaded"
+        else:
+            assert body.rstrip().endswith("data: [DONE]")
+
+
 def test_deleting_the_app_flushes_every_receipt(served):
     """Graceful shutdown loses no receipt: calls made just before the app goes away are on disk."""
     from ray import serve
