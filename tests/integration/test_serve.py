@@ -171,7 +171,7 @@ def test_overload_gets_503_not_an_unbounded_backlog(served):
             return await asyncio.gather(*(one() for _ in range(16)))
 
     codes = asyncio.run(burst())
-    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
 
 
 def test_streams_under_overload_get_a_503_before_any_200(served):
