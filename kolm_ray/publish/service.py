@@ -118,7 +118,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
 
 
 def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("h", 3600), ("m", 60)):  # "24h", as people say a hold
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
