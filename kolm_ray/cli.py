@@ -259,6 +259,17 @@ def _trust(key: str | None, identity: str | None, issuer: str | None):
     return Trust(public_key=Path(key) if key else None, identity=identity, issuer=issuer)
 
 
+def _trust_or_default(key: str | None, identity: str | None, issuer: str | None):
+    """The trust the flags name, else kolm's own default key (said on stderr)."""
+    from kolm_ray.signing import default_trust
+
+    if key or identity or issuer:
+        return _trust(key, identity, issuer)
+    trust = default_trust()
+    click.echo(f"trusting the default key {trust.public_key}", err=True)
+    return trust
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--key", type=click.Path(dir_okay=False), help="Public key (PEM) the artifact must be signed with.")
@@ -327,13 +338,8 @@ def compare_cmd(old: str, new: str, as_json: bool, tolerance: float, max_regress
     """Compare two signed artifacts on their shared holdout rows: K/T/C/L deltas, regressed rows,
     and whether to promote NEW. Exits 0 whatever the recommendation (it is a report)."""
     from kolm_ray.compare import compare, load_side
-    from kolm_ray.signing import default_trust
 
-    if key or identity or issuer:
-        trust = _trust(key, identity, issuer)
-    else:
-        trust = default_trust()
-        click.echo(f"trusting the default key {trust.public_key}", err=True)
+    trust = _trust_or_default(key, identity, issuer)
     old_report, old_meta = load_side(old, trust)
     new_report, new_meta = load_side(new, trust)
     result = compare(old_report, new_report, old_meta, new_meta, tolerance=tolerance, max_regressions=max_regressions)
@@ -409,7 +415,6 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
 
     from kolm_ray.home import kolm_home
     from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
-    from kolm_ray.signing import default_trust
 
     if env is not None:
         from kolm_ray.home import kolm_home as _home
@@ -427,11 +432,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
     for a in artifacts:
         if not Path(a).is_file():
             raise InputError("artifact not found", path=a)
-    if key or identity or issuer:
-        trust = _trust(key, identity, issuer)
-    else:
-        trust = default_trust()
-        click.echo(f"trusting the default key {trust.public_key}", err=True)
+    trust = _trust_or_default(key, identity, issuer)
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise InputError("--detach needs a running cluster to leave the app on: give --address or set RAY_ADDRESS")
     from kolm_ray.serve.catalog import build_catalog
@@ -501,16 +502,6 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
             controller.stop(env)
         serve.delete(app_name)  # graceful: replicas drain and flush their receipts
         click.echo("stopped")
-
-
-def _trust_or_default(key: str | None, identity: str | None, issuer: str | None):
-    from kolm_ray.signing import default_trust
-
-    if key or identity or issuer:
-        return _trust(key, identity, issuer)
-    trust = default_trust()
-    click.echo(f"trusting the default key {trust.public_key}", err=True)
-    return trust
 
 
 def _poke(env: str) -> None:

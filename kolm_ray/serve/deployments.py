@@ -10,6 +10,7 @@ never served, while the others keep serving. Must not compile, sign or publish.
 
 
 import asyncio
+import json
 import logging
 import shutil
 import tempfile
@@ -216,24 +217,31 @@ class Ingress:
             k=checks.k if checks else None, api_key=key,
         ))
 
-    async def _call(self, s: Specialist, req: dict[str, Any]) -> dict[str, Any]:
+    async def _dispatch(self, s: Specialist, p: Parsed, route: str, call: Any) -> tuple[Specialist, str, Any]:
+        """``await call(handle, request) -> (result, first_item)`` on ``s``'s base deployment, the
+        one path for plain and streaming requests: overload is a 503, a replica that died is
+        retried once on another, and a canary not live on its replica falls back to stable."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        handle = self.models[s.base_key]
-        for attempt in range(2):  # a replica that died mid-call: once more, on another replica
+        died = 0
+        while True:
             try:
-                out = await handle.generate.remote(req)
-                break
+                result, first = await call(self.models[s.base_key], self._request(s, p))
             except BackPressureError:
                 raise RequestError(503, "the server is overloaded; retry later", code="overloaded") from None
             except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError):
-                if attempt:
+                died += 1
+                if died > 1:
                     raise RequestError(503, "the model replica is unavailable; retry later",
                                        code="unavailable") from None
-        if "error" in out:
-            raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
-        return out
+                continue
+            if "error" not in first:
+                return s, route, result
+            if route != "canary":
+                raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
+            # The canary is not live on its replica (yet, or any more): stable answers instead.
+            s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
 
     # ----- routes -----------------------------------------------------------------------------
 
@@ -269,23 +277,15 @@ class Ingress:
             key = self._auth(request)
             p = parse(kind, await request.body(), self.max_input_chars)  # type: ignore[arg-type]
             s, route = self._resolve(p, request.headers.get("x-kolm-routing-key") or p.user)
-            req = self._request(s, p)
+            self._request(s, p)  # max_tokens checked before anything is sent
             if p.stream:
                 # The first item is awaited here, so overload, a dead replica or a missing adapter
                 # is still a proper 503 (or the canary's fallback) before the 200 goes out.
-                s, route, items, first_item = await self._open_stream(s, p, route)
+                s, route, (items, first_item) = await self._dispatch(s, p, route, self._stream_call)
                 kolm = kolm_block(s.ref, s.version, s.artifact_sha256, route)
                 return StreamingResponse(self._stream(s, p, items, first_item, rid, kolm, started, key, route),
                                          headers={"x-kolm-version": s.ref}, media_type="text/event-stream")
-            try:
-                out = await self._call(s, req)
-            except RequestError as e:
-                if route != "canary" or e.code != "unavailable":
-                    raise
-                # The canary is not live on its replica (yet, or any more): stable answers instead.
-                s = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists)
-                route = "stable"
-                out = await self._call(s, self._request(s, p))
+            s, route, out = await self._dispatch(s, p, route, self._generate_call)
         except RequestError as e:
             if s is not None and p is not None and e.status >= 500:
                 self._receipt(s, p, rid, started, "error", None, key, route)
@@ -301,29 +301,19 @@ class Ingress:
         return JSONResponse(response_body(p, rid, s.ref, out["text"], out["finish_reason"], out["prompt_tokens"],
                                           out["completion_tokens"], kolm), headers=headers)
 
-    async def _open_stream(self, s: Specialist, p: Parsed, route: str) -> tuple[Specialist, str, Any, dict]:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    @staticmethod
+    async def _generate_call(handle: Any, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        out = await handle.generate.remote(request)
+        return out, out
 
-        for attempt in range(3):
-            items = self.models[s.base_key].options(stream=True).stream.remote(self._request(s, p))
-            try:
-                first = await items.__anext__()
-            except StopAsyncIteration:
-                first = {"error": "the model produced nothing"}
-            except BackPressureError:
-                raise RequestError(503, "the server is overloaded; retry later", code="overloaded") from None
-            except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError):
-                if attempt:
-                    raise RequestError(503, "the model replica is unavailable; retry later",
-                                       code="unavailable") from None
-                continue
-            if "error" not in first:
-                return s, route, items, first
-            if route != "canary":
-                raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
-            s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
-        raise RequestError(503, "the model replica is unavailable; retry later", code="unavailable")
+    @staticmethod
+    async def _stream_call(handle: Any, request: dict[str, Any]) -> tuple[tuple[Any, dict[str, Any]], dict[str, Any]]:
+        items = handle.options(stream=True).stream.remote(request)
+        try:
+            first = await items.__anext__()
+        except StopAsyncIteration:
+            first = {"error": "the model produced nothing"}
+        return (items, first), first
 
     async def _stream(self, s: Specialist, p: Parsed, items: Any, first_item: dict[str, Any], rid: str,
                       kolm: dict[str, Any], started: float, key: str | None, route: str) -> AsyncIterator[str]:
@@ -337,7 +327,7 @@ class Ingress:
         try:
             async for item in chain():
                 if "error" in item:
-                    yield f"data: {_json(error_body(item['error'], 'server_error'))}\n\n"
+                    yield f"data: {json.dumps(error_body(item['error'], 'server_error'))}\n\n"
                     break
                 if item.get("done"):
                     final = item
@@ -360,9 +350,3 @@ class Ingress:
         receipts = getattr(self, "receipts", None)
         if receipts is not None:
             receipts.close()
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj)

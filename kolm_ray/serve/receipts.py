@@ -139,6 +139,15 @@ class ReceiptWriter:
         self.flush()
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """A receipt line as a dict; None for one that is not a JSON object."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _read_lines(path: Path) -> Iterable[dict[str, Any]]:
     """Receipts of a segment for readers (the controller, status); a torn or garbled line (a
     writer killed mid-append) is skipped with a warning here and reported by ``verify_log``."""
@@ -146,11 +155,8 @@ def _read_lines(path: Path) -> Iterable[dict[str, Any]]:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict) or not line.endswith("\n"):
+            rec = _parse(line)
+            if rec is None or not line.endswith("\n"):
                 log.warning("skipping unreadable receipt at %s:%d", path, n)
                 continue
             yield rec
@@ -182,11 +188,8 @@ def verify_segment(lines: list[str], head: dict[str, Any] | None) -> list[str]:
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if not isinstance(rec, dict):
+        rec = _parse(line)
+        if rec is None:
             problems.append(f"line {n}: not a receipt (not a JSON object)")
             prev = None  # type: ignore[assignment]
             continue
