@@ -53,7 +53,9 @@ def cli() -> None:
     """kolm: compile a frontier-model task into a small, signed, self-hosted Specialist."""
 
 
+from kolm_ray.publish.release import AuditSettings  # noqa: E402
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig  # noqa: E402
+from kolm_ray.serve.audit import AuditOptions  # noqa: E402
 
 
 @cli.command()
@@ -404,11 +406,18 @@ def _api_keys(path: str | None) -> dict[str, str]:
               "its canary split and rollout controller, instead of ARTIFACTS.")
 @click.option("--rollout-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between the rollout controller's ticks (with --env).")
+@click.option("--audit-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help=_help(AuditOptions, "rate") + " The teacher is asked off the request path.")
+@click.option("--audit-teacher", default=AuditOptions.model_fields["teacher"].default, show_default=True,
+              help=_help(AuditOptions, "teacher"))
+@click.option("--audit-max-pending", default=AuditOptions.model_fields["max_pending"].default, show_default=True,
+              type=click.IntRange(1), help=_help(AuditOptions, "max_pending"))
 def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
               key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
               base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
               max_batch_size: int, max_ongoing: int, max_queued: int, emit_config: str | None, detach: bool,
-              env: str | None, rollout_interval: float) -> None:
+              env: str | None, rollout_interval: float, audit_rate: float, audit_teacher: str,
+              audit_max_pending: int) -> None:
     """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
     every Specialist's adapter on it, a receipt for every call."""
     from pydantic import ValidationError
@@ -425,14 +434,22 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         store = ReleaseStore(_home(), env)
         if not store.exists():
             raise InputError(f"no environment {env!r}: `kolm publish ART --to {env}` creates it")
-        artifacts = tuple(sorted({v.artifact for r in store.load().releases.values() for v in r.hosted()}))
+        state = store.load()
+        artifacts = tuple(sorted({v.artifact for r in state.releases.values() for v in r.hosted()}))
         app_name = f"kolm-{env}"
+        if any(r.canary and r.canary.audit.rate > 0 for r in state.releases.values()):
+            if not os.environ.get("ANTHROPIC_API_KEY"):
+                click.echo("warning: a canary in this environment is audited, but ANTHROPIC_API_KEY is not set "
+                           "here: the ingress uses its node's environment, or records its audits as failed", err=True)
     if not artifacts:
         raise InputError("give the .kolm artifacts to serve")
     for a in artifacts:
         if not Path(a).is_file():
             raise InputError("artifact not found", path=a)
     trust = _trust_or_default(key, identity, issuer)
+    if audit_rate > 0 and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise InputError("--audit-rate asks the teacher for references: set ANTHROPIC_API_KEY (and "
+                         "ANTHROPIC_BASE_URL for a proxy)")
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise InputError("--detach needs a running cluster to leave the app on: give --address or set RAY_ADDRESS")
     from kolm_ray.serve.catalog import build_catalog
@@ -462,6 +479,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
             model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus or 0.0, num_cpus=num_cpus,
                                          max_batch_size=max_batch_size, max_ongoing_requests=max_ongoing,
                                          max_queued_requests=max_queued),
+            audit=AuditOptions(rate=audit_rate, teacher=audit_teacher, max_pending=audit_max_pending),
         )
     except ValidationError as e:
         raise InputError(f"invalid serving options: {e.errors()[0]['msg']}") from None
@@ -485,6 +503,9 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         click.echo(f"serving     {s.ref}  ({s.artifact})")
     prefix = route_prefix.rstrip("/")
     click.echo(f"endpoint    http://{host}:{port}{prefix}/v1  (receipts under {cfg.receipts_dir})")
+    if audit_rate > 0:
+        click.echo(f"audits      {100 * audit_rate:g}% of calls get a reference from the teacher, off the request "
+                   "path; recorded in the receipts")
     if detach:
         return
     import time
@@ -530,12 +551,22 @@ def _poke(env: str) -> None:
               help="Canary calls needed before it is judged.")
 @click.option("--tolerance", default=0.5, show_default=True, type=click.FloatRange(0),
               help="K points the new version may trail stable (offline compare and online).")
+@click.option("--audit-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help=_help(AuditSettings, "rate"))
+@click.option("--shadow", is_flag=True, help=_help(AuditSettings, "shadow"))
+@click.option("--audit-tolerance", default=AuditSettings.model_fields["tolerance"].default, show_default=True,
+              type=click.FloatRange(0), help=_help(AuditSettings, "tolerance"))
+@click.option("--confidence", default=AuditSettings.model_fields["confidence"].default, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True), help=_help(AuditSettings, "confidence"))
+@click.option("--min-audits", default=AuditSettings.model_fields["min_audits"].default, show_default=True,
+              type=click.IntRange(1), help=_help(AuditSettings, "min_audits"))
 @click.option("--force", is_flag=True, help="Publish even if the compare rejects it, or replace a running canary.")
 @click.option("--key", type=click.Path(dir_okay=False), help="Public key the artifact must be signed with.")
 @click.option("--identity", help="Sigstore signer identity.")
 @click.option("--issuer", help="Sigstore OIDC issuer URL.")
-def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float, force: bool,
-                key: str | None, identity: str | None, issuer: str | None) -> None:
+def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float,
+                audit_rate: float, shadow: bool, audit_tolerance: float, confidence: float, min_audits: int,
+                force: bool, key: str | None, identity: str | None, issuer: str | None) -> None:
     """Release ARTIFACT to an environment: the first version is stable at once; a later one goes
     out behind a canary, holds, and is promoted or rolled back by the rollout controller."""
     from kolm_ray.home import kolm_home
@@ -544,9 +575,13 @@ def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: 
 
     check_env(env)
     hold_s = parse_duration(hold)
+    if shadow and audit_rate <= 0:
+        raise InputError("--shadow answers a copy of stable's audited calls: give --audit-rate too")
+    audit = AuditSettings(rate=audit_rate, shadow=shadow, tolerance=audit_tolerance, confidence=confidence,
+                          min_audits=min_audits)
     trust = _trust_or_default(key, identity, issuer)
     _, line, comparison = publish_artifact(kolm_home(), env, artifact, trust, weight=canary / 100, hold_s=hold_s,
-                                           min_samples=min_samples, tolerance=tolerance, force=force)
+                                           min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
     if comparison is not None:
         for c in comparison.lines()[:5]:
             click.echo(c)
@@ -568,11 +603,20 @@ def status_cmd(env: str, as_json: bool) -> None:
         return
     f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
     for e in st["specialists"]:
+        audited = e["audited_calls"]
         click.echo(f"{e['name']:<16}{e['phase']:<12}stable {e['stable']} (online K {f(e['stable_online_k'])}, "
-                   f"{e['stable_calls']} calls)")
+                   f"{e['stable_calls']} calls; audited K {f(e['stable_audited_k'])}, {audited['stable']} audits)")
         if e["canary"]:
             click.echo(f"{'':<28}canary {e['canary']} at {100 * e['weight']:g}% (online K {f(e['canary_online_k'])}, "
-                       f"{e['canary_calls']}/{e['min_samples']} calls), hold {e['hold_left_s']:.0f} s left")
+                       f"{e['canary_calls']}/{e['min_samples']} calls; audited K {f(e['canary_audited_k'])}, "
+                       f"{audited['canary']} audits), hold {e['hold_left_s']:.0f} s left")
+            missing = {k: e["audit_failed"][k] + e["audit_dropped"][k] for k in ("stable", "canary")}
+            if e["audit"]["rate"] > 0 or any(missing.values()):
+                click.echo(f"{'':<28}audits: {audited['canary']} canary + {audited['stable']} stable, "
+                           f"{sum(e['audit_failed'].values())} failed (teacher), "
+                           f"{sum(e['audit_dropped'].values())} dropped (queue full), ${e['audit_cost_usd']:.4f}")
+            ev = e["evidence"]
+            click.echo(f"{'':<28}evidence ({ev['signal']} K): {ev['action']}: {ev['reason']}")
         if e["last_decision"]:
             click.echo(f"{'':<28}controller: {e['last_decision']['action']}: {e['last_decision']['reason']}")
         elif e["last_transition"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.publish.release import EnvState, ReleaseStore, promote, rollback, routes
-from kolm_ray.publish.rollout import Policy, decide, window
+from kolm_ray.publish.rollout import Policy, Verdict, decide, window
 
 log = logging.getLogger("kolm_ray.publish")
 
@@ -31,6 +31,21 @@ def actor_name(env: str) -> str:
     return f"kolm-rollout-{env}"
 
 
+def policy_of(canary: Any) -> Policy:
+    """The rollout policy a canary was published with."""
+    a = canary.audit
+    return Policy(hold_s=canary.hold_s, min_samples=canary.min_samples, tolerance=canary.tolerance,
+                  audited=a.rate > 0, audit_tolerance=a.tolerance, confidence=a.confidence, min_audits=a.min_audits)
+
+
+def verdict_of(release: Any, receipts: list[dict[str, Any]], now: float) -> Verdict:
+    """``decide`` on one release's canary over the receipts since it started (pure)."""
+    c = release.canary
+    return decide(window(receipts, release.name, c.version, c.started_at),
+                  window(receipts, release.name, release.stable.version, c.started_at),
+                  now - c.started_at, policy_of(c))
+
+
 def judge(state: EnvState, receipts: list[dict[str, Any]], now: float) -> EnvState:
     """Every canary's decision from the receipts; transitions recorded with their reasons (pure)."""
     from kolm_ray.publish.release import Decision
@@ -39,18 +54,17 @@ def judge(state: EnvState, receipts: list[dict[str, Any]], now: float) -> EnvSta
     for name, r in state.releases.items():
         if r.canary is None or r.phase != "canary":
             continue
-        c = r.canary
-        pol = Policy(hold_s=c.hold_s, min_samples=c.min_samples, tolerance=c.tolerance)
-        action, reason = decide(window(receipts, name, c.version, c.started_at),
-                                window(receipts, name, r.stable.version, c.started_at), now - c.started_at, pol)
-        if action == "promote":
-            releases[name] = promote(r, now=now, reason=reason)
-        elif action == "rollback":
-            releases[name] = rollback(r, now=now, reason=reason)
+        v = verdict_of(r, receipts, now)
+        if v.action == "promote":
+            releases[name] = promote(r, now=now, reason=v.reason)
+        elif v.action == "rollback":
+            releases[name] = rollback(r, now=now, reason=v.reason)
         else:
             releases[name] = r
-        releases[name] = releases[name].model_copy(update={"last_decision": Decision(time=now, action=action,
-                                                                                     reason=reason)})
+        bound = None if v.bound is None else {"diff": v.bound.diff, "lo": v.bound.lo, "hi": v.bound.hi,
+                                              "confidence": v.bound.confidence}
+        releases[name] = releases[name].model_copy(update={"last_decision": Decision(
+            time=now, action=v.action, reason=v.reason, signal=v.signal, bound=bound)})
     return state.model_copy(update={"releases": releases})
 
 
@@ -147,8 +161,12 @@ def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int
 
     name = actor_name(env)
     stop(env)
+    from kolm_ray.sampling.teacher import sdk_env
+
+    teacher_env = sdk_env()  # the apps it deploys hand these to their ingress, which asks the teacher for audits
     actor = ray.remote(RolloutController).options(
         name=name, namespace="kolm", lifetime="detached", num_cpus=0, max_restarts=-1, max_concurrency=4,
+        **({"runtime_env": {"env_vars": teacher_env}} if teacher_env else {}),
     ).remote(env, str(home), serve_base, host, port, interval_s)
     ray.get(actor.tick.remote())
     return actor

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import InputError, KolmRuntimeError
 
-RELEASE_FORMAT_VERSION = 1
+RELEASE_FORMAT_VERSION = 2  # 2: canaries carry audit settings, decisions their evidence
+_READABLE_VERSIONS = (1, 2)
 Phase = Literal["stable", "canary", "promoted", "rolled_back"]
 _ENV = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -37,12 +38,26 @@ class Version(BaseModel):
     offline_k: float | None = Field(None, description="The artifact's holdout K (0-100).")
 
 
+class AuditSettings(BaseModel):
+    """A canary's audits: a share of its calls (and as many of stable's) gets a teacher reference."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rate: float = Field(0.0, ge=0, le=1, description="Share of the canary's calls (and as many of stable's) that "
+                        "get a teacher reference and an audited K; 0 judges on the format-level online K alone.")
+    shadow: bool = Field(False, description="The canary also answers a copy of stable's audited calls, unseen by "
+                         "users, so it is judged before anyone sees it.")
+    tolerance: float = Field(5.0, ge=0, description="K points the canary's audited K may trail stable's.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the always-valid bound behind a decision.")
+    min_audits: int = Field(10, ge=1, description="Audited calls per version before the audited K is judged.")
+
+
 class Canary(Version):
     weight: float = Field(ge=0, le=1, description="Share of the Specialist's traffic sent to the canary.")
     started_at: float
     hold_s: float = Field(ge=0)
     min_samples: int = Field(ge=1)
-    tolerance: float = Field(ge=0, description="K points the canary may trail stable online.")
+    tolerance: float = Field(ge=0, description="K points the canary's online (format-level) K may trail stable's.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="How the canary is audited.")
 
 
 class Transition(BaseModel):
@@ -60,6 +75,9 @@ class Decision(BaseModel):
     time: float
     action: Literal["wait", "promote", "rollback"]
     reason: str
+    signal: Literal["audited", "online"] | None = Field(None, description="Which K the bound is about.")
+    bound: dict[str, float] | None = Field(None, description="diff, lo, hi (K points) and confidence of the "
+                                           "always-valid interval for canary - stable.")
 
 
 class Release(BaseModel):
@@ -97,8 +115,10 @@ class EnvState(BaseModel):
 
 
 def publish(current: Release | None, name: str, new: Version, *, now: float, weight: float, hold_s: float,
-            min_samples: int, tolerance: float, force: bool = False) -> Release:
+            min_samples: int, tolerance: float, force: bool = False,
+            audit: AuditSettings | None = None) -> Release:
     """The first version of a Specialist becomes stable at once; a later one goes out as canary.
+    ``audit``: how the canary is audited (none by default).
 
     Raises:
         InputError: the version is already released, or a canary is still running (without ``force``).
@@ -114,7 +134,7 @@ def publish(current: Release | None, name: str, new: Version, *, now: float, wei
         raise InputError(f"{name} {current.canary.version} is still in canary: promote or roll it back first "
                          "(or publish with --force to replace it)")
     canary = Canary(**new.model_dump(), weight=weight, started_at=now, hold_s=hold_s, min_samples=min_samples,
-                    tolerance=tolerance)
+                    tolerance=tolerance, audit=audit or AuditSettings())
     if weight >= 1:
         return promote(current.model_copy(update={"canary": canary, "phase": "canary"}), now=now,
                        reason="published with 100% weight")
@@ -155,7 +175,9 @@ def rollback(r: Release, *, now: float, reason: str) -> Release:
 def routes(state: EnvState) -> dict[str, dict]:
     """What the ingress needs: name -> stable version, canary version and weight."""
     return {name: {"stable": r.stable.version, "canary": r.canary.version if r.canary else None,
-                   "weight": r.canary.weight if r.canary else 0.0}
+                   "weight": r.canary.weight if r.canary else 0.0,
+                   "audit_rate": r.canary.audit.rate if r.canary else 0.0,
+                   "shadow": bool(r.canary and r.canary.audit.shadow)}
             for name, r in state.releases.items()}
 
 
@@ -183,10 +205,10 @@ class ReleaseStore:
         if not self.path.is_file():
             return EnvState(env=self.env)
         data = json.loads(self.path.read_text())
-        if data.get("format_version") != RELEASE_FORMAT_VERSION:
+        if data.get("format_version") not in _READABLE_VERSIONS:
             raise InputError(f"release state format_version {data.get('format_version')!r} is not supported",
                              path=str(self.path))
-        return EnvState.model_validate(data)
+        return EnvState.model_validate({**data, "format_version": RELEASE_FORMAT_VERSION})
 
     @contextlib.contextmanager
     def _locked(self, timeout_s: float) -> Iterator[None]:

@@ -1,14 +1,22 @@
 """The rollout controller's decision and the canary traffic split, as pure functions.
 
-``window`` turns receipts into each version's online figures (calls, errors, mean K from the
-receipts' reference-free checks) since the canary started; ``decide`` is the whole policy:
+``window`` turns receipts into each version's online figures since the canary started: served
+calls and errors, the reference-free online K of every call (a format check: is it a valid
+label, a well-formed answer), and the **audited K** of the calls the teacher answered too (the
+output scored against the teacher's reference, as the holdout is). ``decide`` is the whole
+policy, and every judgement in it rests on an always-valid interval for the difference
+(``evidence.difference_bound``), never on two bare means:
 
-* roll back, at any time, once the canary has ``min_samples`` calls and its online K trails
-  stable's by more than ``tolerance`` points, or its error rate exceeds stable's by more than
-  ``max_error_rate_delta``;
-* wait while the hold lasts, and while the canary has fewer than ``min_samples`` calls or the
-  stable version has none to compare with (never promote on no data);
-* promote otherwise.
+* fast guards, at any time once the canary has ``min_samples`` calls: roll back when its error
+  rate exceeds stable's by more than ``max_error_rate_delta``, or when its online K is
+  significantly worse than stable's by more than ``tolerance`` (the interval lies below);
+* with audits (``audited``): roll back, at any time, as soon as the canary's audited K is
+  significantly worse than stable's by more than ``audit_tolerance``;
+* wait while the hold lasts, while the canary has fewer than ``min_samples`` calls, while either
+  version has fewer than ``min_audits`` audited calls, or while the evidence is inconclusive
+  (never promote on no data);
+* promote once the interval shows the canary is not worse than stable by more than the
+  tolerance (audited K with audits; otherwise the online K, and the reason says so).
 
 ``choose_route`` is the ingress's split: sticky by routing key when one is given. Must not do I/O.
 """
@@ -17,17 +25,25 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
+
+from kolm_ray.publish.evidence import Bound, Scores, difference_bound
 
 Action = Literal["wait", "promote", "rollback"]
 
 
 @dataclass(frozen=True)
 class Window:
-    calls: int
-    errors: int
-    k_sum: float  # over ok calls with a K
+    """One version's figures over a stretch of receipts."""
+
+    calls: int = 0
+    errors: int = 0
+    online: Scores = field(default_factory=Scores)  # reference-free K of ok calls
+    audited: Scores = field(default_factory=Scores)  # K against the teacher's reference
+    audit_failed: int = 0  # the teacher did not answer (outage, budget): no reference
+    audit_dropped: int = 0  # the audit queue was full: never asked
+    audit_cost_usd: float = 0.0
 
     @property
     def ok(self) -> int:
@@ -35,8 +51,13 @@ class Window:
 
     @property
     def k(self) -> float | None:
-        """Mean online K, 0-100."""
-        return 100 * self.k_sum / self.ok if self.ok else None
+        """Mean online (reference-free) K, 0-100."""
+        return None if self.online.mean is None else 100 * self.online.mean
+
+    @property
+    def audited_k(self) -> float | None:
+        """Mean audited K, 0-100."""
+        return None if self.audited.mean is None else 100 * self.audited.mean
 
     @property
     def error_rate(self) -> float:
@@ -44,43 +65,95 @@ class Window:
 
 
 def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: float) -> Window:
-    calls = errors = 0
-    k_sum = 0.0
+    """``name@version``'s figures from receipts newer than ``since``: calls (``kind`` "call", the
+    default) and audits (``kind`` "audit", linked to a call by its request id)."""
+    calls = errors = failed = dropped = 0
+    online, audited, cost = Scores(), Scores(), 0.0
     for r in receipts:
-        if r["specialist"] != name or r["version"] != version or r["time"] < since or r["status"] == "cancelled":
+        if r["specialist"] != name or r["version"] != version or r["time"] < since:
+            continue
+        if r.get("kind", "call") == "audit":
+            cost += r.get("cost_usd") or 0.0
+            if r["status"] == "ok" and r.get("k") is not None:
+                audited = audited.add(r["k"])
+            elif r["status"] == "dropped":
+                dropped += 1
+            else:
+                failed += 1
+            continue
+        if r["status"] == "cancelled":
             continue  # a client that hung up says nothing about the version
         calls += 1
         if r["status"] != "ok":
             errors += 1
         elif r.get("k") is not None:
-            k_sum += r["k"]
-    return Window(calls=calls, errors=errors, k_sum=k_sum)
+            online = online.add(r["k"])
+    return Window(calls=calls, errors=errors, online=online, audited=audited, audit_failed=failed,
+                  audit_dropped=dropped, audit_cost_usd=cost)
 
 
 @dataclass(frozen=True)
 class Policy:
     hold_s: float
     min_samples: int
-    tolerance: float  # K points
+    tolerance: float  # K points the canary's online K may trail stable's
+    audited: bool = False  # judged on audited K (the release asked for audits)
+    audit_tolerance: float = 5.0  # K points the canary's audited K may trail stable's
+    confidence: float = 0.95
+    min_audits: int = 10  # audited calls per version before the audited K is judged at all
     max_error_rate_delta: float = 0.05
 
 
-def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> tuple[Action, str]:
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    signal: Literal["audited", "online"] | None = None  # which K the bound is about
+    bound: Bound | None = None
+
+
+def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdict:
+    """One tick's decision on a canary from its and stable's windows since it started."""
+    online = difference_bound(canary.online, stable.online, p.confidence)
+    audited = difference_bound(canary.audited, stable.audited, p.confidence)
+    enough_audits = canary.audited.n >= p.min_audits and stable.audited.n >= p.min_audits
     if canary.calls >= p.min_samples:
-        if canary.k is not None and stable.k is not None and canary.k < stable.k - p.tolerance:
-            return "rollback", (f"online K {canary.k:.1f} trails stable's {stable.k:.1f} by more than "
-                                f"{p.tolerance:g} over {canary.calls} canary calls")
         if canary.error_rate > stable.error_rate + p.max_error_rate_delta:
-            return "rollback", (f"error rate {100 * canary.error_rate:.1f}% vs stable's "
-                                f"{100 * stable.error_rate:.1f}% over {canary.calls} canary calls")
+            return Verdict("rollback", f"error rate {100 * canary.error_rate:.1f}% vs stable's "
+                                       f"{100 * stable.error_rate:.1f}% over {canary.calls} canary calls",
+                           "online", online)
+        if online is not None and online.hi < -p.tolerance:
+            return Verdict("rollback", f"online K {canary.k:.1f} is below stable's {stable.k:.1f} by more than "
+                                       f"{p.tolerance:g} ({online.text()}) over {canary.calls} canary calls",
+                           "online", online)
+    if p.audited and enough_audits and audited is not None and audited.hi < -p.audit_tolerance:
+        return Verdict("rollback", f"audited K {canary.audited_k:.1f} is below stable's {stable.audited_k:.1f} by "
+                                   f"more than {p.audit_tolerance:g} ({audited.text()}) over {canary.audited.n} "
+                                   f"and {stable.audited.n} audited calls", "audited", audited)
+    signal, bound = ("audited", audited) if p.audited else ("online", online)
     if elapsed_s < p.hold_s:
-        return "wait", f"holding: {p.hold_s - elapsed_s:.0f} s left ({canary.calls} canary calls so far)"
+        return Verdict("wait", f"holding: {p.hold_s - elapsed_s:.0f} s left ({canary.calls} canary calls so far)",
+                       signal, bound)
     if canary.calls < p.min_samples:
-        return "wait", f"too few canary calls to judge: {canary.calls} of {p.min_samples}"
-    if stable.ok == 0 or canary.k is None or stable.k is None:
-        return "wait", "no online K for stable or canary yet: nothing to compare"
-    return "promote", (f"online K {canary.k:.1f} vs stable's {stable.k:.1f} (tolerance {p.tolerance:g}) over "
-                       f"{canary.calls} canary calls, error rate {100 * canary.error_rate:.1f}%")
+        return Verdict("wait", f"too few canary calls to judge: {canary.calls} of {p.min_samples}", signal, bound)
+    if p.audited:
+        if not enough_audits:
+            return Verdict("wait", f"too few audited calls to judge: canary {canary.audited.n}, stable "
+                                   f"{stable.audited.n} of {p.min_audits} each", signal, bound)
+        assert audited is not None
+        if audited.lo >= -p.audit_tolerance:
+            return Verdict("promote", f"audited K {canary.audited_k:.1f} vs stable's {stable.audited_k:.1f}: not "
+                                      f"worse by more than {p.audit_tolerance:g} ({audited.text()}) over "
+                                      f"{canary.audited.n} and {stable.audited.n} audited calls", signal, audited)
+        return Verdict("wait", f"audited K inconclusive: {audited.text()}, tolerance {p.audit_tolerance:g}", signal,
+                       audited)
+    if online is None:
+        return Verdict("wait", "no online K for stable or canary yet: nothing to compare", signal, None)
+    if online.lo >= -p.tolerance:
+        return Verdict("promote", f"online K {canary.k:.1f} vs stable's {stable.k:.1f}: not worse by more than "
+                                  f"{p.tolerance:g} ({online.text()}) over {canary.calls} canary calls, error rate "
+                                  f"{100 * canary.error_rate:.1f}%; format-level K only (no audits)", signal, online)
+    return Verdict("wait", f"online K inconclusive: {online.text()}, tolerance {p.tolerance:g}", signal, online)
 
 
 def choose_route(name: str, weight: float, routing_key: str | None, rng: random.Random | None = None) -> str:
@@ -96,3 +169,17 @@ def choose_route(name: str, weight: float, routing_key: str | None, rng: random.
     else:
         u = (rng or random).random()
     return "canary" if u < weight else "stable"
+
+
+def audit_share(route: str, weight: float, audit_rate: float, serve_rate: float) -> float:
+    """The probability that a call on ``route`` is audited. A release's ``audit_rate`` applies to
+    its canary's calls, and to as many stable calls in expectation (stable gets ``1 - weight`` of
+    the traffic, so its share is scaled by ``weight / (1 - weight)``); ``serve_rate`` (``kolm
+    serve --audit-rate``) applies to every call. The larger of the two wins."""
+    share = 0.0
+    if audit_rate > 0 and 0 < weight < 1:
+        if route == "canary":
+            share = audit_rate
+        elif route == "stable":
+            share = min(1.0, audit_rate * weight / (1 - weight))
+    return max(share, serve_rate)

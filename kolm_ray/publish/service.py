@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import GateFailed, InputError
-from kolm_ray.publish.release import EnvState, ReleaseStore, Version, promote, publish, rollback
+from kolm_ray.publish.release import AuditSettings, EnvState, ReleaseStore, Version, promote, publish, rollback
 from kolm_ray.publish.rollout import window
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -29,7 +29,8 @@ def parse_duration(text: str) -> float:
 
 
 def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight: float, hold_s: float,
-                     min_samples: int, tolerance: float, force: bool = False) -> tuple[EnvState, str, Any]:
+                     min_samples: int, tolerance: float, force: bool = False,
+                     audit: AuditSettings | None = None) -> tuple[EnvState, str, Any]:
     """Returns the new state, a one-line summary, and the comparison with stable (or None).
 
     Raises:
@@ -56,7 +57,7 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
 
     def change(s: EnvState) -> EnvState:
         r = publish(s.releases.get(meta.name), meta.name, new, now=time.time(), weight=weight, hold_s=hold_s,
-                    min_samples=min_samples, tolerance=tolerance, force=force)
+                    min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
         return s.model_copy(update={"releases": {**s.releases, meta.name: r}})
 
     state = store.update(change)
@@ -66,8 +67,13 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
     elif r.phase == "promoted":
         line = f"{ref} published with all traffic: stable in {env}"
     else:
+        a = r.canary.audit
+        judged = (f"audited K ({100 * a.rate:g}% of its calls and as many of stable's"
+                  f"{', plus shadow answers' if a.shadow else ''}) within {a.tolerance:g} points at "
+                  f"{100 * a.confidence:g}%" if a.rate > 0 else
+                  f"online K within {tolerance:g} points at {100 * a.confidence:g}% (no audits: format-level only)")
         line = (f"{ref} rolled out behind {100 * weight:g}% traffic in {env}; hold for "
-                f"{_human(hold_s)}, auto-promote on no K-score regression")
+                f"{_human(hold_s)}, auto-promote on no K-score regression: {judged}")
     return state, line, comparison
 
 
@@ -86,8 +92,9 @@ def manual(home: Path, env: str, name: str, action: str) -> EnvState:
 
 
 def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]:
-    """Each Specialist: stable and canary, weight, phase, online K and calls of each, hold left."""
-    from kolm_ray.publish.controller import app_name
+    """Each Specialist: stable and canary, weight, phase, online and audited K and calls of each,
+    audit failures and cost, hold left, and the evidence (bound) the controller decides on."""
+    from kolm_ray.publish.controller import app_name, verdict_of
     from kolm_ray.serve.receipts import read_receipts
 
     store = ReleaseStore(home, env)
@@ -103,16 +110,31 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
         st = window(receipts, name, r.stable.version, since)
         entry: dict[str, Any] = {
             "name": name, "phase": r.phase, "stable": r.stable.version,
-            "stable_online_k": st.k, "stable_calls": st.calls,
+            "stable_online_k": st.k, "stable_calls": st.calls, "stable_audited_k": st.audited_k,
             "canary": None, "weight": 0.0, "previous": r.previous.version if r.previous else None,
+            "audited_calls": {"stable": st.audited.n},
+            "audit_failed": {"stable": st.audit_failed}, "audit_dropped": {"stable": st.audit_dropped},
+            "audit_cost_usd": round(st.audit_cost_usd, 6),
             "last_decision": r.last_decision.model_dump() if r.last_decision else None,
             "last_transition": r.history[-1].model_dump() if r.history else None,
         }
         if r.canary:
             cw = window(receipts, name, r.canary.version, since)
+            v = verdict_of(r, receipts, now)
             entry.update(canary=r.canary.version, weight=r.canary.weight, canary_online_k=cw.k,
-                         canary_calls=cw.calls, min_samples=r.canary.min_samples,
-                         hold_left_s=max(0.0, r.canary.hold_s - (now - r.canary.started_at)))
+                         canary_calls=cw.calls, canary_audited_k=cw.audited_k, min_samples=r.canary.min_samples,
+                         audit=r.canary.audit.model_dump(),
+                         hold_left_s=max(0.0, r.canary.hold_s - (now - r.canary.started_at)),
+                         audited_calls={"stable": st.audited.n, "canary": cw.audited.n},
+                         audit_failed={"stable": st.audit_failed, "canary": cw.audit_failed},
+                         audit_dropped={"stable": st.audit_dropped, "canary": cw.audit_dropped},
+                         audit_cost_usd=round(st.audit_cost_usd + cw.audit_cost_usd, 6),
+                         evidence={"signal": v.signal, "action": v.action, "reason": v.reason,
+                                   "bound": None if v.bound is None else {
+                                       "diff": round(v.bound.diff, 3), "lo": round(v.bound.lo, 3),
+                                       "hi": round(v.bound.hi, 3), "confidence": v.bound.confidence,
+                                       "tolerance": r.canary.audit.tolerance if v.signal == "audited"
+                                       else r.canary.tolerance}})
         out["specialists"].append(entry)
     return out
 

@@ -44,7 +44,7 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
         )
         handles[key] = dep.bind(specialists[0].base_path, _trust_dict(cfg), cfg.base_paths, m.dtype)
     ingress = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0},
+        name="ingress", num_replicas=cfg.ingress_replicas, ray_actor_options=_ingress_actor_options(),
         max_ongoing_requests=max(64, 4 * m.max_ongoing_requests * m.replicas),
         max_queued_requests=max(64, 4 * m.max_queued_requests),
         user_config={"specialists": [s.model_dump() for s in catalog.specialists], "pins": cfg.pins,
@@ -52,7 +52,18 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(handles, cfg.store, cfg.app_name, cfg.api_key_digests, cfg.max_tokens_cap,
-                        cfg.max_input_chars, cfg.receipts_flush_s)
+                        cfg.max_input_chars, cfg.receipts_flush_s, cfg.audit.model_dump())
+
+
+def _ingress_actor_options() -> dict[str, Any]:
+    """The ingress asks the teacher for audits: it gets the SDK's settings (ANTHROPIC_API_KEY,
+    ANTHROPIC_BASE_URL) of the process that deploys it, where that process has them; otherwise
+    it reads its node's own environment. They travel in the runtime environment, never in the
+    application's config (which `--emit-config` writes to a file)."""
+    from kolm_ray.sampling.teacher import sdk_env
+
+    env = sdk_env()
+    return {"num_cpus": 0, **({"runtime_env": {"env_vars": env}} if env else {})}
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kolm_ray.serve.audit import AuditOptions
+
 
 class ModelDeploymentOptions(BaseModel):
     """One deployment per base model; every Specialist on that base shares its replicas."""
@@ -47,6 +49,7 @@ class ServeConfig(BaseModel):
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_input_chars: int = Field(32_000, ge=1, description="Longest input text a request may send.")
     receipts_flush_s: float = Field(0.5, gt=0, description="How often receipts are flushed to disk.")
+    audit: AuditOptions = Field(default_factory=AuditOptions, description="Audits of served calls against the teacher.")
     pins: dict[str, str] = Field(default_factory=dict, description="Specialist -> version a bare name resolves to.")
     routes: dict[str, dict] = Field(default_factory=dict, description="Specialist -> {stable, canary, weight}: "
                                     "the canary split a release sets (see kolm_ray.publish).")

@@ -10,8 +10,10 @@ never served, while the others keep serving. Must not compile, sign or publish.
 
 
 import asyncio
+import dataclasses
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -117,6 +119,39 @@ class BaseModelServer:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
+def _audit_teacher(store: str, options: Any) -> Any:
+    """The teacher audits ask: the SDK's settings from this replica's environment, the store's
+    response cache, the cluster-wide quota of that key. None (audits recorded as failed) without a key."""
+    import ray
+
+    from kolm_ray.sampling.cache import ResponseCache
+    from kolm_ray.sampling.config import QuotaConfig, TeacherConfig
+    from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
+    from kolm_ray.sampling.teacher import AnthropicTeacher, sdk_env
+
+    env = sdk_env()
+    if not env.get("ANTHROPIC_API_KEY"):
+        return None
+    key, url = env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL")
+    try:  # join the organization's limits as a compile set them; create them only if none exist
+        quota = ray.get_actor(quota_name(key, url), namespace=NAMESPACE)
+    except ValueError:
+        quota = get_quota(QuotaConfig(), key, url)
+    cfg = TeacherConfig(model=options.teacher, max_tokens=options.max_tokens, timeout_s=options.timeout_s,
+                        max_attempts=options.max_attempts)
+    return AnthropicTeacher(cfg, ResponseCache(Path(store) / "cache" / "teacher"), quota, sdk_env=env)
+
+
+def _price_or_none(model: str) -> Any:
+    from kolm_ray.errors import InputError
+    from kolm_ray.sampling.pricing import price_for
+
+    try:
+        return price_for(model)
+    except InputError:
+        return None  # an unpriced teacher: the audit is recorded with cost 0
+
+
 api = FastAPI(title="kolm", docs_url=None, redoc_url=None)
 
 
@@ -125,7 +160,9 @@ class Ingress:
     """OpenAI-compatible HTTP in front of the base model deployments."""
 
     def __init__(self, models: dict[str, Any], store: str, app_name: str, api_key_digests: dict[str, str],
-                 max_tokens_cap: int, max_input_chars: int, receipts_flush_s: float) -> None:
+                 max_tokens_cap: int, max_input_chars: int, receipts_flush_s: float,
+                 audit: dict[str, Any] | None = None) -> None:
+        from kolm_ray.serve.audit import AuditOptions, Auditor
         from kolm_ray.serve.receipts import ReceiptWriter
 
         self.models = models  # base_key -> DeploymentHandle
@@ -139,6 +176,11 @@ class Ingress:
         self.routes: dict[str, dict[str, Any]] = {}
         self.refused: list[dict[str, str]] = []
         self.verifiers: dict[str, Any] = {}
+        self.audit_options = AuditOptions.model_validate(audit or {})
+        self.auditor = Auditor(_audit_teacher(store, self.audit_options), _price_or_none, self.receipts.append,
+                               self.audit_options)
+        self._background: set[asyncio.Task] = set()  # shadow generations in flight (held so they finish)
+        self._rng = random.Random()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``{"specialists": [...], "pins": {name: version}, "routes": {name: {stable, canary,
@@ -243,6 +285,44 @@ class Ingress:
             # The canary is not live on its replica (yet, or any more): stable answers instead.
             s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
 
+    # ----- audits (off the request path) ------------------------------------------------------
+
+    def _maybe_audit(self, s: Specialist, p: Parsed, rid: str, output: str, route: str) -> None:
+        """Audit this call with the share its route calls for: queue it (never waiting), and in
+        shadow mode first have the canary answer the same input, unseen, in the background."""
+        from kolm_ray.publish.rollout import audit_share
+        from kolm_ray.serve.audit import AuditJob, AuditTarget
+        from kolm_ray.verifier import Verifier
+
+        r = self.routes.get(s.name) or {}
+        share = audit_share(route, float(r.get("weight") or 0), float(r.get("audit_rate") or 0),
+                            self.audit_options.rate)
+        if share <= 0 or self._rng.random() >= share:
+            return
+        verifier = self.verifiers.get(s.artifact_sha256) or Verifier.from_json(s.verifier)
+        job = AuditJob(request_id=rid, input=p.input, task=s.system, teacher=s.teacher or self.audit_options.teacher,
+                       verifier=verifier, targets=[AuditTarget(s.name, s.version, s.artifact_sha256, route, output)])
+        if route == "stable" and r.get("shadow") and r.get("canary"):
+            task = asyncio.get_running_loop().create_task(self._shadow(job, p, f"{s.name}@{r['canary']}"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        self.auditor.submit(job)
+
+    async def _shadow(self, job: Any, p: Parsed, canary_ref: str) -> None:
+        """The canary's unseen answer to a stable call, audited with it against one reference."""
+        from kolm_ray.serve.audit import AuditTarget
+
+        try:
+            c = resolve_model(canary_ref, self.specialists)
+            out = await self.models[c.base_key].generate.remote(self._request(c, p))
+            if "error" not in out:
+                job = dataclasses.replace(job, targets=[*job.targets, AuditTarget(
+                    c.name, c.version, c.artifact_sha256, "shadow", out["text"])])
+        except Exception as e:  # noqa: BLE001 - a shadow answer is optional: stable's audit goes ahead alone
+            log.warning("shadow answer from %s failed: %s: %s", canary_ref, type(e).__name__, e)
+        self.auditor.submit(job)
+
     # ----- routes -----------------------------------------------------------------------------
 
     @api.get("/healthz")
@@ -296,6 +376,7 @@ class Ingress:
                 self._receipt(s, p, rid, started, "error", None, None, route)
             return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
         self._receipt(s, p, rid, started, "ok", out, key, route)
+        self._maybe_audit(s, p, rid, out["text"], route)
         kolm = kolm_block(s.ref, s.version, s.artifact_sha256, route)
         headers = {"x-kolm-version": s.ref}
         return JSONResponse(response_body(p, rid, s.ref, out["text"], out["finish_reason"], out["prompt_tokens"],
@@ -345,6 +426,8 @@ class Ingress:
             raise
         finally:
             self._receipt(s, p, rid, started, status, final, key, route)
+            if status == "ok" and final is not None:
+                self._maybe_audit(s, p, rid, final["text"], route)
 
     def __del__(self) -> None:
         receipts = getattr(self, "receipts", None)

@@ -22,12 +22,12 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("kolm_ray.serve")
-RECEIPT_FORMAT_VERSION = 1
+RECEIPT_FORMAT_VERSION = 2  # 2: records carry a kind ("call" or "audit"); 1 had calls only
 GENESIS = "0" * 64
 
 
@@ -35,6 +35,7 @@ class Receipt(BaseModel):
     """One served call. Inputs and outputs appear only as SHA-256 digests."""
 
     model_config = ConfigDict(frozen=True)
+    kind: Literal["call"] = "call"
     time: float
     request_id: str
     specialist: str
@@ -52,6 +53,35 @@ class Receipt(BaseModel):
     l: float | None  # noqa: E741
     k: float | None
     api_key: str | None = None  # the key's name, never the token
+
+
+class AuditRecord(BaseModel):
+    """One audit of a served call (``request_id`` links it to the call's receipt): the teacher's
+    reference for the same input, and the call's output scored against it as the holdout is.
+    ``route`` "shadow" marks the canary's unseen answer to a stable call."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["audit"] = "audit"
+    time: float
+    request_id: str
+    specialist: str
+    version: str
+    artifact_sha256: str
+    route: str
+    status: Literal["ok", "failed", "dropped"]  # failed: no reference (teacher error); dropped: queue full
+    output_sha256: str | None = None
+    reference_sha256: str | None = None
+    t: float | None = None
+    c: float | None = None
+    l: float | None = None  # noqa: E741
+    k: float | None = None
+    passed: bool | None = None
+    teacher: str | None = None
+    cached: bool = False  # the reference came from the teacher cache: not paid again
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # this audit's share of what the teacher call cost (0 when cached)
+    error: str | None = None
 
 
 def digest(text: str) -> str:
@@ -89,8 +119,8 @@ class ReceiptWriter:
         self._thread = threading.Thread(target=self._run, name=f"receipts-{self.writer_id}", daemon=True)
         self._thread.start()
 
-    def append(self, receipt: Receipt) -> None:
-        """Queue a receipt (microseconds; no I/O on the caller's thread)."""
+    def append(self, receipt: Receipt | AuditRecord) -> None:
+        """Queue a receipt or an audit (microseconds; no I/O on the caller's thread)."""
         with self._lock:
             self._buf.append(receipt.model_dump())
 

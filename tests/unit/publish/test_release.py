@@ -40,7 +40,8 @@ def test_a_rolled_back_canary_leaves_stable_serving_and_stays_loaded():
         rollback(r, now=4, reason="again")
     with pytest.raises(InputError, match="already released"):
         publish(r, "t", v("1.1"), now=5, **KW)
-    assert routes(EnvState(env="e", releases={"t": r})) == {"t": {"stable": "1.0", "canary": None, "weight": 0.0}}
+    assert routes(EnvState(env="e", releases={"t": r})) == {"t": {"stable": "1.0", "canary": None, "weight": 0.0,
+                                                                  "audit_rate": 0.0, "shadow": False}}
 
 
 def test_publishing_over_a_running_canary_needs_force_and_a_version_once():

@@ -1,57 +1,137 @@
-"""The rollout decision, tick by tick, and the canary split."""
+"""The rollout decision, tick by tick, on the evidence it is given; the canary split; audit shares."""
 
 import random
 
 import pytest
 
-from kolm_ray.publish.rollout import Policy, Window, choose_route, decide, window
+from kolm_ray.publish.evidence import Scores
+from kolm_ray.publish.rollout import Policy, Window, audit_share, choose_route, decide, window
 
 POLICY = Policy(hold_s=60, min_samples=20, tolerance=2.0)
+AUDITED = Policy(hold_s=60, min_samples=20, tolerance=2.0, audited=True, audit_tolerance=5.0, min_audits=10)
 
 
-def w(calls, k=0.9, errors=0) -> Window:
-    return Window(calls=calls, errors=errors, k_sum=k * (calls - errors))
+def scores(values) -> Scores:
+    s = Scores()
+    for x in values:
+        s = s.add(x)
+    return s
 
 
-def test_a_canary_no_worse_than_stable_waits_out_the_hold_then_is_promoted():
-    ticks = [(0, w(0), w(0)), (10, w(5), w(95)), (30, w(12), w(230)), (59, w(19), w(360)), (61, w(19), w(370)),
-             (70, w(21), w(400))]
-    actions = [decide(c, s, t, POLICY)[0] for t, c, s in ticks]
-    assert actions == ["wait", "wait", "wait", "wait", "wait", "promote"]
-    assert "too few canary calls to judge: 19 of 20" in decide(w(19), w(370), 61, POLICY)[1]
+def w(calls, k=0.9, errors=0, audited=()) -> Window:
+    """``calls`` calls whose online K alternates around ``k`` (a little spread, as real traffic has)."""
+    ok = calls - errors
+    online = scores([min(1.0, k + (0.05 if i % 2 else -0.05)) for i in range(ok)])
+    return Window(calls=calls, errors=errors, online=online, audited=scores(audited))
 
 
-def test_a_worse_canary_is_rolled_back_during_the_hold():
-    assert decide(w(19, k=0.2), w(300, k=0.95), 5, POLICY)[0] == "wait"  # not judged on too few calls
-    action, reason = decide(w(20, k=0.2), w(300, k=0.95), 5, POLICY)
-    assert action == "rollback" and "online K 20.0 trails stable's 95.0" in reason
+def right(n_right: int, n: int) -> list[float]:
+    """Audited K of ``n`` calls of which ``n_right`` were right (a label task: 1 or 0), interleaved."""
+    rng = random.Random(n_right * 1000 + n)
+    xs = [1.0] * n_right + [0.0] * (n - n_right)
+    rng.shuffle(xs)
+    return xs
+
+
+def test_the_undertrained_canary_that_format_k_promoted_is_rolled_back_on_audited_k():
+    # As measured on main: every canary answer a valid label (online K 100 vs stable's 77.6 over 130
+    # calls), but 4 of 30 right against stable's 17 of 30.
+    canary = Window(calls=130, errors=0, online=scores([1.0] * 130), audited=scores(right(4, 30)))
+    stable = Window(calls=130, errors=0, online=scores([1.0] * 101 + [0.0] * 29), audited=scores(right(17, 30)))
+    v = decide(canary, stable, 25, AUDITED)
+    assert v.action == "rollback" and v.signal == "audited"
+    assert "audited K 13.3 is below stable's 56.7" in v.reason
+    assert v.bound.hi < -5
+    # Without audits the same figures say nothing against it: the format check is all there is.
+    assert decide(canary, stable, 25, POLICY).action == "wait"  # holding
+    assert decide(canary, stable, 100, POLICY).action == "promote"
+
+
+def test_a_regression_is_rolled_back_as_soon_as_it_is_significant_even_during_the_hold():
+    stable_audits = right(14, 20)
+    actions = []
+    for n in (5, 10, 15, 20, 30):
+        canary = Window(calls=n * 2, online=scores([1.0] * n * 2), audited=scores(right(n // 5, n)))
+        stable = Window(calls=200, online=scores([1.0] * 200), audited=scores(stable_audits))
+        actions.append(decide(canary, stable, 10, AUDITED).action)
+    assert actions[0] == "wait"  # 5 audits: too few to judge
+    assert "rollback" in actions and actions[-1] == "rollback"
+    assert actions.index("rollback") <= 3  # caught within 20 audits, long before the hold ends
+
+
+def test_a_canary_identical_to_stable_waits_for_the_hold_and_the_evidence_then_is_promoted():
+    ticks = []
+    for t, n in ((10, 5), (30, 30), (70, 8), (80, 12), (120, 60), (400, 600)):
+        same = [1.0 if i % 20 else 0.0 for i in range(n)]  # 95% right, both versions alike
+        c = Window(calls=max(25, n), online=scores([1.0] * max(25, n)), audited=scores(same))
+        s = Window(calls=400, online=scores([1.0] * 400), audited=scores(same))
+        ticks.append(decide(c, s, t, AUDITED))
+    actions = [v.action for v in ticks]
+    assert actions[:2] == ["wait", "wait"] and "holding" in ticks[1].reason
+    assert "too few audited calls" in ticks[2].reason
+    assert actions[-1] == "promote" and "not worse by more than 5" in ticks[-1].reason
+    first_promote = actions.index("promote")
+    assert all(a == "wait" for a in actions[:first_promote])
+    inconclusive = [v for v in ticks if "inconclusive" in v.reason]
+    assert inconclusive, "some tick had audits but not yet enough evidence"
+    assert ticks[-1].bound.lo >= -5
+
+
+def test_without_audits_promotion_still_needs_evidence_on_the_online_k():
+    few = decide(w(25, k=0.9), w(400, k=0.9), 100, POLICY)
+    many = decide(w(4000, k=0.9), w(4000, k=0.9), 100, POLICY)
+    assert few.action == "wait" and "online K inconclusive" in few.reason
+    assert many.action == "promote" and "format-level K only (no audits)" in many.reason
+
+
+def test_a_worse_online_k_is_rolled_back_once_significant():
+    assert decide(w(19, k=0.2), w(300, k=0.95), 5, POLICY).action == "wait"  # not judged on too few calls
+    v = decide(w(20, k=0.2), w(300, k=0.95), 5, POLICY)
+    assert v.action == "rollback" and "online K 20.0 is below stable's 95.0" in v.reason
 
 
 def test_within_tolerance_is_not_a_regression():
-    assert decide(w(40, k=0.89), w(400, k=0.90), 100, POLICY)[0] == "promote"
-    assert decide(w(40, k=0.87), w(400, k=0.90), 100, POLICY)[0] == "rollback"
+    assert decide(w(4000, k=0.89), w(4000, k=0.90), 100, POLICY).action == "promote"
+    assert decide(w(4000, k=0.85), w(4000, k=0.90), 100, POLICY).action == "rollback"
 
 
 def test_errors_roll_back():
-    action, reason = decide(w(40, errors=8), w(400, errors=4), 5, POLICY)
-    assert action == "rollback" and "error rate 20.0%" in reason
+    v = decide(w(40, errors=8), w(400, errors=4), 5, POLICY)
+    assert v.action == "rollback" and "error rate 20.0%" in v.reason
 
 
 def test_never_promotes_on_no_data():
-    assert decide(w(0), w(0), 10**6, POLICY)[0] == "wait"
-    assert decide(w(30), w(0), 10**6, POLICY) == ("wait", "no online K for stable or canary yet: nothing to compare")
+    assert decide(w(0), w(0), 10**6, POLICY).action == "wait"
+    assert decide(w(30), w(0), 10**6, POLICY).reason == "no online K for stable or canary yet: nothing to compare"
+    assert decide(w(30, audited=[1.0] * 30), w(30), 10**6, AUDITED).action == "wait"  # stable has no audits
 
 
-def test_window_counts_one_version_since_the_start():
+def test_window_counts_calls_and_audits_of_one_version_since_the_start():
     receipts = [
         {"specialist": "a", "version": "1.1", "time": 5, "status": "ok", "k": 0.5},
         {"specialist": "a", "version": "1.1", "time": 15, "status": "ok", "k": 1.0},
         {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None},
+        {"specialist": "a", "version": "1.1", "time": 16, "status": "cancelled", "k": None},
+        {"kind": "audit", "specialist": "a", "version": "1.1", "time": 17, "status": "ok", "k": 0.0,
+         "cost_usd": 0.002},
+        {"kind": "audit", "specialist": "a", "version": "1.1", "time": 18, "status": "failed", "k": None},
+        {"kind": "audit", "specialist": "a", "version": "1.1", "time": 19, "status": "dropped", "k": None},
         {"specialist": "a", "version": "1.0", "time": 17, "status": "ok", "k": 0.0},
         {"specialist": "b", "version": "1.1", "time": 18, "status": "ok", "k": 0.0},
     ]
     got = window(receipts, "a", "1.1", since=10)
     assert (got.calls, got.errors, got.k) == (2, 1, 100.0)
+    assert (got.audited.n, got.audited_k, got.audit_failed, got.audit_dropped) == (1, 0.0, 1, 1)
+    assert got.audit_cost_usd == pytest.approx(0.002)
+
+
+def test_a_release_audits_its_canary_and_as_many_stable_calls():
+    assert audit_share("canary", 0.05, 0.2, 0.0) == 0.2
+    assert audit_share("stable", 0.05, 0.2, 0.0) == pytest.approx(0.2 * 0.05 / 0.95)
+    assert audit_share("stable", 0.5, 0.2, 0.0) == pytest.approx(0.2)
+    assert audit_share("stable", 0.05, 0.0, 0.01) == 0.01  # kolm serve --audit-rate: every call
+    assert audit_share("pinned", 0.05, 0.2, 0.0) == 0.0
+    assert audit_share("stable", 0.0, 0.2, 0.0) == 0.0  # no canary running: nothing to compare
 
 
 def test_split_lands_near_the_weight_and_sticky_keys_stay_put():

@@ -1,0 +1,173 @@
+"""Audited online K: a share of served calls is answered by the teacher too, off the request
+path, and the call's output is scored against that reference the way the holdout is.
+
+Pipeline: the ingress decides per call (``rollout.audit_share`` and a draw), then
+``Auditor.submit(AuditJob)`` puts the job on a bounded queue (a full queue drops it, recorded as
+"dropped") -> a worker task asks the teacher once (``AnthropicTeacher``: cached, retried, under
+the cluster-wide quota) -> every output of the job (the served one, and in shadow mode the
+canary's unseen answer to the same input) is scored with the Specialist's verifier against that
+reference -> one ``AuditRecord`` per output goes to the receipt writer, linked to the call by
+its request id, with the teacher's usage and cost.
+
+A teacher outage or budget limit never fails or slows a served call: ``submit`` never waits, and
+a job whose teacher call fails is recorded as "failed", so status can say how many audits are
+missing and why. Must not generate with the model (the ingress hands it outputs) nor write files
+(it hands records to the receipt writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolm_ray.sampling.cache import request_key
+from kolm_ray.sampling.pricing import Prices, cost_usd
+from kolm_ray.sampling.prompt import message_params, system_blocks
+from kolm_ray.sampling.teacher import Teacher
+from kolm_ray.serve.receipts import AuditRecord, digest
+from kolm_ray.verifier import Verifier
+
+log = logging.getLogger("kolm_ray.serve")
+
+
+class AuditOptions(BaseModel):
+    """How a serving application audits: ``kolm serve --audit-rate`` and its limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rate: float = Field(0.0, ge=0, le=1, description="Share of every served call audited against the teacher "
+                        "(a release's --audit-rate adds its canary's share on top).")
+    teacher: str = Field("claude-opus-4-7", description="Teacher model for audits of Specialists whose artifact "
+                         "does not name the teacher it was distilled from.")
+    max_pending: int = Field(256, ge=1, description="Audits queued per ingress replica; past it new ones are "
+                             "dropped (and recorded as dropped), never waited for.")
+    workers: int = Field(4, ge=1, description="Teacher calls in flight for audits per ingress replica.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per audit's teacher call (retries with backoff).")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before one audit's teacher call is abandoned.")
+    max_tokens: int = Field(1024, ge=1, description="Most output tokens of a reference answer.")
+
+
+@dataclass(frozen=True)
+class AuditTarget:
+    """One output to judge against the job's reference."""
+
+    specialist: str
+    version: str
+    artifact_sha256: str
+    route: str
+    output: str
+
+
+@dataclass(frozen=True)
+class AuditJob:
+    request_id: str
+    input: str
+    task: str  # the Specialist's task instruction: the teacher's prompt is built from it and the verifier
+    teacher: str
+    verifier: Verifier
+    targets: Sequence[AuditTarget]
+
+
+def reference_request(job: AuditJob, max_tokens: int) -> tuple[dict[str, Any], str]:
+    """The teacher request of an audit and its cache key: the task and the verifier's output
+    rules as the system prompt, the call's input as the user turn, sample index 0 (the same input
+    audited twice is paid for once)."""
+    params = message_params(model=job.teacher, system=system_blocks(job.task, job.verifier, []),
+                            user_input=job.input, max_tokens=max_tokens, temperature=None)
+    return params, request_key(params, 0)
+
+
+def records_for(job: AuditJob, reference: str | None, *, status: str, now: float, cost: float = 0.0,
+                cached: bool = False, input_tokens: int = 0, output_tokens: int = 0,
+                error: str | None = None) -> list[AuditRecord]:
+    """One record per target; with a reference, each output scored against it (pure)."""
+    out = []
+    share = cost / len(job.targets) if job.targets else 0.0
+    for t in job.targets:
+        checks = job.verifier.score(t.output, job.input, reference) if reference is not None else None
+        out.append(AuditRecord(
+            time=now, request_id=job.request_id, specialist=t.specialist, version=t.version,
+            artifact_sha256=t.artifact_sha256, route=t.route, status=status,  # type: ignore[arg-type]
+            output_sha256=digest(t.output), reference_sha256=digest(reference) if reference is not None else None,
+            t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
+            k=checks.k if checks else None, passed=checks.passed if checks else None, teacher=job.teacher,
+            cached=cached, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=round(share, 8),
+            error=error,
+        ))
+    return out
+
+
+class Auditor:
+    """A bounded queue of audit jobs drained by ``workers`` tasks on the caller's event loop."""
+
+    def __init__(self, teacher: Teacher | None, prices: Callable[[str], Prices | None],
+                 record: Callable[[AuditRecord], None], options: AuditOptions,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.teacher, self.prices, self.record, self.options, self.clock = teacher, prices, record, options, clock
+        self._queue: asyncio.Queue[AuditJob] | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.stats = {"submitted": 0, "ok": 0, "failed": 0, "dropped": 0, "cost_usd": 0.0}
+
+    def _start(self) -> asyncio.Queue:
+        if self._queue is None:  # created on the serving event loop, at the first audit
+            self._queue = asyncio.Queue(maxsize=self.options.max_pending)
+            self._tasks = [asyncio.get_running_loop().create_task(self._work(), name=f"audit-{i}")
+                           for i in range(self.options.workers)]
+        return self._queue
+
+    def submit(self, job: AuditJob) -> bool:
+        """Queue ``job`` without waiting; False (and "dropped" records) when the queue is full.
+        Must be called on the event loop that serves requests."""
+        queue = self._start()
+        self.stats["submitted"] += 1
+        try:
+            queue.put_nowait(job)
+            return True
+        except asyncio.QueueFull:
+            self.stats["dropped"] += 1
+            for r in records_for(job, None, status="dropped", now=self.clock(),
+                                 error=f"audit queue full ({self.options.max_pending} pending)"):
+                self.record(r)
+            return False
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                for r in await self.audit(job):
+                    self.record(r)
+            except Exception:  # noqa: BLE001 - an audit never takes the worker (or the server) down
+                log.exception("audit of %s failed", job.request_id)
+            finally:
+                self._queue.task_done()
+
+    async def audit(self, job: AuditJob) -> list[AuditRecord]:
+        """Ask the teacher for the reference and score every target against it."""
+        if self.teacher is None:
+            self.stats["failed"] += 1
+            return records_for(job, None, status="failed", now=self.clock(),
+                               error="no teacher: set ANTHROPIC_API_KEY where the ingress runs")
+        params, key = reference_request(job, self.options.max_tokens)
+        res = await self.teacher.sample(params, key)
+        if res.text is None:
+            self.stats["failed"] += 1
+            return records_for(job, None, status="failed", now=self.clock(), error=res.error)
+        prices = self.prices(job.teacher)
+        cost = 0.0 if res.cached or prices is None else cost_usd(res.usage, prices)
+        self.stats["ok"] += 1
+        self.stats["cost_usd"] += cost
+        return records_for(job, res.text, status="ok", now=self.clock(), cost=cost, cached=res.cached,
+                           input_tokens=res.usage.input_tokens, output_tokens=res.usage.output_tokens)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for queued audits to finish, e.g. before a graceful shutdown."""
+        if self._queue is not None:
+            try:
+                await asyncio.wait_for(self._queue.join(), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("%d audits still pending at shutdown", self._queue.qsize())
