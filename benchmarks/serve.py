@@ -63,7 +63,9 @@ def inprocess(base: Path, artifacts: list[Path], trust, prompts: list[str], max_
     return {"rps": len(prompts) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
 
 
-async def http_load(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def http_load(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int,
+                    keep: bool = False) -> dict:
+    """Requests/s and p50/p99 of ``prompts`` sent ``concurrency`` at a time; ``keep`` adds every latency."""
     import aiohttp
 
     lat: list[float] = []
@@ -86,7 +88,8 @@ async def http_load(url: str, models: list[str], prompts: list[str], concurrency
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - t0
-    return {"rps": len(prompts) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "errors": errors}
+    return {"rps": len(prompts) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "errors": errors,
+            **({"latencies": list(lat)} if keep else {})}
 
 
 def served(artifacts: list[Path], trust_key: Path, store: Path, port: int, cpus: float, batch: int,

@@ -35,7 +35,7 @@ from kolm_ray.sampling.pricing import Prices
 from kolm_ray.signing import Signer
 from kolm_ray.train.base import BaseRef, directory_digest, resolve_base
 from kolm_ray.train.config import FitConfig
-from kolm_ray.train.eval import EvalResult, evaluate, max_new_tokens_for
+from kolm_ray.train.eval import EvalResult, decoding_for, evaluate
 from kolm_ray.train.fit import FitResult, fit, run_name
 from kolm_ray.verifier import Verifier, synthesize
 
@@ -268,7 +268,7 @@ def compile_specialist(
         "task": cfg.task,
         "base": {"name": p.base.name, **p.base.fingerprint()},
         "prompt": {"system": cfg.task, "format": "chat_template"},
-        "generation": {"max_new_tokens": max_new_tokens_for(verifier)},
+        "generation": decoding_for(verifier).manifest(),  # what the eval decoded with; serving reads it
         "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
                     "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,
                     "paid_this_run_usd": s.cost_usd},

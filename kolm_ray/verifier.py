@@ -1,19 +1,31 @@
-"""The verifier: synthesized from a task instruction and example rows, it scores one output.
+"""The verifier: synthesized from a task's instruction and example outputs, it scores one output.
 
-Pipeline: ``synthesize(instruction, references)`` -> ``Verifier`` (a versioned, JSON-serializable
-pydantic model that goes into the artifact) -> ``Verifier.score(output, input, reference)`` ->
-``Checks`` (T, C, L in 0..1 and a pass/fail) -> ``kolm_ray.kscore.score_rows`` aggregates rows
-into a K-score.
+Pipeline::
+
+    read_instruction(instruction) -> InstructionSpec
+        what the instruction states outright: a label set, JSON keys and types, word, sentence
+        and bullet counts, the output language. Conservative: ordinary prose yields nothing.
+    synthesize(instruction, references, inputs)            rows with reference outputs:
+        the references win; the instruction fills in what they do not show.
+    synthesize_from_samples(instruction, samples, inputs)  rows without: the instruction
+        first; the rest from the teacher samples' consensus (each row's majority shape, then
+        the majority across rows), so a wrong-shaped minority of samples fails C.
+    -> Verifier (a versioned, JSON-serializable pydantic model that goes into the artifact;
+       ``sources`` and ``learned()`` say what was learned from where)
+    -> Verifier.score(output, input, reference) -> Checks (T, C, L in 0..1 and a pass/fail)
+    -> kolm_ray.kscore.score_rows aggregates rows into a K-score.
 
 The three checks:
 
-* **C, conformance** to the output kind inferred from the references: ``label`` (a small
-  closed set), ``json`` (an inferred JSON Schema) or ``text`` (structural rules). With a
+* **C, conformance** to the output kind: ``label`` (a small closed set), ``json`` (a JSON
+  Schema) or ``text`` (structural rules: lines, markdown, preamble, punctuation, and where
+  stated, sentence and bullet counts). An output language, where stated, is a C rule too.
+  Breaking a rule the instruction states (sentences, bullets, language) fails the row. With a
   reference, agreement with it counts too.
-* **L, length band**: a word-count band learned from the references or read from the
-  instruction ("a 60-word TLDR"); 1 inside, falling off linearly outside.
+* **L, length band**: a word-count band learned from the references or samples, or read from
+  the instruction ("a 60-word TLDR"); 1 inside, falling off linearly outside.
 * **T, topic overlap**: content-word overlap of the output with its input (and with the
-  reference where given), calibrated so that references score near 1.
+  reference where given), calibrated so that references (or consensus samples) score near 1.
 
 A check that does not fit the kind gets weight 0 and a note saying why. This module must not
 call a model or the network, and must stay deterministic and fast (thousands of outputs a
@@ -27,6 +39,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import jsonschema
@@ -34,11 +47,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from kolm_ray.errors import InputError
 
-VERIFIER_FORMAT_VERSION = 1
+VERIFIER_FORMAT_VERSION = 2
+# Version 1 had no instruction reading: its files load with the new fields at their defaults.
+_READABLE_FORMAT_VERSIONS = frozenset({1, 2})
 
 Kind = Literal["label", "json", "text"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_LETTERS = re.compile(r"[^\W\d_]+")
 _STOPWORDS = frozenset(
     """a about above after again against all also am an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from further
@@ -50,17 +66,21 @@ _STOPWORDS = frozenset(
     yet via per within without across""".split()
 )
 _MARKDOWN = re.compile(r"(^\s{0,3}#{1,6}\s)|(^\s*[-*+]\s)|(^\s*\d+[.)]\s)|(\*\*[^*]+\*\*)|(^```)", re.M)
-_BULLET = re.compile(r"^\s*([-*+]|\d+[.)])\s", re.M)
+_BULLET = re.compile(r"^\s*([-*+\u2022]|\d+[.)])\s", re.M)
 _PREAMBLE = re.compile(
     r"^\s*(here(?:'s| is| are)\b|sure\b|certainly\b|of course\b|as an ai\b|i (?:can|will|would)\b|okay\b)",
     re.I,
 )
 _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n(.*?)\n\s*```\s*$", re.S)
-# "a 60-word TLDR", "in 60 words", "under 100 words", "at most 50 words"
-_LENGTH_IN_INSTRUCTION = re.compile(
-    r"(?:(under|at most|no more than|fewer than|less than|max(?:imum)?(?: of)?|up to)\s+)?(\d{1,4})[\s-]?words?\b",
-    re.I,
-)
+_TERMINAL = ".!?\"')]"
+# A sentence ends at . ! ? (and closing quotes) before a space or the end, except a period
+# after an initial ("U.S.") or a common abbreviation.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "mr", "mrs", "ms", "dr", "vs", "st", "etc", "no", "approx"})
+# A bare label: one line, a few words, no inner punctuation ("Category: billing" is chatter).
+_LABEL_SHAPE = re.compile(r"[^\W_][\w \-/&+']*")
+_LABEL_MAX_WORDS = 5
+_LABEL_MAX_CHARS = 48
 
 # Reference agreement for free text: a faithful paraphrase shares about half of its content
 # words with the reference, so F1 of 0.5 already counts as full agreement.
@@ -68,6 +88,16 @@ _REFERENCE_OVERLAP_FULL = 0.5
 # Below this share of content words taken from the input, references do not "talk about" their
 # input (creative text, fixed phrasing), and topic overlap says nothing.
 _TOPIC_MIN_LEVEL = 0.12
+# A stated rule (sentences, bullets, language) broken caps C below the 0.5 floor: the row fails.
+_BROKEN_STATED_RULE_C = 0.4
+# Teacher samples: a rule or key holds when this share of the consensus-shape samples shows it
+# (references need all of them; samples are noisier).
+_SAMPLE_QUORUM = 0.8
+# Word counts this small are a short answer, not a text shape: the kind is left to the examples.
+_SHORT_ANSWER_WORDS = 5
+
+
+# ----- text measures -------------------------------------------------------------------------
 
 
 def content_words(text: str) -> frozenset[str]:
@@ -82,6 +112,30 @@ def _content_words_cached(text: str) -> frozenset[str]:
 
 def word_count(text: str) -> int:
     return len(_WORD.findall(text.lower()))
+
+
+def sentence_count(text: str) -> int:
+    """Sentences in ``text``: ends at . ! ? (not after an initial or e.g./Mr./etc.) and line breaks."""
+    n = 0
+    for line in text.splitlines():
+        last = 0
+        for m in _SENTENCE_END.finditer(line):
+            if line[m.start()] == ".":
+                before = line[last:m.start()].rsplit(None, 1)
+                word = before[-1].lower().lstrip("(\"'") if before else ""
+                if word in _ABBREVIATIONS or (len(word.rsplit(".", 1)[-1]) == 1 and word[-1:].isalpha()):
+                    continue
+            if _LETTERS.search(line, last, m.start()):
+                n += 1
+            last = m.end()
+        if _LETTERS.search(line, last):
+            n += 1
+    return n
+
+
+def bullet_count(text: str) -> int:
+    """Lines of ``text`` that start a bullet (``-``, ``*``, ``+``, ``\u2022`` or ``1.``)."""
+    return len(_BULLET.findall(text))
 
 
 def normalize_label(text: str) -> str:
@@ -101,11 +155,600 @@ def parse_json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+# ----- output language -----------------------------------------------------------------------
+
+# A small built-in profile: the commonest function words of each of seven languages. Enough to
+# tell which of them a sentence or more is written in, in microseconds; anything else (short
+# text, other languages, mixed text) is "unsure" (None). ``detect_language`` is the one place to
+# swap in a real language-identification library.
+_LANGUAGE_PROFILES = {
+    "en": """the and of to is are was were that this it with for on be have has not by from at which
+        their they will would an or as but we you he she its been these there what who""",
+    "es": """el la los las de del que y en un una es son por para con no se su sus al lo como más pero
+        muy este esta está también sobre entre fue ha han hay desde cuando porque ya""",
+    "fr": """le la les de des du et est un une en que qui dans pour pas sur au aux avec ce cette ces il
+        elle ils sont ont mais plus par ne se leur été très aussi nous vous être""",
+    "de": """der die das den dem des und ist sind nicht ein eine einen einem mit von zu auf für im es
+        sich auch dass wird werden wurde hat haben bei aus nach oder aber wie noch über sie er wir""",
+    "it": """il lo la gli le di del della dei che e è un una per non con sono si da nel nella alla al
+        anche ma più come questo questa essere ha hanno stato molto loro tra dopo""",
+    "pt": """o a os as de do da dos das que e é um uma em no na nos nas para com não por se mais como mas
+        foi são ao à seu sua também está pelo pela muito já isso""",
+    "nl": """de het een en van is zijn dat die niet in op te met voor aan er ook als maar om bij door
+        wordt worden naar nog dit deze heeft hebben was uit over kan wel geen ik je we""",
+}
+
+
+def _profile_index() -> dict[str, tuple[tuple[str, float], ...]]:
+    """word -> ((language, weight), ...): a word in n profiles counts 1/n for each."""
+    langs: dict[str, list[str]] = {}
+    for lang, words in sorted(_LANGUAGE_PROFILES.items()):
+        for w in sorted(set(words.split())):
+            langs.setdefault(w, []).append(lang)
+    return {w: tuple((lang, 1 / len(ls)) for lang in ls) for w, ls in langs.items()}
+
+
+_PROFILE_INDEX = _profile_index()
+# Weighted function-word hits needed, and the lead over the runner-up, to name a language.
+_LANGUAGE_MIN_EVIDENCE = 2.0
+_LANGUAGE_MARGIN = 1.5
+_LANGUAGE_SAMPLE_CHARS = 2000
+# Punctuation and digits to spaces: str.split is several times faster than a Unicode regex.
+_NOT_WORD_CHARS = str.maketrans(
+    {c: " " for c in ".,;:!?\"'()[]{}<>\u00bf\u00a1\u00ab\u00bb\u201c\u201d\u2018\u2019-\u2013\u2014/\\*#_|&+=%$@0123456789"}
+)
+
+_LANGUAGE_CODES = {
+    "english": "en", "spanish": "es", "french": "fr", "german": "de", "italian": "it",
+    "portuguese": "pt", "dutch": "nl", "polish": "pl", "swedish": "sv", "danish": "da",
+    "norwegian": "no", "finnish": "fi", "russian": "ru", "ukrainian": "uk", "turkish": "tr",
+    "greek": "el", "arabic": "ar", "hebrew": "he", "hindi": "hi", "japanese": "ja",
+    "chinese": "zh", "korean": "ko", "indonesian": "id", "vietnamese": "vi", "thai": "th",
+}
+_LANGUAGE_NAMES = {code: name.capitalize() for name, code in _LANGUAGE_CODES.items()}
+
+
+def detect_language(text: str) -> str | None:
+    """The language of ``text`` as an ISO 639-1 code, or None when unsure.
+
+    A built-in stopword profile for en, es, fr, de, it, pt and nl: deterministic and fast, but
+    it needs a sentence or so of text and names no other language (it says None for those).
+    """
+    scores: dict[str, float] = {}
+    # The first couple of thousand characters say enough, and keep long outputs cheap.
+    for w in text[:_LANGUAGE_SAMPLE_CHARS].lower().translate(_NOT_WORD_CHARS).split():
+        hits = _PROFILE_INDEX.get(w)
+        if hits:
+            for lang, weight in hits:
+                scores[lang] = scores.get(lang, 0.0) + weight
+    if not scores:
+        return None
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    best, top = ranked[0]
+    runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
+    if top < _LANGUAGE_MIN_EVIDENCE or top < _LANGUAGE_MARGIN * runner_up:
+        return None
+    return best
+
+
+# ----- reading the instruction ---------------------------------------------------------------
+
+
+class CountRange(BaseModel):
+    """A count the output must keep: ``lo`` to ``hi`` inclusive; a missing end is open."""
+
+    model_config = ConfigDict(frozen=True)
+    lo: int | None = Field(None, description="Fewest allowed; None: no lower bound.")
+    hi: int | None = Field(None, description="Most allowed; None: no upper bound.")
+
+    def contains(self, n: int) -> bool:
+        return (self.lo is None or n >= self.lo) and (self.hi is None or n <= self.hi)
+
+    def covering(self, counts: Sequence[int]) -> "CountRange":
+        """This range widened just enough to hold every one of ``counts``."""
+        if not counts:
+            return self
+        lo = None if self.lo is None else min(self.lo, min(counts))
+        hi = None if self.hi is None else max(self.hi, max(counts))
+        return CountRange(lo=lo, hi=hi)
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.lo == self.hi:
+            return str(self.lo)
+        if self.lo is not None and self.hi is not None:
+            return f"{self.lo}-{self.hi}"
+        return f"at least {self.lo}" if self.lo is not None else f"at most {self.hi}"
+
+
+class JsonKey(BaseModel):
+    """A JSON key the instruction names."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str = Field(description="The key, as the instruction spells it.")
+    type: str | None = Field(None, description="The JSON Schema type the instruction states, if any.")
+    enum: list[str] | None = Field(None, description="The values the instruction allows ('one of ...'), if any.")
+
+
+class InstructionSpec(BaseModel):
+    """What a task instruction states outright about its output; ``read_instruction`` builds it."""
+
+    model_config = ConfigDict(frozen=True)
+    labels: list[str] | None = Field(None, description="A closed label set the instruction lists.")
+    label_only: bool = Field(False, description="The instruction asks for the bare label ('Answer with the label only').")
+    json_output: bool = Field(False, description="The instruction asks for JSON output.")
+    json_keys: list[JsonKey] = Field(default_factory=list, description="JSON keys the instruction names, in order.")
+    words: CountRange | None = Field(None, description="Word count ('a 60-word', 'under 20 words'); lo == hi: a target.")
+    sentences: CountRange | None = Field(None, description="Sentence count ('in one sentence', 'at most 3 sentences').")
+    bullets: CountRange | None = Field(None, description="Bullet count ('3 bullets', 'three bullet points').")
+    bullet_list: bool = Field(False, description="The instruction asks for a bullet list.")
+    language: str | None = Field(None, description="Output language as an ISO 639-1 code ('Answer in French').")
+
+    @property
+    def kind(self) -> Kind | None:
+        """The output kind the instruction implies, or None where it does not say."""
+        if self.json_output:
+            return "json"
+        if self.labels or self.label_only:
+            return "label"
+        long_words = self.words is not None and max(self.words.lo or 0, self.words.hi or 0) > _SHORT_ANSWER_WORDS
+        if self.sentences or self.bullets or self.bullet_list or long_words:
+            return "text"
+        return None
+
+
+_NUMBER_WORDS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+}
+_NUM = r"\d{1,4}|" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True))
+_AT_MOST = (r"under|at\s+most|no\s+more\s+than|not\s+more\s+than|fewer\s+than|less\s+than|no\s+longer\s+than"
+            r"|max(?:imum)?(?:\s+of)?|up\s+to|within")
+_AT_LEAST = r"at\s+least|no\s+fewer\s+than|no\s+less\s+than|min(?:imum)?(?:\s+of)?"
+
+
+def _count_pattern(unit: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"\b(?:between\s+(?P<a>{_NUM})\s+and\s+(?P<b>{_NUM})"
+        rf"|(?P<c>{_NUM})\s*(?:-|\u2013|to)\s*(?P<d>{_NUM})"
+        rf"|(?:(?P<bound>{_AT_MOST}|{_AT_LEAST}|exactly)\s+)?(?P<n>{_NUM}))[\s-]+(?:{unit})\b",
+        re.I,
+    )
+
+
+# "a 60-word TLDR", "in 60 words", "under 20 words", "between 40 and 60 words", "40-60 words"
+_LENGTH_IN_INSTRUCTION = _count_pattern(r"words?")
+_SENTENCES_IN_INSTRUCTION = _count_pattern(r"sentences?")
+_ONE_SENTENCE = re.compile(r"\b(?:in\s+a(?:\s+single)?\s+sentence|a\s+single\s+sentence|single[\s-]sentence)\b", re.I)
+_BULLETS_IN_INSTRUCTION = _count_pattern(r"bullet(?:ed)?[\s-]?points?|bullets?")
+_BULLET_LIST_OF = re.compile(
+    rf"\bbullet(?:ed)?[\s-]?(?:point\s+)?list\s+(?:of|with)\s+(?P<n>{_NUM})\s+(?:items|points|bullets)\b", re.I
+)
+_BULLET_LIST = re.compile(r"\b(?:bullet(?:ed)?[\s-]?(?:list|points)|as\s+bullets)\b", re.I)
+# A count right after these words is about something else: "the 3 sentences below", "more than".
+_NOT_A_STATED_COUNT = frozenset(
+    "the these those first last following than over not no is are was were has have had contains".split()
+)
+_EACH = re.compile(r"\s*(?:each|apiece|per\b|for\s+each|in\s+each)", re.I)
+_NEGATION = re.compile(
+    r"\b(?:no|not|never|without|don't|do\s+not|avoid|instead\s+of|rather\s+than)\W+(?:\w+\W+){0,2}$", re.I
+)
+
+_LANGUAGE_NAME = "|".join(_LANGUAGE_CODES)
+_LANGUAGE_IN_INSTRUCTION = re.compile(
+    r"\b(?P<verb>answer|respond|reply|write|written|output|return|summari[sz]e|translate|translated|draft|compose"
+    r"|rewrite|explain|describe|give|produce|generate)\b(?P<gap>[^.!?\n;:]{0,60}?)"
+    rf"\b(?:in|into)\s+(?:plain\s+|simple\s+|fluent\s+|formal\s+|informal\s+|natural\s+)?(?P<lang>{_LANGUAGE_NAME})\b"
+    rf"(?P<alternative>\s*(?:,|or|and|/)\s*(?:{_LANGUAGE_NAME})\b)?",
+    re.I,
+)
+_COPULA = re.compile(r"\b(?:is|are|was|were)\s*$", re.I)
+_RELATIVE = re.compile(r"\b(?:which|that|who|is|are|was|were)\b", re.I)
+
+_LABEL_ONLY = re.compile(
+    r"\b(?:answer|respond|reply|output|return|give|print|write)\s+(?:with\s+)?(?:only|just)\s+(?:the|a|one)\s+"
+    r"(?:single\s+)?(?:label|category|class|tag)\b"
+    r"|\b(?:the|a|one)\s+(?:single\s+)?(?:label|category|class|tag)(?:\s+name)?\s+(?:only|alone|and\s+nothing\s+else)\b",
+    re.I,
+)
+_LABEL_NOUNS = r"labels|categories|classes|values|options|tags|teams|queues|intents|sentiments|answers|choices"
+_ONE_OF = re.compile(
+    r"\b(?:exactly\s+)?one\s+of(?P<explicit>\s+the\s+following|\s+these|\s+those)?"
+    rf"(?:\s+(?P<noun>{_LABEL_NOUNS}))?\s*(?P<colon>:)?[ \t]*",
+    re.I,
+)
+_LABELS_ARE = re.compile(
+    r"\b(?:possible\s+|allowed\s+|valid\s+)?(?:labels?|categories|classes|tags|options|choices)\s*(?P<colon>:)[ \t]*"
+    r"|\bthe\s+(?:possible\s+|allowed\s+|valid\s+)?(?:labels|categories|classes)\s+are\b[ \t]*",
+    re.I,
+)
+# "to one team: billing, account or bug"
+_ONE_NOUN = re.compile(
+    r"\b(?:one|a\s+single|exactly\s+one)\s+(?:label|category|class|tag|team|queue|intent|sentiment|value|option)"
+    r"\s*:[ \t]*",
+    re.I,
+)
+_CLASSIFY_AS = re.compile(
+    r"\b(?:classify|categori[sz]e|label|tag|mark|rate|sort|flag)\b[^.;:\n]{0,60}?\bas\s+(?:either\s+)?"
+    r"|\broute\b[^.;:\n]{0,40}?\bto\s+(?:either\s+)?(?:the\s+)?",
+    re.I,
+)
+_ANSWER_QUOTED = re.compile(
+    r"\b(?:answer|respond|reply|output|return|say|choose|pick|select)\b[^.;:\n\"'`\u201c]{0,30}?(?=[\"'`\u201c])",
+    re.I,
+)
+_PIPE_LIST = re.compile(r"(?<![|\w-])([\w-]+(?:[ \t]*\|[ \t]*[\w-]+)+)(?![\w|-])")
+# A pipe list is a label set in brackets ("(billing|sales)") or right after an answer verb;
+# elsewhere ("Format: name | company") it is a layout.
+_PIPE_ENCLOSED = re.compile(r"[(\[{`][ \t]*$")
+_PIPE_AFTER_VERB = re.compile(
+    r"\b(?:answer|respond|reply|output|return|say|classify|label|choose|pick|select)\b[^.;:\n|]{0,20}$", re.I
+)
+_LIST_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)\.(?=\s|$)|[;!?\n()\[\]]|:(?=\s)", re.I)
+_LIST_SPLIT = re.compile(r"\s*,\s*(?:or|and)\s+|\s*,\s*|\s+or\s+|\s+and\s+|\s*\|\s*", re.I)
+_OPEN_SET = re.compile(r"\b(?:etc|e\.g|for\s+example|such\s+as|like|and\s+so\s+on|among\s+others)\b|\.\.\.|\u2026", re.I)
+# Prose that follows the last item of a list: "billing, sales or spam for each ticket".
+_AFTER_LIST = re.compile(
+    r"\s+(?:based|depending|according|for|given|using|from|that|which|if|when|because|so|to|with|in|on|by"
+    r"|after|before|unless|whichever|only|as)\b.*$",
+    re.I,
+)
+_QUOTED = re.compile(r"[\"`\u201c\u2018']([^\"`\u201d\u2019'\n]{1,48})[\"`\u201d\u2019']")
+_QUOTED_GAP = re.compile(r"\s*(?:,\s*(?:or|and)\s+|,|or|and|\||/)\s*$", re.I)
+_LIST_STOP_ITEMS = frozenset({"nothing else", "nothing more", "no other text", "nothing", "only"})
+_DETERMINERS = frozenset(
+    "a an the our your their my his her its this that these those them us you me him it any some each every "
+    "many several all other another".split()
+)
+_STRICT_ITEM = re.compile(r"(?:(?:not|no)\s+)?[^\W_][\w-]*", re.I)
+_LOOSE_ITEM = re.compile(r"[^\W_][\w \-&+/']{0,39}", re.I)
+
+_JSON_OUTPUT = re.compile(
+    r"\b(?:as|in|into|return|returns|output|outputs|emit|produce|generate|give|write|respond\s+with|reply\s+with"
+    r"|answer\s+with|format(?:ted)?\s+as|valid)\s+"
+    r"(?:(?:a|an|one|only|single|valid|strict|compact|minified|just|raw|well-formed)\s+){0,3}json\b",
+    re.I,
+)
+_JSON_WITH = re.compile(
+    r"\s*(?:object\s+)?(?:with|containing|having|including)\s+(?:the\s+|exactly\s+)?"
+    r"(?:(?P<noun>keys|fields|properties|attributes)\s*:?\s*)?",
+    re.I,
+)
+_KEYS_NAMED = re.compile(r"\b(?:keys|fields|properties)\b(?:\s*(?P<colon>:)|\s+(?:are|named|called)\b)?\s*", re.I)
+_TYPE_WORDS = (
+    ("array", r"arrays?|lists?"),
+    ("integer", r"integers?|int|whole\s+numbers?"),
+    ("number", r"numbers?|floats?|decimals?|numeric"),
+    ("boolean", r"booleans?|bool|true/false|true\s+or\s+false"),
+    ("object", r"objects?|dict|mapping"),
+    ("string", r"strings?|str|text"),
+)
+_A_TYPE_WORD = "(?:" + "|".join(rx for _, rx in _TYPE_WORDS) + r")\b"
+_TYPE_WORD = re.compile("|".join(rf"(?P<{name}>\b(?:{rx})\b)" for name, rx in _TYPE_WORDS), re.I)
+_TYPE_AFTER_KEY = re.compile(
+    r"(?:\s+(?:key|field|property|value))?\s*(?:\(\s*|:\s*|\s+as\s+|\s*[-\u2014\u2013]\s*|\s+is\s+)(?:an?\s+)?"
+    rf"(?={_A_TYPE_WORD})",
+    re.I,
+)
+_KEY_ITEM = re.compile(
+    r"[\"'`\u201c]?(?P<key>[A-Za-z_][\w-]*)[\"'`\u201d]?\s*(?:\((?P<t1>[^)]*)\)|:\s*(?P<t2>[A-Za-z][A-Za-z ]*))?"
+)
+_TYPED_PAIR = re.compile(
+    rf"(?<![\w\"'`])[\"'`]?(?P<key>[A-Za-z_][\w-]*)[\"'`]?\s*:\s*(?:an?\s+)?(?={_A_TYPE_WORD})",
+    re.I,
+)
+_KEY_LIST_END = re.compile(r"\.(?=\s|$)|[;\n]")
+_NOT_KEYS = frozenset("output answer format input note notes example response return returns".split())
+
+
+def read_instruction(instruction: str) -> InstructionSpec:
+    """Read what ``instruction`` states outright about its output. Pure and conservative.
+
+    Recognizes: label sets ("one of: a, b, c", "one of a, b or c", "labels: a, b", "classify
+    as a or b", "(a|b)", quoted lists after "answer"), "Answer with the label only"; JSON
+    output ("Return JSON", "as JSON with a, b and c") with keys named in a list, in quotes or
+    backticks, in an example object, and their types where stated ('"score" (integer)',
+    "name: string") and values ('"intent" one of a, b'); word counts ("60-word", "under 20
+    words", "between 40 and 60 words"), sentence counts ("in one sentence", "at most three
+    sentences"), bullet counts ("3 bullets", "three bullet points"); the output language
+    ("Answer in French", "written in German", "translate into Spanish"). Anything unclear is
+    left out: ordinary prose ("one of our customers") never yields a label set.
+    """
+    text = instruction.strip()
+    json_output = _reads_json_output(text)
+    label_only = bool(_LABEL_ONLY.search(text)) and not json_output
+    return InstructionSpec(
+        labels=None if json_output else _read_labels(text, label_only),
+        label_only=label_only,
+        json_output=json_output,
+        json_keys=_read_json_keys(text) if json_output else [],
+        words=_read_count(_LENGTH_IN_INSTRUCTION, text),
+        sentences=_read_sentences(text),
+        bullets=_read_bullets(text),
+        bullet_list=any(not _negated(text, m.start()) for m in _BULLET_LIST.finditer(text)),
+        language=_read_language(text),
+    )
+
+
+def _negated(text: str, start: int) -> bool:
+    return bool(_NEGATION.search(text[max(0, start - 40):start]))
+
+
+def _number(token: str) -> int:
+    return int(token) if token.isdigit() else _NUMBER_WORDS[token.lower()]
+
+
+def _read_count(pattern: re.Pattern[str], text: str) -> CountRange | None:
+    for m in pattern.finditer(text):
+        if m.group("a") or m.group("c"):
+            x, y = (_number(m.group("a")), _number(m.group("b"))) if m.group("a") else (
+                _number(m.group("c")), _number(m.group("d")))
+            return CountRange(lo=min(x, y), hi=max(x, y))
+        n, bound = _number(m.group("n")), (m.group("bound") or "").lower()
+        before = text[:m.start()].split()
+        if not bound and (before and before[-1].lower().strip(",") in _NOT_A_STATED_COUNT):
+            continue  # "the 3 sentences below", "more than 20 words": not a stated count
+        if _negated(text, m.start()) or _EACH.match(text, m.end()):
+            continue  # "do not write 3 sentences"; "one sentence each", "20 words per bullet"
+        if bound and re.fullmatch(_AT_MOST, bound):
+            return CountRange(hi=n)
+        if bound and re.fullmatch(_AT_LEAST, bound):
+            return CountRange(lo=n)
+        return CountRange(lo=n, hi=n)
+    return None
+
+
+def _read_sentences(text: str) -> CountRange | None:
+    stated = _read_count(_SENTENCES_IN_INSTRUCTION, text)
+    if stated is None and _ONE_SENTENCE.search(text):
+        return CountRange(lo=1, hi=1)
+    return stated
+
+
+def _read_bullets(text: str) -> CountRange | None:
+    stated = _read_count(_BULLETS_IN_INSTRUCTION, text)
+    if stated is None and (m := _BULLET_LIST_OF.search(text)) and not _negated(text, m.start()):
+        n = _number(m.group("n"))
+        return CountRange(lo=n, hi=n)
+    return stated
+
+
+def _read_language(text: str) -> str | None:
+    found: set[str] = set()
+    for m in _LANGUAGE_IN_INSTRUCTION.finditer(text):
+        if m.group("verb").lower() == "written" and _COPULA.search(text[:m.start()]):
+            continue  # "the emails are written in German": the input, not the output
+        if _RELATIVE.search(m.group("gap")):
+            continue  # "summarize the text, which is in French"
+        if m.group("alternative"):
+            return None  # "in English or Spanish": no one language
+        found.add(_LANGUAGE_CODES[m.group("lang").lower()])
+    return found.pop() if len(found) == 1 else None
+
+
+def _reads_json_output(text: str) -> bool:
+    return any(not _negated(text, m.start()) for m in _JSON_OUTPUT.finditer(text))
+
+
+# -- label sets
+
+
+def _read_labels(text: str, label_only: bool) -> list[str] | None:
+    """The first clearly stated closed label set, or None."""
+    candidates: list[tuple[int, list[str] | None]] = []
+    for m in _ONE_OF.finditer(text):
+        explicit = bool(m.group("explicit") or m.group("noun") or m.group("colon"))
+        min_items = 2 if explicit or label_only else 3
+        candidates.append((m.start(), _list_at(text, m.end(), strict=not explicit, min_items=min_items)))
+    for m in _LABELS_ARE.finditer(text):
+        explicit = bool(m.group("colon"))
+        candidates.append((m.start(), _list_at(text, m.end(), strict=not explicit, min_items=2 if explicit else 3)))
+    for m in _ONE_NOUN.finditer(text):
+        candidates.append((m.start(), _list_at(text, m.end(), strict=False, min_items=2)))
+    for m in _CLASSIFY_AS.finditer(text):
+        candidates.append((m.start(), _list_at(text, m.end(), strict=True, min_items=2)))
+    for m in _ANSWER_QUOTED.finditer(text):
+        candidates.append((m.start(), _quoted_list_at(text, m.end())[0]))
+    for m in _PIPE_LIST.finditer(text):
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        before = text[line_start:m.start()]
+        if _PIPE_ENCLOSED.search(before) or _PIPE_AFTER_VERB.search(before):
+            candidates.append((m.start(), _clean_items([p for p in m.group(1).split("|")], strict=True, min_items=2)))
+    for _, labels in sorted(candidates, key=lambda c: c[0]):
+        if labels:
+            return labels
+    return None
+
+
+def _list_at(text: str, pos: int, *, strict: bool, min_items: int) -> list[str] | None:
+    """The list of short items that starts at ``pos`` (quoted, comma/or/pipe separated, or bullets)."""
+    return _list_span_at(text, pos, strict=strict, min_items=min_items)[0]
+
+
+def _list_span_at(text: str, pos: int, *, strict: bool, min_items: int) -> tuple[list[str] | None, int]:
+    """``_list_at`` and where the list's text ends."""
+    if text[pos:pos + 1] in ("(", "["):
+        pos += 1
+    rest = text[pos:]
+    if rest.lstrip(" \t").startswith("\n"):
+        return _bullet_items(rest), pos + len(rest)
+    if rest.lstrip()[:1] in "\"`\u201c'\u2018":
+        return _quoted_list_at(text, pos)
+    end = _LIST_END.search(rest)
+    tail = rest[: end.start() if end else len(rest)]
+    if quote := re.search(r"[\"`\u201c]", tail):  # an unquoted list ends where quoting starts
+        tail = re.sub(r"(?:\s*,)?\s*\b(?:and|or)\s*$", "", tail[:quote.start()])
+    if _OPEN_SET.search(tail):
+        return None, pos + len(tail)  # "such as billing, sales, etc.": an open set
+    return _clean_items(_LIST_SPLIT.split(tail.strip()), strict=strict, min_items=min_items), pos + len(tail)
+
+
+def _clean_items(raw: list[str], *, strict: bool, min_items: int) -> list[str] | None:
+    items = [r.strip().strip("\"'`.,") for r in raw]
+    while items and items[-1].lower() in _LIST_STOP_ITEMS:
+        items.pop()
+    if items:
+        items[-1] = _AFTER_LIST.sub("", items[-1]).strip()
+    shape = _STRICT_ITEM if strict else _LOOSE_ITEM
+    if len(items) < min_items:
+        return None
+    for item in items:
+        words = item.lower().split()
+        if not item or not shape.fullmatch(item) or len(words) > 3 or words[0] in _DETERMINERS:
+            return None
+    return _dedupe(items)
+
+
+def _bullet_items(rest: str) -> list[str] | None:
+    items = []
+    for line in rest.lstrip(" \t").splitlines()[1:]:
+        m = re.match(r"\s*(?:[-*+\u2022]|\d+[.)])\s+(.*)", line)
+        if not m:
+            if line.strip():
+                break
+            if items:
+                break
+            continue
+        label = re.split(r"\s*(?::|\s[-\u2013\u2014]\s)", m.group(1), maxsplit=1)[0].strip().strip("\"'`")
+        items.append(label)
+    return _clean_items(items, strict=False, min_items=2)
+
+
+def _quoted_list_at(text: str, pos: int) -> tuple[list[str] | None, int]:
+    """Quoted items joined by , or and | from ``pos`` on, and where they end."""
+    items: list[str] = []
+    last = pos
+    for m in _QUOTED.finditer(text, pos):
+        gap = text[last:m.start()]
+        if items and not _QUOTED_GAP.fullmatch(gap):
+            break
+        if not items and gap.strip():
+            return None, pos
+        items.append(m.group(1).strip())
+        last = m.end()
+    if len(items) < 2 or any(len(i.split()) > _LABEL_MAX_WORDS for i in items):
+        return None, last
+    return _dedupe(items), last
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    seen: dict[str, str] = {}
+    for item in items:
+        seen.setdefault(normalize_label(item), item)
+    return list(seen.values())
+
+
+# -- JSON keys
+
+
+def _read_json_keys(text: str) -> list[JsonKey]:
+    found: dict[str, tuple[int, str | None]] = {}  # key -> (first position, stated type)
+
+    def add(key: str, pos: int, type_text: str | None) -> None:
+        t = _json_type_named(type_text) if type_text else None
+        if key not in found:
+            found[key] = (pos, t)
+        elif t and not found[key][1]:
+            found[key] = (found[key][0], t)
+
+    # Value lists ("one of ...") and example objects hold values, not keys.
+    value_spans: list[tuple[int, int]] = []
+    enums: list[tuple[int, list[str]]] = []
+    for m in _ONE_OF.finditer(text):
+        values, end = _list_span_at(text, m.end(), strict=False, min_items=2)
+        value_spans.append((m.start(), end))
+        if values:
+            enums.append((m.start(), values))
+    for start, end, obj in _example_objects(text):
+        value_spans.append((start, end))
+        for k, v in obj.items():
+            add(k, start, _json_type(v) if v not in ("", None) else None)
+
+    def in_values(pos: int) -> bool:
+        return any(a <= pos < b for a, b in value_spans)
+
+    for m in _JSON_OUTPUT.finditer(text):
+        if w := _JSON_WITH.match(text, m.end()):
+            for key, type_text in _key_list(text, w.end(), min_items=1 if w.group("noun") else 2):
+                add(key, w.end(), type_text)
+    for m in _KEYS_NAMED.finditer(text):
+        for key, type_text in _key_list(text, m.end(), min_items=1 if m.group("colon") else 2):
+            add(key, m.end(), type_text)
+    for m in _QUOTED.finditer(text):
+        key = m.group(1)
+        if re.fullmatch(r"[A-Za-z_][\w-]*", key) and not in_values(m.start()):
+            t = _TYPE_AFTER_KEY.match(text, m.end())
+            add(key, m.start(), text[t.end():t.end() + 24] if t else None)
+    for m in _TYPED_PAIR.finditer(text):
+        if m.group("key").lower() not in _NOT_KEYS and not in_values(m.start()):
+            add(m.group("key"), m.start(), text[m.end():m.end() + 24])
+
+    enum_of: dict[str, list[str]] = {}
+    for pos, values in enums:
+        clause = text[max(text.rfind(".", 0, pos), text.rfind(";", 0, pos), text.rfind("\n", 0, pos)) + 1:pos]
+        mentions = [(clause.rfind(k), k) for k in found if re.search(rf"\b{re.escape(k)}\b", clause)]
+        if mentions:
+            enum_of.setdefault(max(mentions)[1], values)
+    keys = sorted(found.items(), key=lambda kv: kv[1][0])
+    return [
+        JsonKey(name=k, type=t if t or k not in enum_of else "string", enum=enum_of.get(k))
+        for k, (_, t) in keys
+    ]
+
+
+def _key_list(text: str, pos: int, *, min_items: int) -> list[tuple[str, str | None]]:
+    end = _KEY_LIST_END.search(text, pos)
+    tail = text[pos: end.start() if end else len(text)]
+    parts, depth, cur = [], 0, ""
+    for ch in tail:  # split on , / and / or outside parentheses
+        depth += (ch == "(") - (ch == ")")
+        cur += ch
+        if depth == 0 and ch == ",":
+            parts.append(cur[:-1])
+            cur = ""
+    parts.append(cur)
+    raw = [p for chunk in parts for p in re.split(r"\s+(?:and|or)\s+(?![^(]*\))", chunk.strip())]
+    raw = [re.sub(r"^(?:and|or)\s+", "", r.strip()) for r in raw if r.strip()]
+    out: list[tuple[str, str | None]] = []
+    for i, item in enumerate(raw):
+        last = i == len(raw) - 1
+        m = _KEY_ITEM.match(item) if last and out else _KEY_ITEM.fullmatch(item)
+        if not m or m.group("key").lower() in _DETERMINERS:
+            return []
+        out.append((m.group("key"), m.group("t1") or m.group("t2")))
+    return out if len(out) >= min_items else []
+
+
+def _example_objects(text: str) -> list[tuple[int, int, dict]]:
+    """Example JSON objects written into the instruction: (start, end, object)."""
+    decoder = json.JSONDecoder()
+    out = []
+    pos = text.find("{")
+    while pos != -1:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        if isinstance(value, dict) and value:
+            out.append((pos, end, value))
+        pos = text.find("{", end)
+    return out
+
+
+def _json_type_named(type_text: str) -> str | None:
+    m = _TYPE_WORD.search(type_text)
+    return m.lastgroup if m else None
+
+
+# ----- the verifier --------------------------------------------------------------------------
+
+
 class LengthBand(BaseModel):
     model_config = ConfigDict(frozen=True)
     lo: float = Field(description="Fewest words for full L score.")
     hi: float = Field(description="Most words for full L score.")
-    source: str = Field(description="Where the band came from: references, instruction, or both.")
+    source: str = Field(description="Where the band came from: references, samples, instruction, or a mix.")
 
 
 class TextRules(BaseModel):
@@ -116,6 +759,12 @@ class TextRules(BaseModel):
         description="never: no reference uses markdown; bullets: every reference is a bullet list."
     )
     terminal_punctuation: bool = Field(description="Every reference ends with . ! ? or a closing quote.")
+    sentences: CountRange | None = Field(
+        None, description="Sentence count the instruction states (widened to the references'); breaking it fails."
+    )
+    bullets: CountRange | None = Field(
+        None, description="Bullet count the instruction states (widened to the references'); breaking it fails."
+    )
 
 
 class TopicCalibration(BaseModel):
@@ -146,7 +795,8 @@ class Checks(BaseModel):
 
 
 class Verifier(BaseModel):
-    """Scores outputs of one task; built by ``synthesize``, stored as JSON in the artifact."""
+    """Scores outputs of one task; built by ``synthesize`` or ``synthesize_from_samples``,
+    stored as JSON in the artifact."""
 
     model_config = ConfigDict(frozen=True)
     format_version: int = VERIFIER_FORMAT_VERSION
@@ -158,9 +808,18 @@ class Verifier(BaseModel):
     text_rules: TextRules | None = None
     length: LengthBand | None = None
     topic: TopicCalibration | None = None
+    language: str | None = Field(
+        None, description="Output language (ISO 639-1) the instruction states; a C rule for text and JSON free text."
+    )
     weights: Weights
     pass_threshold: float = Field(0.75, description="A row passes at k >= this, with no applicable check < 0.5.")
     n_references: int
+    n_samples: int = Field(0, description="Teacher samples read when learned without references (0: from references).")
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where each learned part came from (kind, labels, json_schema, text_rules, length, sentences, "
+        "bullets, language, topic -> instruction, references, samples, or a '+' mix).",
+    )
     notes: list[str] = Field(default_factory=list)
 
     _validator: Any = PrivateAttr(default=None)
@@ -181,21 +840,62 @@ class Verifier(BaseModel):
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "verifier") -> "Verifier":
-        """Raises: InputError if ``text`` is not a verifier of a known format version."""
+        """Load a verifier; a version 1 file loads with the newer fields at their defaults.
+
+        Raises:
+            InputError: ``text`` is not a verifier of a known format version.
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"verifier is not valid JSON ({e.msg}, line {e.lineno})", path=source) from None
         version = data.get("format_version") if isinstance(data, dict) else None
-        if version != VERIFIER_FORMAT_VERSION:
+        if version not in _READABLE_FORMAT_VERSIONS:
             raise InputError(
-                f"verifier format_version {version!r} is not supported (expected {VERIFIER_FORMAT_VERSION})",
+                f"verifier format_version {version!r} is not supported "
+                f"(expected one of {sorted(_READABLE_FORMAT_VERSIONS)})",
                 path=source,
             )
         try:
-            return cls.model_validate(data)
+            return cls.model_validate({**data, "format_version": VERIFIER_FORMAT_VERSION})
         except Exception as e:  # pydantic.ValidationError: report, do not guess
             raise InputError(f"not a valid verifier: {e}", path=source) from None
+
+    # ----- what was learned ---------------------------------------------------------------
+    def learned(self) -> list[str]:
+        """What the verifier learned and from where, one line each, e.g. ``kind label
+        (instruction)``; ``kolm sample`` and ``kolm compile`` print these."""
+
+        def where(part: str) -> str:
+            return f" ({self.sources[part]})" if self.sources.get(part) else ""
+
+        lines = [f"kind {self.kind}{where('kind')}"]
+        if self.labels:
+            lines.append(f"labels {', '.join(self.labels)}{where('labels')}")
+        if self.json_schema is not None:
+            required = set(self.json_schema.get("required", []))
+            keys = [
+                f"{k}{'' if k in required else '?'}: {_describe_property(p)}"
+                for k, p in self.json_schema.get("properties", {}).items()
+            ]
+            lines.append(f"json keys {', '.join(keys) or 'any'}{where('json_schema')}")
+        if self.text_rules is not None:
+            r = self.text_rules
+            lines.append(
+                f"text {r.min_lines}-{r.max_lines} lines, markdown {r.markdown}"
+                + (", ends with punctuation" if r.terminal_punctuation else "") + where("text_rules")
+            )
+            if r.sentences is not None:
+                lines.append(f"sentences {r.sentences}{where('sentences')}")
+            if r.bullets is not None:
+                lines.append(f"bullets {r.bullets}{where('bullets')}")
+        if self.length is not None:
+            lines.append(f"length {self.length.lo:.0f}-{self.length.hi:.0f} words ({self.length.source})")
+        if self.language is not None:
+            lines.append(f"language {self.language}{where('language')}")
+        if self.topic is not None:
+            lines.append(f"topic overlap with the input, full at {self.topic.input_level:g}{where('topic')}")
+        return lines
 
     # ----- describing the rules (for the teacher's system prompt) --------------------------
     def describe_rules(self) -> list[str]:
@@ -218,8 +918,16 @@ class Verifier(BaseModel):
                 rules.append("Plain text: no markdown, headings or bullet points.")
             elif r.markdown == "bullets":
                 rules.append("Format the answer as a bullet list.")
+            if r.sentences is not None:
+                rules.append(f"Write {_count_phrase(r.sentences, 'sentence')}.")
+            if r.bullets is not None:
+                rules.append(f"Use {_count_phrase(r.bullets, 'bullet')}, one per line.")
         if self.length is not None and self.kind != "label":
             rules.append(f"Length: {int(self.length.lo)} to {int(self.length.hi)} words.")
+        if self.language is not None:
+            name = _LANGUAGE_NAMES.get(self.language, self.language)
+            what = "the free-text fields" if self.kind == "json" else "the answer"
+            rules.append(f"Write {what} in {name}.")
         rules.append("Output only the answer, with no preamble or commentary.")
         return rules
 
@@ -234,6 +942,8 @@ class Verifier(BaseModel):
             obj = parse_json_object(output)
             c = self._conformance_json(obj, reference)
             free = self._json_free_text(obj) if obj is not None else ""
+            if self.language is not None and free and not self._in_language(free):
+                c = min(c, _BROKEN_STATED_RULE_C)
             t = self._topic(free, input, self._json_free_text(parse_json_object(reference) or {}) if reference else None)
             l = self._length(free) if self.length is not None else None
         else:
@@ -284,20 +994,32 @@ class Verifier(BaseModel):
         if not output.strip():
             return 0.0
         r = self.text_rules
-        if r is None:
+        shape: list[bool] = []
+        stated: list[bool] = []  # rules the instruction states: breaking one fails the row
+        if r is not None:
+            lines = [ln for ln in output.splitlines() if ln.strip()]
+            shape += [r.min_lines <= len(lines) <= r.max_lines, not _PREAMBLE.match(output)]
+            if r.markdown == "never":
+                shape.append(not _MARKDOWN.search(output))
+            elif r.markdown == "bullets":
+                shape.append(bool(_BULLET.search(output)))
+            if r.terminal_punctuation:
+                shape.append(output.rstrip()[-1:] in _TERMINAL)
+            if r.sentences is not None:
+                stated.append(r.sentences.contains(sentence_count(output)))
+            if r.bullets is not None:
+                stated.append(r.bullets.contains(bullet_count(output)))
+        if self.language is not None:
+            stated.append(self._in_language(output))
+        rules = shape + stated
+        if not rules:
             return 1.0
-        lines = [ln for ln in output.splitlines() if ln.strip()]
-        rules = [
-            r.min_lines <= len(lines) <= r.max_lines,
-            not _PREAMBLE.match(output),
-        ]
-        if r.markdown == "never":
-            rules.append(not _MARKDOWN.search(output))
-        elif r.markdown == "bullets":
-            rules.append(bool(_BULLET.search(output)))
-        if r.terminal_punctuation:
-            rules.append(output.rstrip()[-1:] in ".!?\"')]")
-        return sum(rules) / len(rules)
+        c = sum(rules) / len(rules)
+        return c if all(stated) else min(c, _BROKEN_STATED_RULE_C)
+
+    def _in_language(self, text: str) -> bool:
+        detected = detect_language(text)
+        return detected is None or detected == self.language
 
     def _length(self, text: str) -> float:
         band = self.length
@@ -330,6 +1052,23 @@ class Verifier(BaseModel):
 
     def _json_free_text(self, obj: dict) -> str:
         return " ".join(str(obj.get(k, "")) for k in (self.json_text_fields or []) if isinstance(obj.get(k), str))
+
+
+def _describe_property(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return "one of " + "|".join(str(v) for v in prop["enum"])
+    t = prop.get("type", "any")
+    return "|".join(t) if isinstance(t, list) else str(t)
+
+
+def _count_phrase(band: CountRange, unit: str) -> str:
+    if band.lo is not None and band.lo == band.hi:
+        return f"exactly {band.lo} {unit}{'' if band.lo == 1 else 's'}"
+    if band.lo is not None and band.hi is not None:
+        return f"between {band.lo} and {band.hi} {unit}s"
+    if band.lo is not None:
+        return f"at least {band.lo} {unit}{'' if band.lo == 1 else 's'}"
+    return f"at most {band.hi} {unit}{'' if band.hi == 1 else 's'}"
 
 
 def _json_agreement(obj: dict, ref: dict, text_fields: set[str]) -> float:
@@ -393,7 +1132,31 @@ def infer_kind(references: Sequence[str]) -> Kind:
     return "text"
 
 
-def _infer_json_schema(objs: list[dict]) -> tuple[dict, list[str]]:
+def _is_label_shaped(text: str) -> bool:
+    s = text.strip()
+    return (
+        "\n" not in s
+        and word_count(s) <= _LABEL_MAX_WORDS
+        and len(s) <= _LABEL_MAX_CHARS
+        and bool(_LABEL_SHAPE.fullmatch(normalize_label(s)))
+    )
+
+
+def _sample_shape(text: str) -> Kind:
+    if parse_json_object(text) is not None:
+        return "json"
+    return "label" if _is_label_shaped(text) else "text"
+
+
+def _display_label(text: str) -> str:
+    return text.strip().strip("\"'`.!").strip()
+
+
+def _is_enum(n_values: int, n_distinct: int) -> bool:
+    return n_values >= 4 and n_distinct <= max(2, min(12, n_values // 3))
+
+
+def _schema_of_references(objs: list[dict]) -> tuple[dict, list[str]]:
     n = len(objs)
     keys = Counter(k for o in objs for k in o)
     required = sorted(k for k, c in keys.items() if c == n)
@@ -407,7 +1170,7 @@ def _infer_json_schema(objs: list[dict]) -> tuple[dict, list[str]]:
         prop: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
         if types == ["string"]:
             distinct = sorted(set(values))
-            if len(values) >= 4 and len(distinct) <= max(2, min(12, len(values) // 3)):
+            if _is_enum(len(values), len(distinct)):
                 prop["enum"] = distinct
             elif sum(word_count(v) for v in values) / len(values) >= 3:
                 text_fields.append(key)
@@ -421,30 +1184,282 @@ def _infer_json_schema(objs: list[dict]) -> tuple[dict, list[str]]:
     return schema, text_fields
 
 
-def _length_band(instruction: str, counts: list[int]) -> LengthBand | None:
-    m = _LENGTH_IN_INSTRUCTION.search(instruction)
-    ref_band = None
+def _schema_of_consensus(objs: list[tuple[int, dict]]) -> tuple[dict, list[str]]:
+    """Keys, types and values most samples agree on; ``objs`` are (row, object) pairs."""
+    n = len(objs)
+    keys = Counter(k for _, o in objs for k in o)
+    kept = sorted(k for k, c in keys.items() if c > 0.5 * n)
+    props: dict[str, Any] = {}
+    text_fields: list[str] = []
+    for key in kept:
+        values = [(row, o[key]) for row, o in objs if key in o]
+        types = Counter(_json_type(v) for _, v in values)
+        if "integer" in types and "number" in types:
+            types["number"] += types.pop("integer")
+        main = min(types, key=lambda t: (-types[t], t))
+        allowed = [main] + (["null"] if main != "null" and types.get("null", 0) >= 0.2 * len(values) else [])
+        prop: dict[str, Any] = {"type": main if len(allowed) == 1 else allowed}
+        if main == "string":
+            strings = [(row, v) for row, v in values if isinstance(v, str)]
+            per_row: dict[int, Counter] = {}
+            for row, v in strings:
+                per_row.setdefault(row, Counter())[v] += 1
+            # One value per row (its majority), so k samples of one row do not fake a closed set.
+            majority = sorted({min(c, key=lambda v: (-c[v], v)) for c in per_row.values()})
+            if _is_enum(len(per_row), len(majority)):
+                prop["enum"] = majority
+            elif sum(word_count(v) for _, v in strings) / max(1, len(strings)) >= 3:
+                text_fields.append(key)
+        props[key] = prop
+    schema = {
+        "type": "object",
+        "properties": props,
+        "required": [k for k in kept if keys[k] >= _SAMPLE_QUORUM * n],
+        "additionalProperties": sum(set(o) <= set(kept) for _, o in objs) < _SAMPLE_QUORUM * n,
+    }
+    return schema, text_fields
+
+
+def _with_stated_keys(
+    schema: dict, keys: list[JsonKey], values: list[dict], *, stated_first: bool, notes: list[str]
+) -> dict:
+    """``schema`` with the instruction's keys: added where the examples lack them; types and
+    values overriding the examples' when ``stated_first`` (samples), else only filling gaps."""
+    props = {k: dict(p) for k, p in schema.get("properties", {}).items()}
+    required = list(schema.get("required", []))
+    for key in keys:
+        prop = props.get(key.name)
+        if prop is None:
+            props[key.name] = {"type": key.type} if key.type else {}
+            if key.enum:
+                props[key.name]["enum"] = list(key.enum)
+            if stated_first or not values:
+                required.append(key.name)
+            else:
+                notes.append(f"key {key.name!r} named by the instruction is in no reference: optional")
+            continue
+        if key.type and prop.get("type") != key.type and not (key.type == "integer" and prop.get("type") == "number"):
+            if stated_first:
+                prop["type"] = key.type
+                if key.type != "string":
+                    prop.pop("enum", None)
+            else:
+                notes.append(f"key {key.name!r}: the instruction says {key.type}, the references say "
+                             f"{prop.get('type')}: the references win")
+        if key.enum:
+            seen = [o[key.name] for o in values if isinstance(o.get(key.name), str)]
+            if stated_first:
+                prop["enum"] = list(key.enum)
+            elif all(normalize_label(v) in {normalize_label(e) for e in key.enum} for v in seen):
+                prop["enum"] = list(key.enum) + sorted(set(seen) - set(key.enum))
+        if stated_first and key.name not in required:
+            required.append(key.name)
+    return {**schema, "properties": props, "required": required}
+
+
+def _text_rules_of(texts: Sequence[str], quorum: float) -> TextRules:
+    """Structural rules that a ``quorum`` share of ``texts`` keeps (1.0: every one of them)."""
+    n = len(texts)
+    line_counts = [len([ln for ln in t.splitlines() if ln.strip()]) for t in texts]
+    tail = (1 - quorum) / 2
+    plain = sum(not _MARKDOWN.search(t) for t in texts) / n
+    bullets = sum(bool(_BULLET.search(t)) for t in texts) / n
+    punctuated = sum(t.rstrip()[-1:] in _TERMINAL for t in texts) / n
+    return TextRules(
+        min_lines=math.floor(_percentile(line_counts, tail)),
+        max_lines=math.ceil(_percentile(line_counts, 1 - tail)),
+        markdown="bullets" if bullets >= quorum else ("never" if plain >= quorum else "allowed"),
+        terminal_punctuation=punctuated >= quorum,
+    )
+
+
+def _length_band(
+    words: CountRange | None, counts: list[int], learned_from: str, *, stated_first: bool
+) -> LengthBand | None:
+    learned = None
     if counts:
-        ref_band = (max(1.0, _percentile(counts, 0.05) * 0.8), max(1.0, _percentile(counts, 0.95) * 1.2))
-    if m:
-        n = float(m.group(2))
-        if m.group(1):  # an upper limit: "under 100 words"
-            lo, hi = (ref_band[0] if ref_band else max(1.0, 0.3 * n)), n
-        else:  # a target: "a 60-word TLDR"
-            lo, hi = 0.7 * n, 1.2 * n
-        if ref_band:
-            return LengthBand(lo=min(lo, ref_band[0]), hi=max(hi, ref_band[1]), source="instruction+references")
-        return LengthBand(lo=lo, hi=hi, source="instruction")
-    if ref_band:
-        return LengthBand(lo=ref_band[0], hi=ref_band[1], source="references")
+        learned = (max(1.0, _percentile(counts, 0.05) * 0.8), max(1.0, _percentile(counts, 0.95) * 1.2))
+    stated = None
+    if words is not None and words.lo is not None and words.lo == words.hi:  # a target: "a 60-word TLDR"
+        stated = (0.7 * words.lo, 1.2 * words.hi)
+    elif words is not None and words.lo is not None and words.hi is not None:
+        stated = (float(words.lo), float(words.hi))
+    elif words is not None and words.hi is not None:  # an upper limit: "under 100 words"
+        stated = (learned[0] if learned and not stated_first else max(1.0, 0.3 * words.hi), float(words.hi))
+    elif words is not None and words.lo is not None:  # a lower limit: "at least 50 words"
+        stated = (float(words.lo), 3.0 * words.lo)
+    if stated and learned and not stated_first:
+        lo, hi = min(stated[0], learned[0]), max(stated[1], learned[1])
+        return LengthBand(lo=lo, hi=hi, source=f"instruction+{learned_from}")
+    if stated:
+        return LengthBand(lo=stated[0], hi=stated[1], source="instruction")
+    if learned:
+        return LengthBand(lo=learned[0], hi=learned[1], source=learned_from)
     return None
+
+
+def _topic_calibration(
+    texts: Sequence[str], inputs: Sequence[str | None], groups: Sequence[int]
+) -> TopicCalibration | None:
+    """T's scale: ``groups`` (a row per text) so that k samples of one row count once as boilerplate."""
+    # Words in over a quarter of the rows are the task's boilerplate ("the move affects"), not
+    # the row's topic: with them, another row's output would look on-topic.
+    per_group: dict[int, set[str]] = {}
+    for text, g in zip(texts, groups):
+        per_group.setdefault(g, set()).update(content_words(text))
+    df = Counter(w for words in per_group.values() for w in words)
+    n_groups = len(per_group)
+    common = sorted(w for w, c in df.items() if n_groups >= 8 and c > 0.25 * n_groups)
+    shares = []
+    for text, inp in zip(texts, inputs):
+        out = content_words(text) - set(common)
+        if out and inp:
+            shares.append(len(out & content_words(inp)) / len(out))
+    # The 10th percentile, less a margin: nearly every reference scores T = 1, and an output
+    # that borrows half as much of its input's vocabulary still scores about 0.5.
+    level = 0.9 * _percentile(shares, 0.1) if shares else 0.0
+    if shares and level >= _TOPIC_MIN_LEVEL:
+        return TopicCalibration(input_level=round(level, 4), common=common)
+    return None
+
+
+@dataclass
+class _Draft:
+    """A verifier being learned: each stage fills its parts and says where they came from."""
+
+    kind: Kind
+    sources: dict[str, str]
+    notes: list[str]
+    labels: list[str] | None = None
+    schema: dict | None = None
+    text_fields: list[str] | None = None
+    rules: TextRules | None = None
+    length: LengthBand | None = None
+    topic: TopicCalibration | None = None
+    language: str | None = None
+    free_texts: list[str] = field(default_factory=list)
+    free_inputs: list[str | None] = field(default_factory=list)
+    free_groups: list[int] = field(default_factory=list)
+
+
+def _stated_text_rules(
+    d: _Draft, spec: InstructionSpec, texts: Sequence[str], learned_from: str, *, stated_first: bool
+) -> None:
+    """Add the instruction's sentence and bullet counts to ``d.rules``; examples win unless ``stated_first``."""
+    assert d.rules is not None
+    rules = d.rules
+    if spec.sentences is not None:
+        band, src = spec.sentences, "instruction"
+        if not stated_first and texts:
+            wider = band.covering([sentence_count(t) for t in texts])
+            if wider != band:
+                band, src = wider, f"instruction+{learned_from}"
+                d.notes.append(f"sentences: the instruction says {spec.sentences}, the {learned_from} show {wider}")
+        rules = rules.model_copy(update={"sentences": band})
+        d.sources["sentences"] = src
+    if spec.bullets is not None or spec.bullet_list:
+        if not stated_first and texts and rules.markdown != "bullets":
+            d.notes.append(f"the instruction asks for bullets, the {learned_from} are not bullet lists: they win")
+        else:
+            update: dict[str, Any] = {"markdown": "bullets"}
+            if spec.bullets is not None:
+                band, src = spec.bullets, "instruction"
+                if not stated_first and texts:
+                    wider = band.covering([bullet_count(t) for t in texts])
+                    if wider != band:
+                        band, src = wider, f"instruction+{learned_from}"
+                update["bullets"] = band
+                update["min_lines"] = min(rules.min_lines, band.lo or rules.min_lines)
+                update["max_lines"] = max(rules.max_lines, band.hi or rules.max_lines)
+                d.sources["bullets"] = src
+            rules = rules.model_copy(update=update)
+    d.rules = rules
+
+
+def _free_text_checks(d: _Draft, spec: InstructionSpec, learned_from: str, *, stated_first: bool) -> None:
+    """L, T and the language rule over the free text (a text output, or JSON's text fields)."""
+    texts = d.free_texts
+    has_free_text = d.kind == "text" or bool(d.text_fields)
+    if not has_free_text:
+        d.notes.append("T and L not applicable: the JSON has no free-text field")
+    counts = [word_count(t) for t in texts if t]
+    if has_free_text and (counts or stated_first):
+        d.length = _length_band(spec.words, counts, learned_from, stated_first=stated_first)
+    if d.length is not None:
+        d.sources["length"] = d.length.source
+    d.topic = _topic_calibration(texts, d.free_inputs, d.free_groups) if texts else None
+    if d.topic is not None:
+        d.sources["topic"] = learned_from
+    elif d.kind == "text" or d.text_fields:
+        d.notes.append(
+            f"T not applicable: {learned_from} share too few content words with their inputs"
+            if any(d.free_inputs) else "T not applicable: no inputs to calibrate against"
+        )
+    if d.length is None:
+        d.notes.append("L not applicable: no free text to measure")
+    if spec.language is not None and has_free_text:
+        detected = [x for x in (detect_language(t) for t in texts) if x] if not stated_first else []
+        if detected and sum(x != spec.language for x in detected) > len(detected) / 2:
+            d.notes.append(f"the instruction asks for language {spec.language}, the {learned_from} are not: they win")
+        else:
+            d.language = spec.language
+            d.sources["language"] = "instruction"
+
+
+def _finish(d: _Draft, instruction: str, *, n_references: int, n_samples: int) -> Verifier:
+    if d.kind == "label":
+        d.notes.append("T not applicable: topic overlap of a one-word label says nothing")
+        d.notes.append("L not applicable: a label's length is fixed by the label set")
+        weights = Weights(t=0.0, c=1.0, l=0.0)
+    else:
+        base = Weights(t=0.2, c=0.6, l=0.2) if d.kind == "json" else Weights(t=0.4, c=0.3, l=0.3)
+        weights = Weights(
+            t=base.t if d.topic is not None else 0.0,
+            c=base.c,
+            l=base.l if d.length is not None else 0.0,
+        )
+    return Verifier(
+        instruction=instruction.strip(),
+        kind=d.kind,
+        labels=d.labels,
+        json_schema=d.schema,
+        json_text_fields=d.text_fields,
+        text_rules=d.rules,
+        length=d.length,
+        topic=d.topic,
+        language=d.language,
+        weights=weights,
+        n_references=n_references,
+        n_samples=n_samples,
+        sources=d.sources,
+        notes=d.notes,
+    )
+
+
+def _with_stated_labels(stated: list[str] | None, learned: list[str], learned_from: str) -> tuple[list[str], str]:
+    """The instruction's labels (spelled as the examples spell them), then the examples' others."""
+    if not stated:
+        return learned, learned_from
+    spelled = {normalize_label(x): x for x in learned}
+    named = {normalize_label(s) for s in stated}
+    labels = [spelled.get(normalize_label(s), s) for s in stated]
+    labels += sorted(x for norm, x in spelled.items() if norm not in named)
+    return labels, (f"instruction+{learned_from}" if learned else "instruction")
+
+
+def _json_free_text_of(obj: dict, text_fields: Sequence[str]) -> str:
+    return " ".join(str(obj.get(k, "")) for k in text_fields if isinstance(obj.get(k), str))
 
 
 def synthesize(instruction: str, references: Sequence[str], inputs: Sequence[str] | None = None) -> Verifier:
     """Build a verifier for ``instruction`` from reference outputs (and their inputs, for T).
 
-    ``references`` are the rows' reference outputs, or the teacher's samples where the rows
-    have none. ``inputs``, aligned with ``references``, calibrate topic overlap.
+    ``references`` are the rows' reference outputs. The instruction is read too
+    (``read_instruction``): the references win where the two conflict (kind, labels seen,
+    key types, a wider length or sentence band, another language); the instruction fills in
+    what they do not show (a label or key it names that no reference uses, a stated word,
+    sentence or bullet count, the output language). ``inputs``, aligned with ``references``,
+    calibrate topic overlap. Rows without references: ``synthesize_from_samples``.
 
     Raises:
         InputError: no non-empty reference to learn from, or a blank instruction.
@@ -454,83 +1469,195 @@ def synthesize(instruction: str, references: Sequence[str], inputs: Sequence[str
     pairs = [(r, (inputs[i] if inputs else None)) for i, r in enumerate(references) if isinstance(r, str) and r.strip()]
     if not pairs:
         raise InputError("no reference outputs to learn the verifier from: give rows with \"output\"")
+    spec = read_instruction(instruction)
     refs = [p[0] for p in pairs]
-    kind = infer_kind(refs)
-    notes: list[str] = [f"kind {kind!r} inferred from {len(refs)} references"]
-    labels = schema = text_fields = rules = None
-
+    kind, kind_source, conflict = _kind_with_references(spec, refs)
+    also = " and the instruction" if kind_source != "references" else ""
+    d = _Draft(kind=kind, sources={"kind": kind_source}, notes=[f"kind {kind!r} inferred from {len(refs)} references{also}"])
+    if conflict:
+        d.notes.append(conflict)
     if kind == "label":
         seen: dict[str, str] = {}
         for r in refs:
-            seen.setdefault(normalize_label(r), r.strip().strip("\"'`.!").strip())
-        labels = sorted(seen.values())
-        notes.append("T not applicable: topic overlap of a one-word label says nothing")
-        notes.append("L not applicable: a label's length is fixed by the label set")
-        length = topic = None
-        weights = Weights(t=0.0, c=1.0, l=0.0)
-        texts: list[str] = []
+            seen.setdefault(normalize_label(r), _display_label(r))
+        d.labels, d.sources["labels"] = _with_stated_labels(spec.labels, sorted(seen.values()), "references")
     elif kind == "json":
-        objs = [o for o in (parse_json_object(r) for r in refs) if o is not None]
-        schema, text_fields = _infer_json_schema(objs)
-        texts = [" ".join(str(o.get(k, "")) for k in text_fields if isinstance(o.get(k), str)) for o in objs]
-        if not text_fields:
-            notes.append("T and L not applicable: the JSON has no free-text field")
-        weights = Weights(t=0.2, c=0.6, l=0.2)
-        pairs = [(texts[i], pairs[i][1]) for i in range(min(len(texts), len(pairs)))]
+        parsed = [(o, inp) for o, inp in ((parse_json_object(r), inp) for r, inp in pairs) if o is not None]
+        objs = [o for o, _ in parsed]
+        schema, d.text_fields = _schema_of_references(objs)
+        d.schema = _with_stated_keys(schema, spec.json_keys, objs, stated_first=False, notes=d.notes)
+        d.sources["json_schema"] = "instruction+references" if spec.json_keys else "references"
+        d.free_texts = [_json_free_text_of(o, d.text_fields) for o in objs]
+        d.free_inputs = [inp for _, inp in parsed]
     else:
-        texts = refs
-        line_counts = [len([ln for ln in r.splitlines() if ln.strip()]) for r in refs]
-        md = [bool(_MARKDOWN.search(r)) for r in refs]
-        bullets = all(_BULLET.search(r) for r in refs)
-        rules = TextRules(
-            min_lines=min(line_counts),
-            max_lines=max(line_counts),
-            markdown="bullets" if bullets else ("never" if not any(md) else "allowed"),
-            terminal_punctuation=all(r.rstrip()[-1:] in ".!?\"')]" for r in refs),
-        )
-        weights = Weights(t=0.4, c=0.3, l=0.3)
-
+        d.rules = _text_rules_of(refs, quorum=1.0)
+        d.sources["text_rules"] = "references"
+        _stated_text_rules(d, spec, refs, "references", stated_first=False)
+        d.free_texts, d.free_inputs = refs, [p[1] for p in pairs]
     if kind != "label":
-        counts = [word_count(t) for t in texts if t]
-        length = _length_band(instruction, counts) if counts else None
-        # Words in over a quarter of the references are the task's boilerplate ("the move
-        # affects"), not the row's topic: with them, another row's output would look on-topic.
-        df = Counter(w for t in texts for w in content_words(t))
-        common = sorted(w for w, c in df.items() if len(texts) >= 8 and c > 0.25 * len(texts))
-        shares = []
-        for text, inp in pairs:
-            out = content_words(text) - set(common)
-            if out and inp:
-                shares.append(len(out & content_words(inp)) / len(out))
-        # The 10th percentile, less a margin: nearly every reference scores T = 1, and an
-        # output that borrows half as much of its input's vocabulary still scores about 0.5.
-        level = 0.9 * _percentile(shares, 0.1) if shares else 0.0
-        if shares and level >= _TOPIC_MIN_LEVEL:
-            topic = TopicCalibration(input_level=round(level, 4), common=common)
-        else:
-            topic = None
-            if kind == "text" or text_fields:
-                notes.append(
-                    "T not applicable: references share too few content words with their inputs"
-                    if shares else "T not applicable: no inputs to calibrate against"
-                )
-        if length is None:
-            notes.append("L not applicable: no free text to measure")
-        weights = Weights(
-            t=weights.t if topic is not None else 0.0,
-            c=weights.c,
-            l=weights.l if length is not None else 0.0,
-        )
-    return Verifier(
-        instruction=instruction.strip(),
-        kind=kind,
-        labels=labels,
-        json_schema=schema,
-        json_text_fields=text_fields,
-        text_rules=rules,
-        length=length,
-        topic=topic,
-        weights=weights,
-        n_references=len(refs),
-        notes=notes,
-    )
+        d.free_groups = list(range(len(d.free_texts)))
+        _free_text_checks(d, spec, "references", stated_first=False)
+    return _finish(d, instruction, n_references=len(refs), n_samples=0)
+
+
+def _kind_with_references(spec: InstructionSpec, refs: list[str]) -> tuple[Kind, str, str | None]:
+    learned = infer_kind(refs)
+    stated = spec.kind
+    if stated is None:
+        return learned, "references", None
+    if stated == learned:
+        return learned, "instruction+references", None
+    if stated == "label" and learned == "text" and all(_is_label_shaped(r) for r in refs):
+        return "label", "instruction+references", None  # too few references to see the set
+    return learned, "references", f"the instruction suggests {stated} output, the references are {learned}: they win"
+
+
+def synthesize_from_samples(
+    instruction: str, samples: Sequence[Sequence[str | None]], inputs: Sequence[str | None]
+) -> Verifier:
+    """Build a verifier for ``instruction`` from the teacher's samples, for rows without references.
+
+    ``samples[i]`` holds row i's k sample texts (None: a failed call); ``inputs[i]`` is row
+    i's input. The instruction comes first: a label set, JSON keys and types, a word, sentence
+    or bullet count, a language it states are the rules. The rest is learned by consensus:
+    each sample's shape (a bare label, a JSON object, or text), each row's majority shape,
+    then the majority across rows is the kind (the instruction's kind where it states one);
+    labels, schema, text rules, length band and topic scale come only from samples of that
+    shape, so a minority shape (a chatty sentence in a label task, prose in a JSON task)
+    fails C. A label recurring across rows is valid even where wrong for its row: choosing
+    the right one is the selection's job.
+
+    Raises:
+        InputError: a blank instruction, ``samples`` and ``inputs`` of different lengths, or
+            no sample text at all.
+    """
+    if not instruction.strip():
+        raise InputError("the task instruction is empty")
+    if len(samples) != len(inputs):
+        raise InputError(f"{len(samples)} rows of samples but {len(inputs)} inputs: give one input per row")
+    rows = [[s for s in row if isinstance(s, str) and s.strip()] for row in samples]
+    n_samples = sum(len(r) for r in rows)
+    if not n_samples:
+        raise InputError("no teacher sample to learn the verifier from: every call failed or came back empty")
+    spec = read_instruction(instruction)
+    shaped = [[(s, _sample_shape(s)) for s in row] for row in rows]
+    row_shapes = [_majority([sh for _, sh in row]) for row in shaped]
+
+    d = _kind_of_samples(spec, shaped, row_shapes)
+    text_shapes = {"text"}
+    if d.kind == "label" and not _labels_of_samples(d, spec, shaped, row_shapes):
+        # Bare answers that do not recur across rows (names, numbers): free text, not a set.
+        d.kind, d.sources["kind"] = "text", "samples"
+        d.notes.append("no closed label set among the rows' bare answers: text")
+        text_shapes = {"text", "label"}
+    if d.kind == "json":
+        _json_of_samples(d, spec, shaped, inputs)
+    elif d.kind == "text":
+        _text_of_samples(d, spec, shaped, inputs, text_shapes)
+    used = sum(sh == d.kind or (d.kind == "text" and sh in text_shapes) for row in shaped for _, sh in row)
+    d.notes.append(f"learned from {used} of {n_samples} samples: those of the consensus shape")
+    if d.kind != "label":
+        _free_text_checks(d, spec, "samples", stated_first=True)
+    return _finish(d, instruction, n_references=0, n_samples=n_samples)
+
+
+_Shaped = list[list[tuple[str, Kind]]]  # per row, each sample text with its shape
+
+
+def _kind_of_samples(spec: InstructionSpec, shaped: _Shaped, row_shapes: list[Kind | None]) -> _Draft:
+    """The instruction's kind, else the majority across rows of each row's majority shape."""
+    if spec.kind is not None:
+        note = f"kind {spec.kind!r} stated by the instruction"
+        return _Draft(kind=spec.kind, sources={"kind": "instruction"}, notes=[note])
+    votes = Counter(s for s in row_shapes if s is not None)
+    # A tie across rows falls back to every sample's shape, then to text (the least strict).
+    kind = _majority(list(votes.elements())) or _majority([sh for row in shaped for _, sh in row]) or "text"
+    note = f"kind {kind!r}: the majority shape of {votes[kind]} of {sum(votes.values())} rows' samples"
+    return _Draft(kind=kind, sources={"kind": "samples"}, notes=[note])
+
+
+def _labels_of_samples(d: _Draft, spec: InstructionSpec, shaped: _Shaped, row_shapes: list[Kind | None]) -> bool:
+    """Fill ``d.labels``: the instruction's set, else the rows' recurring bare answers.
+
+    Returns False where the bare answers form no closed set.
+    """
+    if spec.labels:
+        d.labels, d.sources["labels"] = list(spec.labels), "instruction"
+        return True
+    learned, label_rows = _labels_of_consensus(shaped, row_shapes)
+    if not learned or not (spec.label_only or len(learned) <= max(2, min(32, label_rows // 2))):
+        return False
+    d.labels, d.sources["labels"] = learned, "samples"
+    return True
+
+
+def _json_of_samples(d: _Draft, spec: InstructionSpec, shaped: _Shaped, inputs: Sequence[str | None]) -> None:
+    """Fill ``d.schema`` from the JSON samples' consensus, the instruction's keys and types first."""
+    objs = [(i, o) for i, row in enumerate(shaped) for s, sh in row if sh == "json"
+            for o in [parse_json_object(s)] if o is not None]
+    if objs:
+        schema, d.text_fields = _schema_of_consensus(objs)
+        d.sources["json_schema"] = "instruction+samples" if spec.json_keys else "samples"
+    else:
+        schema, d.text_fields = {"type": "object", "properties": {}, "required": []}, []
+        d.sources["json_schema"] = "instruction"
+        d.notes.append("no sample is a JSON object: the schema is the instruction's alone")
+    d.schema = _with_stated_keys(schema, spec.json_keys, [o for _, o in objs], stated_first=True, notes=d.notes)
+    d.free_texts = [_json_free_text_of(o, d.text_fields) for _, o in objs]
+    d.free_inputs = [inputs[i] for i, _ in objs]
+    d.free_groups = [i for i, _ in objs]
+
+
+def _text_of_samples(
+    d: _Draft, spec: InstructionSpec, shaped: _Shaped, inputs: Sequence[str | None], text_shapes: set[str]
+) -> None:
+    """Fill ``d.rules`` from the text samples' consensus, the instruction's counts first."""
+    picked = [(i, s) for i, row in enumerate(shaped) for s, sh in row if sh in text_shapes]
+    if not picked:  # the instruction says text, the samples are all bare answers
+        picked = [(i, s) for i, row in enumerate(shaped) for s, sh in row if sh != "json"]
+    texts = [s for _, s in picked]
+    if texts:
+        d.rules = _text_rules_of(texts, quorum=_SAMPLE_QUORUM)
+        d.sources["text_rules"] = "samples"
+    else:
+        d.rules = TextRules(min_lines=1, max_lines=1000, markdown="allowed", terminal_punctuation=False)
+        d.sources["text_rules"] = "instruction"
+        d.notes.append("no sample is text: the text rules are the instruction's alone")
+    _stated_text_rules(d, spec, texts, "samples", stated_first=True)
+    d.free_texts = texts
+    d.free_inputs = [inputs[i] for i, _ in picked]
+    d.free_groups = [i for i, _ in picked]
+
+
+def _majority(shapes: Sequence[Kind]) -> Kind | None:
+    """The most common shape, or None on a tie or when there is none."""
+    counts = Counter(shapes).most_common()
+    if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
+        return None
+    return counts[0][0]
+
+
+def _labels_of_consensus(shaped: _Shaped, row_shapes: list[Kind | None]) -> tuple[list[str], int]:
+    """Labels: a row's strict-majority bare answer, or a bare answer recurring across rows.
+
+    Returns the labels (sorted) and how many rows gave bare answers.
+    """
+    support: Counter[str] = Counter()
+    spellings: dict[str, Counter[str]] = {}
+    tops: set[str] = set()
+    label_rows = 0
+    for row, row_shape in zip(shaped, row_shapes):
+        bare = [s for s, sh in row if sh == "label"]
+        if not bare:
+            continue
+        label_rows += 1
+        counts = Counter(normalize_label(s) for s in bare)
+        for s in bare:
+            spellings.setdefault(normalize_label(s), Counter())[_display_label(s)] += 1
+        support.update(counts.keys())
+        best, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if row_shape == "label" and n > len(bare) / 2:
+            tops.add(best)
+    recurring = {v for v, c in support.items() if c >= max(2, math.ceil(0.1 * label_rows))}
+    labels = sorted(min(spellings[v], key=lambda x: (-spellings[v][x], x)) for v in tops | recurring)
+    return labels, label_rows

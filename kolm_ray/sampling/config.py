@@ -40,6 +40,12 @@ class SampleConfig(BaseModel):
     actors: int = Field(2, ge=1, description="Ray Data async actors making the calls.")
     # 5%: a handful of rows lost to an outage is fine for distillation; more means a broken run.
     max_failed_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Fail the stage past this share of failed rows.")
+    # 0.5: the chosen answer is backed by at least half of the row's samples (2 of 4); below
+    # that it won a plurality or a tie-break, and the teacher is unsure of the row.
+    min_agreement: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of a row's samples that should agree with the chosen one; rows below it are flagged.",
+    )
     batch: bool = Field(False, description="Use the Message Batches API (half price, slower).")
     batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a submitted batch.")
     batch_max_requests: int = Field(10_000, ge=1, le=100_000, description="Requests per submitted batch.")

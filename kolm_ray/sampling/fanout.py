@@ -1,4 +1,4 @@
-"""The k-sampled teacher fan-out on Ray Data, and best-of-k selection.
+"""The k-sampled teacher fan-out on Ray Data, and self-consistent selection of one sample per row.
 
 ``sample_rows`` is the stage, in order:
 
@@ -7,8 +7,14 @@
    teacher from async actors (``_TeacherCall``) under the cluster-wide quota; or, with
    ``batch``, the Message Batches API (``kolm_ray.sampling.batch``). Cached answers cost nothing.
 3. ``score_samples``: the verifier's T/C/L for every sample (on Ray Data); where the rows have
-   no reference outputs the verifier is first synthesized from the teacher's samples.
-4. ``choose_best``: a pure function picks one sample per row.
+   no reference outputs the verifier is first learned from each row's k samples
+   (``synthesize_from_samples``).
+4. ``select``: the pure ``choose_best`` picks one sample per row by self-consistency among the
+   samples that pass the verifier: a label or JSON answer by majority vote (the verifier's K
+   breaks ties), free text by minimum Bayes risk (the passing sample closest to the others,
+   by content-word overlap). ``agreement`` records how many of the row's samples agree with
+   the chosen one; ``summarize`` flags the rows below ``SampleConfig.min_agreement``, where the
+   teacher is unsure.
 
 Writing the dataset is ``write_samples`` (all or nothing). Must not train or sign anything.
 """
@@ -27,10 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import TeacherError
 from kolm_ray.sampling.cache import ResponseCache, request_key
@@ -39,9 +44,12 @@ from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
 from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
-from kolm_ray.verifier import Verifier, normalize_label, parse_json_object, synthesize
+from kolm_ray.verifier import (
+    Verifier, content_words, normalize_label, parse_json_object, synthesize, synthesize_from_samples,
+)
 
-SAMPLES_FORMAT_VERSION = 1
+# 2: selection by self-consistency; every sample row carries its row's ``agreement``.
+SAMPLES_FORMAT_VERSION = 2
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -62,6 +70,13 @@ SAMPLE_SCHEMA = pa.schema(
     ]
 )
 SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), ("k", pa.float64()), ("passed", pa.bool_())]
+# Added by ``select``: the kept sample of each row, and the row's agreement (None where every
+# sample of the row failed), repeated on each of its k samples.
+SELECT_COLUMNS = [("chosen", pa.bool_()), ("agreement", pa.float64())]
+
+# Two free texts agree at content-word F1 >= 0.5: the verifier's own bar for a faithful
+# paraphrase (it shares about half its content words with the reference).
+TEXT_AGREEMENT_F1 = 0.5
 
 
 class SampleSummary(BaseModel):
@@ -83,6 +98,10 @@ class SampleSummary(BaseModel):
     failed_row_ids: list[str]
     accepted_rows: int
     acceptance_rate: float
+    mean_agreement: float = Field(description="Mean over rows with a sample of the share agreeing with the chosen one.")
+    min_agreement: float = Field(description="Rows whose agreement is below this are flagged.")
+    low_agreement_rows: int = Field(description="Rows below min_agreement: where the teacher is unsure.")
+    low_agreement_row_ids: list[str] = Field(description="The first 100 of them, by id.")
     usage: Usage
     cost_usd: float
     dataset_usage: Usage
@@ -93,12 +112,16 @@ class SampleSummary(BaseModel):
     def lines(self) -> list[str]:
         u = self.usage
         retry_kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_kind.items())) or "none"
+        unsure = self.low_agreement_row_ids[:5]
         return [
             f"teacher     {self.teacher} ({self.mode}) · {self.rows} rows x k={self.k} = {self.samples} samples",
             f"calls       {self.calls} paid, {self.cache_hits} from cache, {self.retries} retries ({retry_kinds}), "
             f"{self.failed_samples} failed samples",
             f"rows        {self.rows - self.failed_rows} kept, {self.failed_rows} failed · "
             f"acceptance {100 * self.acceptance_rate:.1f}% pass the verifier",
+            f"agreement   mean {100 * self.mean_agreement:.1f}% of samples agree with the chosen one · "
+            f"{self.low_agreement_rows} rows below {100 * self.min_agreement:.0f}% (teacher unsure)"
+            + (f": {', '.join(unsure)}{', ...' if self.low_agreement_rows > len(unsure) else ''}" if unsure else ""),
             f"tokens      in {u.input_tokens:,} · out {u.output_tokens:,} · cache read {u.cache_read_tokens:,} · "
             f"cache write {u.cache_write_tokens:,}",
             f"cost        ${self.cost_usd:.4f} this run · ${self.dataset_cost_usd:.4f} for the whole dataset",
@@ -254,6 +277,7 @@ def score_samples(samples: pa.Table, verifier: Verifier) -> pa.Table:
 
 
 def _vote_key(kind: str, text: str) -> str:
+    """The answer a label or JSON sample gives: samples with equal keys vote together."""
     if kind == "label":
         return normalize_label(text)
     if kind == "json":
@@ -262,45 +286,118 @@ def _vote_key(kind: str, text: str) -> str:
     return text
 
 
+def similarity(a: str, b: str) -> float:
+    """Content-word F1 of two texts, 0..1: the cheap overlap measure behind MBR and agreement."""
+    wa, wb = content_words(a), content_words(b)
+    if not wa and not wb:  # nothing to compare by content ("ok", ""): only equal text agrees
+        return 1.0 if a.strip().lower() == b.strip().lower() else 0.0
+    return 2 * len(wa & wb) / (len(wa) + len(wb))
+
+
+def _k(sample: dict[str, Any]) -> float:
+    return round(sample["k"], 9)  # K is a weighted mean: equal scores may differ in the last bits
+
+
 def choose_best(samples: Sequence[dict[str, Any]], kind: str) -> int | None:
     """Index (into ``samples``, one row's k samples) of the sample to keep; None if all failed.
 
-    Highest K wins. For ``label`` and ``json`` outputs, a tie is broken by agreement among the
-    samples that pass the verifier (majority vote), then by the lowest sample index.
+    Self-consistency among the samples that pass the verifier:
+
+    * ``label`` and ``json``: majority vote. Samples giving the same answer (normalized label,
+      canonical JSON) vote together; the answer with most votes wins, a tie goes to the answer
+      with the higher mean K, then to the one sampled first. Within the winning answer, the
+      sample with the highest K (then lowest sample index) is kept.
+    * ``text``: minimum Bayes risk. The passing sample with the highest mean ``similarity`` to
+      the row's other samples that have text (passing or not) wins: the consensus, not the
+      outlier. Ties go to the higher K, then the lower sample index.
+
+    Where no sample passes, the highest K wins (then the lowest sample index). Each sample is a
+    dict with ``text`` (None for a failed call), ``k``, ``passed`` and ``sample_index``.
+    Deterministic: the result does not depend on the order of ``samples``.
     """
     ok = [i for i, s in enumerate(samples) if s.get("text") is not None and s.get("k") is not None]
     if not ok:
         return None
-    votes: Counter = Counter()
+
+    def by_k(i: int) -> tuple:
+        return (-_k(samples[i]), samples[i]["sample_index"])
+
+    passing = [i for i in ok if samples[i].get("passed")]
+    if not passing:
+        return min(ok, key=by_k)
     if kind in ("label", "json"):
-        votes = Counter(_vote_key(kind, samples[i]["text"]) for i in ok if samples[i].get("passed"))
+        answers: dict[str, list[int]] = {}
+        for i in passing:
+            answers.setdefault(_vote_key(kind, samples[i]["text"]), []).append(i)
 
-    def rank(i: int) -> tuple:
-        s = samples[i]
-        return (-round(s["k"], 9), -votes.get(_vote_key(kind, s["text"]), 0), s["sample_index"])
+        def answer_rank(members: list[int]) -> tuple:
+            mean_k = round(sum(samples[i]["k"] for i in members) / len(members), 9)
+            return (-len(members), -mean_k, min(samples[i]["sample_index"] for i in members))
 
-    return min(ok, key=rank)
+        return min(min(answers.values(), key=answer_rank), key=by_k)
+
+    def consensus(i: int) -> float:
+        others = [j for j in ok if j != i]
+        if not others:
+            return 0.0
+        return round(sum(similarity(samples[i]["text"], samples[j]["text"]) for j in others) / len(others), 9)
+
+    return min(passing, key=lambda i: (-consensus(i), *by_k(i)))
+
+
+def agreement(samples: Sequence[dict[str, Any]], chosen: int, kind: str) -> float:
+    """Share (0..1) of the row's samples with text that agree with ``samples[chosen]``.
+
+    Failed calls (``text`` None) are left out of the count; the chosen sample agrees with
+    itself. ``label``/``json``: the same answer (normalized label, canonical JSON). ``text``:
+    ``similarity`` to the chosen one of at least ``TEXT_AGREEMENT_F1``. Low agreement marks a
+    row where the teacher is unsure.
+
+    Raises:
+        ValueError: ``samples[chosen]`` has no text (a failed call cannot be chosen).
+    """
+    mine = samples[chosen].get("text")
+    if mine is None:
+        raise ValueError(f"sample {chosen} has no text: a failed call cannot be the chosen one")
+    texts = [s["text"] for s in samples if s.get("text") is not None]
+    if kind in ("label", "json"):
+        key = _vote_key(kind, mine)
+        agree = sum(1 for t in texts if _vote_key(kind, t) == key)
+    else:
+        agree = sum(1 for t in texts if similarity(mine, t) >= TEXT_AGREEMENT_F1)
+    return agree / len(texts)
 
 
 def select(scored: pa.Table, kind: str) -> pa.Table:
-    """Add ``chosen`` (one per row, none for a row whose samples all failed)."""
+    """Add ``chosen`` (one sample per row, none for a row whose samples all failed) and the
+    row's ``agreement`` on each of its samples (None for such a row).
+
+    ``scored`` must hold each row's samples together (``score_samples`` sorts by id).
+    """
     records = scored.to_pylist()
     chosen = [False] * len(records)
+    agree: list[float | None] = [None] * len(records)
     start = 0
     while start < len(records):
         end = start
         while end < len(records) and records[end]["id"] == records[start]["id"]:
             end += 1
-        best = choose_best(records[start:end], kind)
+        row = records[start:end]
+        best = choose_best(row, kind)
         if best is not None:
             chosen[start + best] = True
+            agree[start:end] = [agreement(row, best, kind)] * (end - start)
         start = end
-    return scored.append_column("chosen", pa.array(chosen, type=pa.bool_()))
+    (chosen_name, chosen_type), (agree_name, agree_type) = SELECT_COLUMNS
+    return (scored.append_column(pa.field(chosen_name, chosen_type), pa.array(chosen, type=chosen_type))
+            .append_column(pa.field(agree_name, agree_type), pa.array(agree, type=agree_type)))
 
 
 def summarize(
     table: pa.Table, plan: SamplingPlan, prices: Prices, elapsed_s: float, quota_stats: dict | None
 ) -> SampleSummary:
+    """Counts, cost and agreement of a selected table (``select``'s output); rows whose
+    agreement is below ``plan.sample.min_agreement`` are flagged."""
     recs = table.to_pylist()
     paid = [r for r in recs if not r["cached"] and r["text"] is not None]
     usage = Usage()
@@ -323,6 +420,8 @@ def summarize(
         by_row.setdefault(r["id"], []).append(r)
     failed_rows = sorted(i for i, rs in by_row.items() if all(r["text"] is None for r in rs))
     accepted = sum(1 for r in recs if r["chosen"] and r["passed"])
+    agreements = {i: rs[0]["agreement"] for i, rs in by_row.items() if rs[0]["agreement"] is not None}
+    low = sorted(i for i, a in agreements.items() if a < plan.sample.min_agreement)
     return SampleSummary(
         teacher=plan.teacher.model,
         mode="batch" if plan.sample.batch else "online",
@@ -333,6 +432,9 @@ def summarize(
         failed_samples=sum(1 for r in recs if r["text"] is None),
         failed_rows=len(failed_rows), failed_row_ids=failed_rows[:100],
         accepted_rows=accepted, acceptance_rate=accepted / len(by_row) if by_row else 0.0,
+        mean_agreement=round(sum(agreements.values()) / len(agreements), 4) if agreements else 0.0,
+        min_agreement=plan.sample.min_agreement,
+        low_agreement_rows=len(low), low_agreement_row_ids=low[:100],
         usage=usage, cost_usd=round(cost_usd(usage, prices, batch=plan.sample.batch), 6),
         dataset_usage=dataset_usage,
         dataset_cost_usd=round(cost_usd(dataset_usage, prices, batch=plan.sample.batch), 6),
@@ -340,9 +442,22 @@ def summarize(
     )
 
 
+_LEARNED_NOTE = "learned from the teacher's samples"
+
+
+def _samples_by_row(raw: pa.Table) -> tuple[list[list[str | None]], list[str]]:
+    """Each row's k sample texts (failed calls as None), by sample index, and the row's input."""
+    texts: dict[str, list[tuple[int, str | None]]] = {}
+    inputs: dict[str, str] = {}
+    for rid, inp, j, text in zip(*(raw.column(c).to_pylist() for c in ("id", "input", "sample_index", "text"))):
+        texts.setdefault(rid, []).append((j, text))
+        inputs[rid] = inp
+    return [[t for _, t in sorted(texts[rid], key=lambda x: x[0])] for rid in texts], list(inputs.values())
+
+
 @dataclass(frozen=True)
 class SampleOutcome:
-    samples: pa.Table  # every sample, scored, with `chosen`
+    samples: pa.Table  # every sample, scored, with `chosen` and its row's `agreement`
     verifier: Verifier
     summary: SampleSummary
 
@@ -359,10 +474,10 @@ def sample_rows(
     verifier: Verifier | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SampleOutcome:
-    """The sampling stage: teacher fan-out, scoring, best-of-k, summary.
+    """The sampling stage: teacher fan-out, scoring, self-consistent selection, summary.
 
-    ``verifier`` defaults to one synthesized from the rows' reference outputs, or from the
-    teacher's samples where no row has one.
+    ``verifier`` defaults to one synthesized from the rows' reference outputs, or, where no row
+    has one, learned from each row's k teacher samples (``synthesize_from_samples``).
 
     Raises:
         TeacherError: more than ``sample.max_failed_fraction`` of the rows got no sample.
@@ -376,9 +491,10 @@ def sample_rows(
     p = plan(task, rows, verifier, teacher, sample, quota, cache_dir)
     raw = call_teacher(p, rows, progress)
     if verifier is None:
-        ok = raw.filter(pc.invert(pc.is_null(raw.column("text"))))
-        verifier = synthesize(task, ok.column("text").to_pylist(), ok.column("input").to_pylist())
-        verifier = verifier.model_copy(update={"notes": [*verifier.notes, "learned from the teacher's samples"]})
+        texts, inputs = _samples_by_row(raw)
+        verifier = synthesize_from_samples(task, texts, inputs)
+        if _LEARNED_NOTE not in verifier.notes:
+            verifier = verifier.model_copy(update={"notes": [*verifier.notes, _LEARNED_NOTE]})
     scored = select(score_samples(raw, verifier), verifier.kind)
     quota_stats = None
     if not sample.batch:

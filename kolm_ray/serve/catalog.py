@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import InputError, KolmError
+from kolm_ray.serve.host import Decoding
 
 log = logging.getLogger("kolm_ray.serve")
 
@@ -36,9 +37,16 @@ class Specialist(BaseModel):
     base_key: str = Field(description="Identity of the base model: its content hash, or hub id@revision.")
     base_path: str = Field(description="What from_pretrained loads for the base: a folder or a hub id.")
     system: str = Field(description="The task prompt the Specialist was trained with.")
-    max_new_tokens: int
+    decoding: Decoding = Field(description="How it decodes: what its holdout was generated with (manifest "
+                                           "'generation'); a request's own settings override it.")
     verifier: str = Field(description="verifier.json, for the receipts' reference-free T, C, L.")
+    teacher: str | None = Field(None, description="The teacher model it was distilled from (audits ask it).")
     adapter_dir: str | None = Field(None, description="Where the adapter was extracted (set in a replica).")
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The token limit of an answer when a request sets none."""
+        return self.decoding.max_new_tokens
 
     @property
     def ref(self) -> str:
@@ -115,8 +123,9 @@ def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,
         return Specialist(
             name=manifest["name"], version=manifest["version"], artifact=str(Path(artifact).resolve()),
             artifact_sha256=file_digest(Path(artifact)), base_key=base_key(mbase), base_path=path,
-            system=manifest["prompt"]["system"], max_new_tokens=int(manifest["generation"]["max_new_tokens"]),
+            system=manifest["prompt"]["system"], decoding=Decoding.from_manifest(manifest.get("generation")),
             verifier=(content / "verifier.json").read_text(), adapter_dir=adapter_dir,
+            teacher=(manifest.get("teacher") or {}).get("model"),
         )
 
 

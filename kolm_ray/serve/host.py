@@ -1,9 +1,19 @@
-"""One base model in memory with many LoRA adapters loaded onto it, generating for a batch of
-requests that may each name a different adapter (PEFT's mixed-adapter batches).
+"""The one generation stack: a base model in memory with LoRA adapters loaded onto it by name,
+answering ``Generation`` requests. Serving and the compile's eval both generate through it, so
+the holdout outputs an artifact's K was scored on are the answers ``kolm serve`` gives: the same
+prompt (``train.data.prompt_text``), decoding (greedy unless a temperature is set), stop rules
+(eos or pad token, stop strings, surrounding whitespace stripped) and token limit
+(``Decoding``, written to the artifact's manifest by the compile and read back by serving).
 
-This is the model half of serving, free of Ray: the Serve deployment (``deployments.py``) wraps
-it, and the serving benchmark calls it in-process as its baseline. Must not verify artifacts
-(the caller hands it adapter folders it already verified) nor write receipts.
+Greedy requests are generated one at a time: in a padded batch a row's logits depend on its
+batch-mates (padding, batch size, PEFT's per-adapter sub-batches), which can flip a near-tie,
+so a batch of one is the only shape that gives the same tokens whoever else is asking. Sampled
+requests (temperature > 0) share batches, requests for different adapters included.
+
+This is the model half of serving, free of Ray: the Serve deployment (``deployments.py``) and
+the eval's Ray workers (``train/eval.py``) wrap it, and the serving benchmark calls it
+in-process. Must not verify artifacts (the caller hands it adapter folders it already verified)
+nor write receipts.
 """
 
 from __future__ import annotations
@@ -12,6 +22,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kolm_ray.errors import InputError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -29,6 +43,41 @@ class Generation:
     stop: tuple[str, ...] = ()
 
 
+class Decoding(BaseModel):
+    """How a Specialist decodes: what its holdout was generated with, written to the artifact
+    manifest's ``generation`` entry, and what serving answers with unless a request overrides it."""
+
+    # A newer manifest's fields are ignored, not fatal: an older kolm can still serve the artifact.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    max_new_tokens: int = Field(ge=1, description="Most tokens in an answer (a request's max_tokens overrides it).")
+    temperature: float | None = Field(None, ge=0, description="None or 0 decodes greedily, as the eval does.")
+    stop: tuple[str, ...] = Field((), description="Strings that end an answer: it is cut before the first one.")
+
+    @classmethod
+    def from_manifest(cls, generation: Any) -> Decoding:
+        """The manifest's ``generation`` entry; fields an older artifact lacks take their defaults.
+
+        Raises:
+            InputError: the entry is missing or invalid (no positive ``max_new_tokens``).
+        """
+        if not isinstance(generation, dict):
+            raise InputError("the artifact manifest has no 'generation' entry with max_new_tokens")
+        try:
+            return cls.model_validate(generation)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise InputError(f"the artifact manifest's generation.{where} is invalid: {err['msg']}") from None
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def request(self, adapter: str, system: str, user_input: str) -> Generation:
+        """A request for ``user_input`` decoded with these settings."""
+        return Generation(adapter=adapter, system=system, input=user_input, max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature, stop=self.stop)
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -38,9 +87,14 @@ class Completion:
 
 
 class AdapterHost:
-    """A base model with LoRA adapters by name; thread-safe (one generation or load at a time)."""
+    """A base model with LoRA adapters by name; thread-safe (one generation or load at a time).
 
-    def __init__(self, base_path: str, device: str | None = None, dtype: str | None = None) -> None:
+    ``batch_greedy`` trades the parity with the eval for throughput: greedy requests then share
+    padded batches, and a row's tokens may depend on its batch-mates (see the module docstring).
+    """
+
+    def __init__(self, base_path: str, device: str | None = None, dtype: str | None = None, *,
+                 batch_greedy: bool = False) -> None:
         import torch
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,9 +106,15 @@ class AdapterHost:
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
-        self.model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype).to(self.device).eval()
+        # On CPU, eager attention: SDPA's CPU kernel sums a decode step's attention in an order that
+        # depends on torch's thread count, so an eval task and a serving replica with different
+        # cores would drift apart (~1e-6 in the logits on the tiny base; eager: bitwise equal).
+        attn = "eager" if self.device.type == "cpu" else None
+        self.model: Any = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=torch_dtype, attn_implementation=attn).to(self.device).eval()
         self._peft = False
         self._lock = threading.Lock()
+        self.batch_greedy = batch_greedy
         self.adapters: dict[str, str] = {}  # name -> folder it was loaded from
 
     # ----- adapters ---------------------------------------------------------------------------
@@ -107,7 +167,9 @@ class AdapterHost:
         return names
 
     def generate(self, gens: Sequence[Generation], *, strict: bool = True) -> list[Completion | None]:
-        """One batch; requests with different adapters share it, grouped by sampling settings.
+        """One batch of requests, answered in their order. Greedy requests are generated one at a
+        time (unless ``batch_greedy``), so each gets the tokens it would get alone; sampled ones
+        share a batch per sampling setting, whatever their adapters.
 
         Which adapters are loaded is checked under the lock, so a concurrent unload cannot fail
         the batch: with ``strict=False`` a request for an adapter not loaded gets None and the
@@ -120,7 +182,9 @@ class AdapterHost:
                 self._adapter_names(gens)  # raises, naming the missing adapters
             groups: dict[tuple, list[int]] = {}
             for i in known:
-                groups.setdefault((gens[i].temperature or 0.0, gens[i].top_p or 1.0), []).append(i)
+                alone = not gens[i].temperature and not self.batch_greedy
+                groups.setdefault(("alone", i) if alone else (gens[i].temperature or 0.0, gens[i].top_p or 1.0),
+                                  []).append(i)
             for idx in groups.values():
                 for i, c in zip(idx, self._generate_group([gens[i] for i in idx])):
                     out[i] = c

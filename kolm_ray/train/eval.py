@@ -1,8 +1,12 @@
 """The eval: a model (the student: base + adapter; or the untouched base) generates an output
 for every holdout row, and the verifier scores them into a K-score.
 
-Generation is batched, greedy, and spread over Ray Data actors (one model copy per actor;
-``workers`` of them, one GPU each where the cluster has GPUs). Must not train.
+Generation goes through serving's own stack, ``serve.host.AdapterHost`` (the adapter loaded by
+name, as a serving replica loads it), with the ``Decoding`` the compile writes into the
+artifact's manifest and serving reads back: so the outputs scored here are the answers
+``kolm serve`` gives for the same inputs. The rows are spread over Ray (one task holding the
+node's free cores, or a Ray Data actor pool of ``workers``, one host each, one GPU each where
+the cluster has GPUs). Must not train, nor decode any other way than the host does.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kolm_ray.kscore import KScore, score_rows
+from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Decoding
 from kolm_ray.verifier import Verifier
+
+EVAL_ADAPTER = "student"  # the adapter's name inside the eval's host (names do not change the numbers)
 
 
 def max_new_tokens_for(verifier: Verifier) -> int:
@@ -23,53 +30,38 @@ def max_new_tokens_for(verifier: Verifier) -> int:
     return 512
 
 
-class Generator:
-    """Loads a base (and optionally a LoRA adapter) once; generates greedily for batches of prompts."""
+def decoding_for(verifier: Verifier) -> Decoding:
+    """How a Specialist for this verifier decodes: greedy, no stop strings, the verifier's limit."""
+    return Decoding(max_new_tokens=max_new_tokens_for(verifier))
 
-    def __init__(self, base_path: str, adapter_dir: str | None, system: str, max_new_tokens: int, use_gpu: bool = False):
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        transformers.utils.logging.disable_progress_bar()  # keep the CLI's stage lines clean
-        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tok = AutoTokenizer.from_pretrained(base_path)
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.tok.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+class HoldoutWorker:
+    """One ``AdapterHost`` with the adapter under test loaded (or none: the base alone); answers
+    batches of inputs as a serving replica would. Also a Ray Data batch UDF."""
+
+    def __init__(self, base_path: str, adapter_dir: str | None, system: str, decoding: Decoding,
+                 use_gpu: bool = False) -> None:
+        # With a GPU, the host's own choice (CUDA where visible, bf16), as a serving replica makes it.
+        self.host = AdapterHost(base_path, device=None if use_gpu else "cpu")
+        self.adapter = BASE_ADAPTER
         if adapter_dir:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir)
-        self.model = model.to(self.device).eval()
+            self.host.load_adapter(EVAL_ADAPTER, adapter_dir)
+            self.adapter = EVAL_ADAPTER
         self.system = system
-        self.max_new_tokens = max_new_tokens
+        self.decoding = decoding
 
     def generate(self, inputs: Sequence[str]) -> list[str]:
-        import torch
-
-        from kolm_ray.train.data import prompt_text
-
-        prompts = [prompt_text(self.tok, self.system, x) for x in inputs]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+        done = self.host.generate([self.decoding.request(self.adapter, self.system, x) for x in inputs])
+        return [c.text for c in done]  # type: ignore[union-attr]  # strict: every request is answered
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"id": list(batch["id"]), "output": self.generate(list(batch["input"]))}
 
 
-def _generate_all(base_path: str, adapter_dir: str | None, system: str, inputs: list[str], max_new_tokens: int,
+def _generate_all(base_path: str, adapter_dir: str | None, system: str, inputs: list[str], decoding: Decoding,
                   batch_size: int, use_gpu: bool) -> list[str]:
-    gen = Generator(base_path, adapter_dir, system, max_new_tokens, use_gpu)
-    return [o for i in range(0, len(inputs), batch_size) for o in gen.generate(inputs[i:i + batch_size])]
+    worker = HoldoutWorker(base_path, adapter_dir, system, decoding, use_gpu)
+    return [o for i in range(0, len(inputs), batch_size) for o in worker.generate(inputs[i:i + batch_size])]
 
 
 @dataclass(frozen=True)
@@ -80,22 +72,24 @@ class EvalResult:
 
 def generate_outputs(
     base_path: str, adapter_dir: str | None, system: str, ids: Sequence[str], inputs: Sequence[str],
-    max_new_tokens: int, *, workers: int = 1, batch_size: int = 8, use_gpu: bool = False,
+    decoding: Decoding, *, workers: int = 1, batch_size: int = 8, use_gpu: bool = False,
 ) -> list[str]:
     """Outputs aligned with ``ids``. On one CPU worker the generation runs as one Ray task holding
     the node's free cores (Ray sizes torch's threads by a task's CPUs; a driver such as a
     ``ray job submit`` entrypoint gets one thread); otherwise a Ray Data actor pool of ``workers``.
+    How the rows are split into batches does not change the outputs (the host decodes each
+    greedy row alone).
     """
     import ray
 
     if workers == 1 and not use_gpu or len(ids) <= batch_size:
         cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         task = ray.remote(_generate_all).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
-        return ray.get(task.remote(base_path, adapter_dir, system, list(inputs), max_new_tokens, batch_size, use_gpu))
+        return ray.get(task.remote(base_path, adapter_dir, system, list(inputs), decoding, batch_size, use_gpu))
     ds = ray.data.from_items([{"id": i, "input": x} for i, x in zip(ids, inputs)]).map_batches(
-        Generator,
+        HoldoutWorker,
         fn_constructor_kwargs={"base_path": base_path, "adapter_dir": adapter_dir, "system": system,
-                               "max_new_tokens": max_new_tokens, "use_gpu": use_gpu},
+                               "decoding": decoding, "use_gpu": use_gpu},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
@@ -109,5 +103,5 @@ def evaluate(
     verifier: Verifier, base_path: str, adapter_dir: str | None, system: str,
     ids: Sequence[str], inputs: Sequence[str], references: Sequence[str], **kw: Any,
 ) -> EvalResult:
-    outputs = generate_outputs(base_path, adapter_dir, system, ids, inputs, max_new_tokens_for(verifier), **kw)
+    outputs = generate_outputs(base_path, adapter_dir, system, ids, inputs, decoding_for(verifier), **kw)
     return EvalResult(score=score_rows(verifier, list(ids), outputs, list(inputs), list(references)), outputs=outputs)

@@ -1,7 +1,9 @@
 """`kolm publish` end to end on a local Ray instance: the bundled example's compile as stable,
-a rebadged copy as a no-worse canary, an untrained compile (`--max-steps 0`) as a worse one;
-the canary split, sticky routing keys, the rollout controller's promote and rollback, a Serve
-restart that keeps the routing, and no failed request through any of it."""
+a rebadged copy as a no-worse canary, an untrained compile (`--max-steps 0`) as a worse one, and a
+compile distilled from a teacher that always says "billing" (every answer a valid label, most of
+them wrong) as the canary only audits can catch; the canary split, sticky routing keys, the
+rollout controller's promote and rollback on audited evidence, a teacher outage that costs no
+served call, a Serve restart that keeps the routing, and no failed request through any of it."""
 
 import asyncio
 import json
@@ -17,6 +19,8 @@ from kolm_ray.cli import cli
 
 RUNNER = CliRunner()
 ENV = "prod"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "routing"
+HOLDOUT = [json.loads(line) for line in (EXAMPLE / "holdout.jsonl").read_text().splitlines()]
 
 
 def _invoke(args, compiled, mp):
@@ -42,12 +46,13 @@ def _wait_for(pred, what: str, timeout_s: float = 120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def _fire(url: str, n: int, concurrency: int, user=lambda i: None) -> list[tuple[int, str | None]]:
+async def _fire(url: str, n: int, concurrency: int, user=lambda i: None, offset: int = 0) -> list[tuple[int, str | None]]:
+    """``n`` calls over the holdout's inputs (live traffic the teacher can answer for audits)."""
     sem = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as c:
         async def one(i):
             async with sem:
-                body = {"model": "routing", "prompt": "I was charged twice for my subscription", "max_tokens": 1}
+                body = {"model": "routing", "prompt": HOLDOUT[(offset + i) % len(HOLDOUT)]["input"]}
                 if user(i):
                     body["user"] = user(i)
                 async with c.post(f"{url}/v1/completions", json=body) as r:
@@ -65,8 +70,10 @@ class Load:
         self._t.start()
 
     def _run(self) -> None:
+        offset = 0
         while not self._stop.is_set():
-            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4))]
+            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4, offset=offset))]
+            offset += 8
 
     def stop(self) -> list[int]:
         self._stop.set()
@@ -74,30 +81,59 @@ class Load:
         return self.codes
 
 
+def _oracle():
+    """The live teacher for audits: answers every example and holdout input correctly."""
+    from kolm_ray.testing.messages_api import MessagesAPIServer, replay_responder
+
+    answers = {r["input"]: r["output"] for r in HOLDOUT}
+    for line in (EXAMPLE / "recorded-teacher.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        answers[rec["input"]] = rec["output"]
+    return MessagesAPIServer(replay_responder(answers)).start()
+
+
+def _compiled_artifact(result) -> Path:
+    return Path(next(line.split()[1] for line in result.output.splitlines() if line.startswith("artifact ")))
+
+
 @pytest.fixture(scope="module")
 def env(compiled, ray_session, serve_port):
     from ray import serve
 
     from kolm_ray.testing.artifacts import rebadge
+    from kolm_ray.testing.messages_api import MessagesAPIServer
 
     store = compiled["home"] / "artifacts"
     key = compiled["home"] / "keys" / "signing.pem"
     stable = store / "routing-1.0.kolm"
     port = serve_port
+    oracle = _oracle()
+    biased_teacher = MessagesAPIServer(lambda body, seen: "billing").start()
     with pytest.MonkeyPatch.context() as mp:
         # The worse canary: the same compile with no training steps (its adapter is a no-op).
         worse = _invoke([*compiled["args"], "--max-steps", "0", "--name", "routing-untrained"], compiled, mp)
-        worse_art = next(line.split()[1] for line in worse.output.splitlines() if line.startswith("artifact "))
-        worse_art = rebadge(Path(worse_art), store, (7, 0), name="routing", private_key=key)
+        worse_art = rebadge(_compiled_artifact(worse), store, (7, 0), name="routing", private_key=key)
+        # The canary only audits catch: distilled from a teacher that always answers "billing", it
+        # answers every message with a valid label, so its reference-free online K is perfect.
+        mp.setenv("ANTHROPIC_BASE_URL", biased_teacher.url)
+        mp.setenv("ANTHROPIC_API_KEY", "biased")
+        biased = RUNNER.invoke(cli, [*compiled["args"], "--max-steps", "40", "--name", "routing-biased"])
+        assert biased.exit_code == 0, biased.output
+        biased_art = rebadge(_compiled_artifact(biased), store, (8, 0), name="routing", private_key=key)
         _invoke(["publish", str(stable), "--to", ENV], compiled, mp)
-        _invoke(["serve", "--env", ENV, "--port", str(port), "--detach", "--num-cpus", "0", "--max-batch-size", "16",
-                 "--max-ongoing", "32", "--rollout-interval", "0.5"], compiled, mp)
+        mp.setenv("ANTHROPIC_BASE_URL", oracle.url)  # the app's ingress asks the live teacher for audits
+        mp.setenv("ANTHROPIC_API_KEY", "oracle")
+        res = RUNNER.invoke(cli, ["serve", "--env", ENV, "--port", str(port), "--detach", "--num-cpus", "0",
+                                  "--max-batch-size", "16", "--max-ongoing", "32", "--rollout-interval", "0.5"])
+        assert res.exit_code == 0, res.output
     yield {"url": f"http://127.0.0.1:{port}", "store": store, "stable": stable, "worse": worse_art, "port": port,
-           "key": key}
+           "key": key, "biased": biased_art, "oracle": oracle}
     from kolm_ray.publish import controller
 
     controller.stop(ENV)
     serve.delete(f"kolm-{ENV}")
+    oracle.stop()
+    biased_teacher.stop()
 
 
 def test_canary_split_sticky_keys_and_a_serve_restart_keep_the_routing(env, compiled, monkeypatch):
@@ -123,26 +159,72 @@ def test_canary_split_sticky_keys_and_a_serve_restart_keep_the_routing(env, comp
 
     serve.delete(f"kolm-{ENV}")  # Serve goes away; the release state stays on disk
     _invoke(["serve", "--env", ENV, "--port", str(env["port"]), "--detach", "--num-cpus", "0",
-             "--rollout-interval", "0.5"], compiled, monkeypatch)
+             "--rollout-interval", "0.5"], {"env": {**compiled["env"], "ANTHROPIC_BASE_URL": env["oracle"].url,
+                                                    "ANTHROPIC_API_KEY": "oracle"}}, monkeypatch)
     after = dict(zip(users, (v for _, v in asyncio.run(_fire(env["url"], 40, 8, user=lambda i: users[i])))))
     assert after == first
     assert _status(compiled, monkeypatch)["canary"] == "2.0"
 
 
-def test_a_canary_no_worse_than_stable_is_promoted_after_a_short_hold(env, compiled, monkeypatch):
+def test_a_canary_identical_to_stable_is_promoted_once_the_audited_evidence_suffices(env, compiled, monkeypatch):
+    from kolm_ray.serve.receipts import read_receipts
     from kolm_ray.testing.artifacts import rebadge
 
     canary = rebadge(env["stable"], env["store"], (3, 0), private_key=env["key"])
     load = Load(env["url"])
     _invoke(["publish", str(canary), "--to", ENV, "--canary", "50", "--hold", "2s", "--min-samples", "10",
-             "--force"], compiled, monkeypatch)  # --force: replaces the canary the test before left running
-    st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "promoted" and s, "promotion")
+             "--audit-rate", "1", "--force"], compiled, monkeypatch)  # --force: replaces the canary the test before left
+    st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "promoted" and s, "promotion", 240)
     codes = load.stop()
     assert st["stable"] == "3.0" and st["previous"] == "1.0" and st["canary"] is None
-    assert "online K" in st["last_transition"]["reason"]
+    reason = st["last_transition"]["reason"]
+    assert reason.startswith("audited K") and "not worse by more than 5" in reason, reason
     assert codes and set(codes) == {200}, codes
     _wait_for(lambda: {v for _, v in asyncio.run(_fire(env["url"], 20, 8))} == {"routing@3.0"},
               "the controller to apply the promotion")
+    # Every audit is in the receipts, linked to the call it audited, and costed.
+    receipts = read_receipts(compiled["home"] / "receipts" / f"kolm-{ENV}")
+    calls = {r["request_id"]: r for r in receipts if r.get("kind", "call") == "call"}
+    audits = [r for r in receipts if r.get("kind") == "audit" and r["status"] == "ok"]
+    assert len(audits) >= 20 and all(a["request_id"] in calls for a in audits)
+    assert all(calls[a["request_id"]]["output_sha256"] == a["output_sha256"] for a in audits)
+    assert sum(a["cost_usd"] for a in audits) > 0
+    assert len({a["reference_sha256"] for a in audits if not a["cached"]}) <= len(HOLDOUT)  # paid once per input
+
+
+def test_a_canary_that_answers_valid_but_wrong_labels_is_rolled_back_on_audited_k(env, compiled, monkeypatch):
+    load = Load(env["url"])
+    _invoke(["publish", str(env["biased"]), "--to", ENV, "--canary", "50", "--hold", "1h", "--min-samples", "10",
+             "--audit-rate", "1", "--force"], compiled, monkeypatch)
+    st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "rolled_back" and s, "rollback", 240)
+    codes = load.stop()
+    reason = st["last_transition"]["reason"]
+    assert st["stable"] == "3.0" and st["canary"] is None
+    assert reason.startswith("audited K") and "is below stable's 100.0 by more than 5" in reason, reason
+    assert codes and set(codes) == {200}, codes
+
+
+def test_with_the_teacher_down_every_call_succeeds_and_status_counts_the_missing_audits(env, compiled, monkeypatch):
+    from kolm_ray.testing.artifacts import rebadge
+    from kolm_ray.testing.messages_api import FaultPlan
+
+    canary = rebadge(env["stable"], env["store"], (4, 0), private_key=env["key"])
+    env["oracle"].faults = FaultPlan(server_error=1.0)  # the teacher is down from here on
+    try:
+        _invoke(["publish", str(canary), "--to", ENV, "--canary", "50", "--hold", "1h", "--min-samples", "10",
+                 "--audit-rate", "1", "--force"], compiled, monkeypatch)
+        load = Load(env["url"])
+        st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["audit_failed"]["canary"] >= 3 and s,
+                       "failed audits to be recorded", 120)
+        codes = load.stop()
+    finally:
+        env["oracle"].faults = FaultPlan()
+    assert codes and set(codes) == {200}, codes
+    assert st["phase"] == "canary" and st["canary_calls"] >= 3
+    assert st["evidence"]["action"] == "wait"  # no reference, no audited K: never promoted on no data
+    shown = _invoke(["status", "--env", ENV], compiled, monkeypatch).stdout
+    assert "failed (teacher)" in shown
+    _invoke(["rollback", "routing", "--env", ENV], compiled, monkeypatch)
 
 
 def test_a_worse_canary_is_rolled_back_and_stable_keeps_serving(env, compiled, monkeypatch):
@@ -156,7 +238,7 @@ def test_a_worse_canary_is_rolled_back_and_stable_keeps_serving(env, compiled, m
     st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "rolled_back" and s, "rollback")
     codes = load.stop()
     assert st["stable"] == "3.0" and st["canary"] is None
-    assert "trails stable's" in st["last_transition"]["reason"]
+    assert "online K" in st["last_transition"]["reason"] and "is below stable's" in st["last_transition"]["reason"]
     assert codes and set(codes) == {200}, codes
     _wait_for(lambda: {v for _, v in asyncio.run(_fire(env["url"], 20, 8))} == {"routing@3.0"},
               "the controller to apply the rollback")

@@ -5,7 +5,7 @@ import pytest
 from kolm_ray.errors import InputError
 from kolm_ray.kscore import score_rows
 from kolm_ray.testing.corpus import LEADS_TASK, ROUTING_TASK, TLDR_TASK, leads_rows, routing_rows, tldr_rows
-from kolm_ray.verifier import Verifier, synthesize
+from kolm_ray.verifier import VERIFIER_FORMAT_VERSION, Verifier, synthesize, synthesize_from_samples
 
 TASKS = {
     "text": (TLDR_TASK, tldr_rows(48, seed=1)),
@@ -167,3 +167,219 @@ def test_describe_rules_feeds_the_teacher_prompt():
     v, _ = _fit("label")
     rules = " ".join(v.describe_rules())
     assert all(lab in rules for lab in v.labels)
+
+
+# ----- the instruction and the teacher samples' consensus -------------------------------------
+
+TRIAGE_LABELS = ["billing", "technical", "account", "sales", "spam"]
+TRIAGE_TASK = ("Triage the support ticket into one of: billing, technical, account, sales, spam. "
+               "Answer with the label only.")
+VERBOSE = "Category: billing. This ticket is about billing."
+
+
+def _triage_samples(n_rows=10):
+    """Per row: two right bare labels, one verbose sentence, one wrong bare label."""
+    inputs, samples = [], []
+    for i in range(n_rows):
+        right, wrong = TRIAGE_LABELS[i % 5], TRIAGE_LABELS[(i + 1) % 5]
+        inputs.append(f"Ticket {i}: a question about {right}.")
+        samples.append([right, right.capitalize() + ".", f"Category: {right}. This ticket is about {right}.", wrong])
+    return samples, inputs
+
+
+def _leads_samples():
+    """Per row: three JSON answers and one prose answer; None marks a failed call."""
+    intents = ["interested", "later", "not_interested"]
+    inputs, samples = [], []
+    for i, r in enumerate(leads_rows(12, seed=3)):
+        obj = json.loads(r.output)
+        inputs.append(r.input)
+        samples.append([r.output, r.output, json.dumps({**obj, "intent": intents[(i + 1) % 3]}),
+                        f"The lead from {obj['company']} sounds {obj['intent']}.", None])
+    return samples, inputs
+
+
+def test_labels_named_by_the_instruction_set_the_kind():
+    v = synthesize_from_samples(TRIAGE_TASK, *_triage_samples())
+    assert v.kind == "label" and v.sources["kind"] == "instruction"
+    assert v.labels == TRIAGE_LABELS and v.sources["labels"] == "instruction"
+
+
+def test_verbose_answer_to_a_label_task_fails():
+    samples, inputs = _triage_samples()
+    v = synthesize_from_samples(TRIAGE_TASK, samples, inputs)
+    assert not v.score(VERBOSE, inputs[0]).passed
+    assert v.score("billing", inputs[0]).passed
+
+
+def test_wrong_but_valid_label_passes():
+    samples, inputs = _triage_samples()
+    v = synthesize_from_samples(TRIAGE_TASK, samples, inputs)
+    assert v.score("sales", inputs[0]).passed  # row 0 is billing: choosing is the selection's job
+    assert not v.score("refund", inputs[0]).passed
+
+
+def test_label_consensus_is_learned_from_samples_without_labels_in_the_instruction():
+    samples, inputs = _triage_samples()
+    v = synthesize_from_samples("Triage the support ticket.", samples, inputs)
+    assert v.kind == "label" and v.sources["kind"] == "samples"
+    assert sorted(v.labels) == sorted(TRIAGE_LABELS) and v.sources["labels"] == "samples"
+    assert not v.score(VERBOSE, inputs[0]).passed
+    assert v.score("Technical", inputs[0]).passed
+
+
+def test_short_answers_that_do_not_recur_across_rows_are_text():
+    inputs = [f"What is the capital of country {i}?" for i in range(8)]
+    samples = [[f"City{i}", f"City{i}", f"City{i}"] for i in range(8)]
+    v = synthesize_from_samples("Name the capital.", samples, inputs)
+    assert v.kind == "text"
+
+
+def test_json_keys_and_types_named_by_the_instruction_are_the_schema():
+    task = 'Return a JSON object with "name" (string), "score" (integer) and "tags" (list of strings).'
+    v = synthesize_from_samples(task, [['{"name": "Ana", "score": "4", "tags": []}']], ["Ana rated us 4."])
+    assert v.kind == "json" and v.sources["kind"] == "instruction"
+    props = v.json_schema["properties"]
+    assert (props["name"]["type"], props["score"]["type"], props["tags"]["type"]) == ("string", "integer", "array")
+    assert set(v.json_schema["required"]) == {"name", "score", "tags"}
+    assert v.score('{"name": "Ana", "score": 4, "tags": ["x"]}').passed
+    assert not v.score('{"name": "Ana", "score": "4", "tags": []}').passed  # the sample's own type loses
+
+
+def test_json_consensus_from_samples_fails_the_prose_minority():
+    samples, inputs = _leads_samples()
+    v = synthesize_from_samples("Extract the lead from the cold-email reply.", samples, inputs)
+    assert v.kind == "json" and v.sources["json_schema"] == "samples"
+    assert set(v.json_schema["required"]) == {"intent", "company", "summary"}
+    assert v.score(samples[0][0], inputs[0]).passed
+    assert v.score(samples[0][3], inputs[0]).c == 0.0
+    assert not v.score(samples[0][3], inputs[0]).passed
+
+
+def test_json_consensus_counts_one_value_per_row_for_enums():
+    samples, inputs = _leads_samples()
+    v = synthesize_from_samples("Extract the lead from the cold-email reply.", samples, inputs)
+    props = v.json_schema["properties"]
+    assert props["intent"]["enum"] == ["interested", "later", "not_interested"]
+    assert "enum" not in props["summary"]
+
+
+def test_stated_word_count_sets_the_length_band_for_samples():
+    rows = tldr_rows(8, seed=5)
+    short = [" ".join(r.output.split()[:30]) + "." for r in rows]
+    samples = [[s, s, " ".join([s] * 3)] for s in short]
+    v = synthesize_from_samples("Write a 30-word summary of the article.", samples, [r.input for r in rows])
+    assert v.kind == "text" and v.sources["length"] == "instruction"
+    assert v.length.lo <= 30 <= v.length.hi
+    assert v.score(short[0], rows[0].input).l == 1.0
+    ninety = v.score(" ".join([short[0]] * 3), rows[0].input)
+    assert ninety.l < 0.5 and not ninety.passed
+
+
+def test_references_win_over_the_instruction_on_the_kind():
+    task = "Classify the ticket as one of: billing, sales, spam. Answer with the label only."
+    refs = [f"This ticket is about {x}, so the {x} team should answer it today." for x in ["billing", "sales", "spam"] * 2]
+    v = synthesize(task, refs)
+    assert v.kind == "text" and v.sources["kind"] == "references"
+    assert any("references are text" in n for n in v.notes)
+
+
+def test_references_win_over_the_instruction_on_a_key_type():
+    task = 'Return JSON with "name" (string) and "score" (integer).'
+    refs = [json.dumps({"name": n, "score": s}) for n, s in [("Ana", "high"), ("Bo", "low"), ("Cy", "high")]]
+    v = synthesize(task, refs)
+    assert v.json_schema["properties"]["score"]["type"] == "string"
+    assert v.score(refs[0]).passed
+
+
+def test_label_named_only_by_the_instruction_is_valid_with_references():
+    task = "Route the message to one of: billing, sales, support, spam, account."
+    v, rows = synthesize(task, [r.output for r in routing_rows(48, seed=1)]), routing_rows(48, seed=1)
+    assert "account" in v.labels and v.sources["labels"] == "instruction+references"
+    assert v.score("account", rows[0].input).c == 1.0
+
+
+def test_stated_language_fails_an_answer_in_another_language():
+    rows = tldr_rows(8, seed=2)
+    v = synthesize_from_samples("Summarize the article in Spanish.", [[r.output] for r in rows], [r.input for r in rows])
+    assert v.language == "es" and v.sources["language"] == "instruction"
+    spanish = "El operador de la red cortó su programa de baterías por la presión sobre los precios y el almacenamiento."
+    assert v.score(spanish).c > v.score(rows[0].output).c
+    assert v.score(rows[0].output, rows[0].input).c < 0.5
+
+
+def test_references_in_another_language_drop_the_stated_language():
+    v, rows = _fit("text")
+    w = synthesize("Summarize the article in Spanish.", [r.output for r in rows], [r.input for r in rows])
+    assert w.language is None and any("language es" in n for n in w.notes)
+    assert w.score(rows[0].output, rows[0].input).passed
+
+
+def test_stated_sentence_count_fails_a_longer_answer():
+    rows = tldr_rows(8, seed=4)
+    one = [r.output.split(". ")[0] + "." for r in rows]
+    v = synthesize_from_samples("Summarize the article in one sentence.", [[s] for s in one], [r.input for r in rows])
+    assert v.text_rules.sentences is not None and str(v.text_rules.sentences) == "1"
+    assert v.score(one[0], rows[0].input).c == 1.0
+    assert v.score(one[0] + " " + one[1], rows[0].input).c < 0.5
+
+
+def test_stated_bullet_count_fails_a_shorter_list():
+    inputs = [f"Article {i} about the port's cargo, cranes and customs." for i in range(6)]
+    three = "- Cargo volumes rose.\n- Cranes were replaced.\n- Customs checks slowed."
+    v = synthesize_from_samples("Summarize the article in 3 bullets.", [[three]] * 6, inputs)
+    assert v.text_rules.markdown == "bullets" and str(v.text_rules.bullets) == "3"
+    assert v.score(three, inputs[0]).c == 1.0
+    assert v.score("- Cargo volumes rose.\n- Cranes were replaced.", inputs[0]).c < 0.5
+
+
+def test_failed_and_empty_samples_are_skipped():
+    samples, inputs = _triage_samples()
+    v = synthesize_from_samples(TRIAGE_TASK, [row + [None, "  "] for row in samples], inputs)
+    assert v.n_samples == 40
+
+
+def test_samples_without_any_text_are_an_input_error():
+    with pytest.raises(InputError, match="no teacher sample"):
+        synthesize_from_samples("Triage the ticket.", [[None, ""], [None]], ["a", "b"])
+
+
+def test_samples_and_inputs_of_different_lengths_are_an_input_error():
+    with pytest.raises(InputError, match="one input per row"):
+        synthesize_from_samples("Triage the ticket.", [["billing"]], ["a", "b"])
+
+
+def test_learned_says_what_came_from_where():
+    v = synthesize_from_samples(TRIAGE_TASK, *_triage_samples())
+    assert v.learned() == ["kind label (instruction)", "labels billing, technical, account, sales, spam (instruction)"]
+    w, _ = _fit("text")
+    assert "length 38-72 words (instruction+references)" in w.learned()
+
+
+def test_describe_rules_mentions_language_sentences_and_bullets():
+    inputs = [f"Artículo {i}" for i in range(4)]
+    text = "- El puerto creció.\n- La aduana es lenta."
+    v = synthesize_from_samples("Answer in Spanish with 2 bullets, at most two sentences.", [[text]] * 4, inputs)
+    rules = " ".join(v.describe_rules())
+    assert "Spanish" in rules and "2 bullets" in rules and "at most 2 sentences" in rules
+
+
+# A verifier.json written by format version 1 (before instruction reading), byte for byte.
+VERSION_1 = (
+    '{"format_version": 1, "instruction": "Draft a 12-word TLDR of the news item.", "kind": "text", '
+    '"labels": null, "json_schema": null, "json_text_fields": null, "text_rules": {"min_lines": 1, '
+    '"max_lines": 1, "markdown": "never", "terminal_punctuation": true}, "length": {"lo": 8.399999999999999, '
+    '"hi": 14.399999999999999, "source": "instruction+references"}, "topic": {"input_level": 0.9, "common": []}, '
+    '"weights": {"t": 0.4, "c": 0.3, "l": 0.3}, "pass_threshold": 0.75, "n_references": 4, '
+    '"notes": ["kind \'text\' inferred from 4 references"]}'
+)
+
+
+def test_version_1_verifier_still_loads_and_scores():
+    v = Verifier.from_json(VERSION_1)
+    assert v.format_version == VERIFIER_FORMAT_VERSION
+    assert v.language is None and v.sources == {} and v.text_rules.sentences is None
+    news = "The grid operator cut its battery program on Monday, citing pressure on storage and prices."
+    checks = v.score("The grid operator cut its battery program, citing pressure on storage.", news)
+    assert checks.passed and checks.c == 1.0
+    assert Verifier.from_json(v.to_json()) == v

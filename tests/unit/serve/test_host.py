@@ -1,9 +1,11 @@
-"""Many adapters on one base: a mixed batch answers each request as its own adapter would alone."""
+"""Many adapters on one base: a mixed batch answers each request as its own adapter would alone;
+greedy requests are decoded alone; the artifact's decoding settings survive the round trip."""
 
 import pytest
 
-from kolm_ray.serve.catalog import adapter_name, open_specialist
-from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Completion, Generation
+from kolm_ray.errors import InputError
+from kolm_ray.serve.catalog import Specialist, adapter_name, open_specialist
+from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Completion, Decoding, Generation
 from kolm_ray.signing import Trust
 
 
@@ -69,3 +71,44 @@ def test_unloading_the_last_adapter_returns_to_the_base(specialists, tiny_base, 
     h.load_adapter(adapter_name(s), s.adapter_dir)
     h.unload_adapter(adapter_name(s))
     assert h.generate([Generation(adapter=BASE_ADAPTER, system="x", input="hi", max_new_tokens=6)])[0].text == base_out
+
+
+def test_greedy_requests_never_share_a_forward_pass_but_sampled_ones_do(host, monkeypatch):
+    """In a padded batch a row's logits move with its batch-mates (~1e-5 on the tiny base), enough to
+    flip a near-tie: a greedy row is generated alone, so it gets the tokens the eval got."""
+    h, sp = host
+    sizes = []
+    real = h.model.generate
+
+    def counting(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        return real(**kw)
+
+    monkeypatch.setattr(h.model, "generate", counting)
+    greedy = [_gen(sp["route"], "I was charged twice", n=4), _gen(sp["tldr"], "the app crashes", n=4),
+              _gen(sp["route"], "hi", n=4, temperature=0.0)]
+    sampled = [_gen(sp["route"], "hello there", n=4, temperature=0.7), _gen(sp["tldr"], "hi", n=4, temperature=0.7)]
+    h.generate(greedy + sampled)
+    assert sorted(sizes) == [1, 1, 1, 2]
+    sizes.clear()
+    monkeypatch.setattr(h, "batch_greedy", True)  # throughput over parity: greedy rows share a batch
+    h.generate(greedy + sampled)
+    assert sorted(sizes) == [2, 3]
+
+
+def test_an_older_manifest_gets_the_default_decoding_and_a_broken_one_is_refused():
+    assert Decoding.from_manifest({"max_new_tokens": 16}) == Decoding(max_new_tokens=16, temperature=None, stop=())
+    assert Decoding.from_manifest({"max_new_tokens": 8, "from_a_newer_kolm": 1}).max_new_tokens == 8
+    with pytest.raises(InputError, match="generation"):
+        Decoding.from_manifest(None)
+    with pytest.raises(InputError, match="generation.max_new_tokens"):
+        Decoding.from_manifest({"max_new_tokens": 0})
+    with pytest.raises(InputError, match="generation.max_new_tokens"):
+        Decoding.from_manifest({"stop": ["\n"]})
+
+
+def test_a_specialists_decoding_survives_the_serve_config_round_trip(host):
+    _, sp = host
+    s = sp["tldr"]
+    again = Specialist.model_validate(s.model_dump(mode="json"))  # how user_config carries it to replicas
+    assert again == s and again.decoding == Decoding(max_new_tokens=12) and again.max_new_tokens == 12

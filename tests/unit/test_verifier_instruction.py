@@ -1,0 +1,215 @@
+"""``read_instruction`` and the text measures its rules check: what an instruction states
+outright, and never what ordinary prose only seems to say."""
+
+import pytest
+
+from kolm_ray.verifier import CountRange, bullet_count, detect_language, read_instruction, sentence_count
+
+
+@pytest.mark.parametrize(
+    "instruction, labels",
+    [
+        ("Triage the ticket into one of: billing, technical, account, sales, spam.",
+         ["billing", "technical", "account", "sales", "spam"]),
+        ("Classify the email as one of billing, sales or spam.", ["billing", "sales", "spam"]),
+        ("Pick one of billing, sales, support, spam for each ticket.", ["billing", "sales", "support", "spam"]),
+        ("Labels: positive, negative, neutral.", ["positive", "negative", "neutral"]),
+        ("The categories are billing, sales and spam.", ["billing", "sales", "spam"]),
+        ("Classify the sentiment as positive or negative.", ["positive", "negative"]),
+        ("Label each email as spam or not spam.", ["spam", "not spam"]),
+        ("Answer (yes|no).", ["yes", "no"]),
+        ("Reply with billing|sales|support.", ["billing", "sales", "support"]),
+        ('Answer "yes" or "no".', ["yes", "no"]),
+        ('Choose one of "billing", "sales" or "spam".', ["billing", "sales", "spam"]),
+        ("Route the message to billing, sales or support.", ["billing", "sales", "support"]),
+        ("Rate the review as 1, 2, 3, 4 or 5.", ["1", "2", "3", "4", "5"]),
+        ("Route the customer message to one team: billing, account or bug.", ["billing", "account", "bug"]),
+        ("Classify the intent as one of the following labels: refund, cancel, upgrade.", ["refund", "cancel", "upgrade"]),
+        ("Answer with one of the following:\n- billing: payment problems\n- sales: quotes\n- spam\n\nThanks.",
+         ["billing", "sales", "spam"]),
+    ],
+)
+def test_label_set_is_read_from_the_instruction(instruction, labels):
+    spec = read_instruction(instruction)
+    assert spec.labels == labels
+    assert spec.kind == "label"
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "Route the inbound customer message to the team that should handle it.",
+        "Write a reply to one of our customers who asked about pricing.",
+        "Summarize the message from one of our customers or partners.",
+        "Tell me which one of these is best.",
+        "Classify the message as quickly as possible.",
+        "Pick the team, such as billing, sales, etc.",
+        "Mark the ticket as resolved or escalate it.",
+        "Options are limited, costly or slow.",
+        "Summarize the following: the text.",
+        "Format: name | company | intent",
+        "| a | b |\n|---|---|",
+        'Write "Hello" and "World" on separate lines.',
+    ],
+)
+def test_prose_yields_no_label_set(instruction):
+    assert read_instruction(instruction).labels is None
+
+
+@pytest.mark.parametrize(
+    "instruction", ["Answer with the label only.", "Reply with just the category.", "Output only the label.",
+                    "Return the category name only."],
+)
+def test_answer_with_the_label_only_asks_for_a_bare_label(instruction):
+    spec = read_instruction(instruction)
+    assert spec.label_only and spec.kind == "label"
+
+
+@pytest.mark.parametrize(
+    "instruction, keys",
+    [
+        ("Extract the lead from the cold-email reply as JSON with intent, company and summary.",
+         [("intent", None), ("company", None), ("summary", None)]),
+        ('Return a JSON object with "name" (string), "score" (integer) and "tags" (list of strings).',
+         [("name", "string"), ("score", "integer"), ("tags", "array")]),
+        ("Return JSON with keys name, company and intent.", [("name", None), ("company", None), ("intent", None)]),
+        ('Return JSON with keys "name", "company" and "intent".', [("name", None), ("company", None), ("intent", None)]),
+        ("Respond in JSON with fields name: string, age: integer.", [("name", "string"), ("age", "integer")]),
+        ('Output JSON like {"name": "Acme", "score": 3, "ok": true}.',
+         [("name", "string"), ("score", "integer"), ("ok", "boolean")]),
+        ('Return JSON. The "score" key is an integer from 1 to 5; "reason" is a string.',
+         [("score", "integer"), ("reason", "string")]),
+    ],
+)
+def test_json_keys_and_types_are_read_from_the_instruction(instruction, keys):
+    spec = read_instruction(instruction)
+    assert spec.json_output and spec.kind == "json"
+    assert [(k.name, k.type) for k in spec.json_keys] == keys
+    assert spec.labels is None
+
+
+def test_json_key_values_listed_with_one_of_become_its_enum():
+    spec = read_instruction('Return JSON with "intent" one of interested, later, not_interested and "company" (string).')
+    keys = {k.name: k for k in spec.json_keys}
+    assert keys["intent"].enum == ["interested", "later", "not_interested"]
+    assert keys["company"].type == "string" and keys["company"].enum is None
+
+
+@pytest.mark.parametrize(
+    "instruction", ["Given a JSON payload, summarize it in English.", "Do not answer in JSON; write plain text."],
+)
+def test_json_input_or_forbidden_json_is_not_json_output(instruction):
+    assert not read_instruction(instruction).json_output
+
+
+@pytest.mark.parametrize(
+    "instruction, lo, hi",
+    [
+        ("Draft a 60-word TLDR for the article body provided.", 60, 60),
+        ("Summarize in 60 words.", 60, 60),
+        ("Summarize in under 20 words.", None, 20),
+        ("Write at most 50 words.", None, 50),
+        ("Write at least 50 words.", 50, None),
+        ("Write between 40 and 60 words.", 40, 60),
+        ("Write a 40-60 word summary.", 40, 60),
+    ],
+)
+def test_word_count_is_read_from_the_instruction(instruction, lo, hi):
+    assert read_instruction(instruction).words == CountRange(lo=lo, hi=hi)
+
+
+@pytest.mark.parametrize(
+    "instruction, lo, hi",
+    [
+        ("Summarize in one sentence.", 1, 1),
+        ("Summarize in a single sentence.", 1, 1),
+        ("Explain in 2 sentences.", 2, 2),
+        ("Answer in at most three sentences.", None, 3),
+        ("Write no more than 2 sentences.", None, 2),
+        ("Write two to three sentences.", 2, 3),
+    ],
+)
+def test_sentence_count_is_read_from_the_instruction(instruction, lo, hi):
+    spec = read_instruction(instruction)
+    assert spec.sentences == CountRange(lo=lo, hi=hi)
+    assert spec.kind == "text"
+
+
+@pytest.mark.parametrize(
+    "instruction, n",
+    [("List 3 bullets of key facts.", 3), ("Give three bullet points.", 3),
+     ("Summarize as a bulleted list of five items.", 5)],
+)
+def test_bullet_count_is_read_from_the_instruction(instruction, n):
+    assert read_instruction(instruction).bullets == CountRange(lo=n, hi=n)
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    ["Use the 3 words from the title.", "Fix the 2 sentences below.", "Write 3 bullets, one sentence each.",
+     "Use 20 words per bullet.", "Do not use bullet points."],
+)
+def test_counts_about_something_else_are_not_read(instruction):
+    spec = read_instruction(instruction)
+    assert spec.words is None and spec.sentences is None
+    assert not spec.bullet_list
+
+
+@pytest.mark.parametrize(
+    "instruction, language",
+    [
+        ("Summarize the article in Spanish.", "es"),
+        ("Answer in French.", "fr"),
+        ("Write a product description written in German.", "de"),
+        ("Translate the text into Portuguese.", "pt"),
+        ("Given a German email, write a reply in English.", "en"),
+        ("Summarize this Spanish article in English.", "en"),
+        ("Write a haiku in Dutch.", "nl"),
+    ],
+)
+def test_output_language_is_read_from_the_instruction(instruction, language):
+    assert read_instruction(instruction).language == language
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    ["The emails are written in German; route them.", "Summarize the text, which is in French.",
+     "Respond in the same language as the input.", "Answer in English or Spanish."],
+)
+def test_input_language_or_a_choice_is_not_an_output_language(instruction):
+    assert read_instruction(instruction).language is None
+
+
+@pytest.mark.parametrize(
+    "text, language",
+    [
+        ("The city council approved the new budget for the transit system, and the work will start in March.", "en"),
+        ("El ayuntamiento aprobó el nuevo presupuesto para el sistema de transporte, y las obras empezarán en marzo.", "es"),
+        ("Le conseil municipal a approuvé le nouveau budget pour le réseau de transport, et les travaux commenceront.", "fr"),
+        ("Der Stadtrat hat das neue Budget für das Verkehrssystem genehmigt, und die Arbeiten beginnen im März.", "de"),
+        ("Il consiglio comunale ha approvato il nuovo bilancio per il sistema dei trasporti, e i lavori inizieranno.", "it"),
+        ("A câmara municipal aprovou o novo orçamento para o sistema de transportes, e as obras começam em março.", "pt"),
+        ("De gemeenteraad heeft het nieuwe budget voor het vervoerssysteem goedgekeurd, en de werken beginnen.", "nl"),
+    ],
+)
+def test_detect_language_names_the_seven_profiled_languages(text, language):
+    assert detect_language(text) == language
+
+
+@pytest.mark.parametrize("text", ["billing", "OK", "Acme Corp 2024", "東京は日本の首都です。"])
+def test_detect_language_is_unsure_on_short_or_unprofiled_text(text):
+    assert detect_language(text) is None
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [("One sentence.", 1), ("Two sentences. Here is another!", 2),
+     ("Dr. Smith went to the U.S. Army base. He left.", 2), ("e.g. this is one sentence.", 1),
+     ("Line one\nLine two", 2), ("The rate is 3.5 percent. Done", 2)],
+)
+def test_sentence_count(text, n):
+    assert sentence_count(text) == n
+
+
+def test_bullet_count_counts_every_bullet_style():
+    assert bullet_count("- a\n- b\n* c\n1. d\n\u2022 e\nnot a bullet") == 5
