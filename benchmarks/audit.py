@@ -60,7 +60,7 @@ def main() -> None:
         base = build_tiny_base(Path(d) / "base", hidden_size=256, layers=4, intermediate_size=512)
         refs = [(r.input, r.output) for r in rows[:16]]
         art = make_artifact(Path(d) / "store", base, "route", (1, 0), task="Route the message to one team.",
-                            references=refs, seed=1)
+                            references=refs, seed=1, teacher="claude-opus-4-7")
         pub = default_key_paths()[1]
         connect(None)
         port = free_port()
@@ -97,7 +97,7 @@ def main() -> None:
     teacher.stop()
 
     ok = [a for a in audits if a["status"] == "ok"]
-    cost = sum(a["cost_usd"] for a in audits)
+    cost = sum(a["cost_usd"] or 0.0 for a in audits)
     per_1000 = 1000 * cost / max(1, len(audits))
     p50 = {k: pct(v, 0.5) for k, v in lat.items()}
     p99 = {k: pct(v, 0.99) for k, v in lat.items()}

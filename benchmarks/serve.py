@@ -6,8 +6,9 @@ adapters on one base against four merged models; and the cost of a receipt per c
 
 All in the same run, on the same random-init Qwen2 and the same prompts (TL;DR inputs, 16 new
 tokens, greedy). The in-process baseline calls ``AdapterHost.generate`` one request at a time,
-as an application embedding the model would; the ingress batches concurrent requests across
-adapters. The Serve replica gets the same CPU cores (torch threads) as the baseline.
+as an application embedding the model would. The ingress gathers concurrent requests across
+adapters; by default a greedy request is still decoded alone (its tokens are the eval's), and
+with ``--batch-greedy`` greedy requests share padded batches (measured too). The Serve replica gets the same CPU cores (torch threads) as the baseline.
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ async def http_load(url: str, models: list[str], prompts: list[str], concurrency
 
 
 def served(artifacts: list[Path], trust_key: Path, store: Path, port: int, cpus: float, batch: int,
-           app: str) -> str:
+           app: str, batch_greedy: bool = False) -> str:
     from kolm_ray.serve.app import run
     from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
 
     cfg = ServeConfig(artifacts=[str(a) for a in artifacts], trust_key=str(trust_key), store=str(store), app_name=app,
                       route_prefix=f"/{app}", model=ModelDeploymentOptions(num_cpus=cpus, max_batch_size=batch,
-                                                                          max_ongoing_requests=4 * batch))
+                                                                          max_ongoing_requests=4 * batch,
+                                                                          batch_greedy=batch_greedy))
     run(cfg, port=port)
     return f"http://127.0.0.1:{port}/{app}"
 
@@ -192,13 +194,15 @@ def main() -> None:
         connect(None)
         port = free_port()
         for label, subset in (("1 adapter", arts[:1]), ("4 adapters", arts)):
-            app = "one" if len(subset) == 1 else "four"
-            url = served(subset, pub, Path(d) / "home", port, cpus, args.concurrency, app)
-            models = [f"spec{i}" for i in range(len(subset))]
-            rows[label]["http"] = asyncio.run(http_load(url, models, prompts, args.concurrency, args.max_tokens))
-            from ray import serve
+            for batch_greedy in (False, True):  # parity with the eval (default) vs --batch-greedy
+                app = ("one" if len(subset) == 1 else "four") + ("-batched" if batch_greedy else "")
+                url = served(subset, pub, Path(d) / "home", port, cpus, args.concurrency, app, batch_greedy)
+                models = [f"spec{i}" for i in range(len(subset))]
+                rows[label]["batched" if batch_greedy else "http"] = asyncio.run(
+                    http_load(url, models, prompts, args.concurrency, args.max_tokens))
+                from ray import serve
 
-            serve.delete(app)
+                serve.delete(app)
         mem = memory(base, arts, trust)
         rc = receipt_cost()
 
@@ -206,14 +210,17 @@ def main() -> None:
              f"(hidden {args.hidden}, {args.layers} layers), LoRA r=4; HTTP at {args.concurrency} in flight, "
              f"Serve replica with {cpus} CPUs, max batch {args.concurrency}"]
     for label, r in rows.items():
-        i, h = r["inproc"], r["http"]
+        i, h, b = r["inproc"], r["http"], r["batched"]
         lines += [
             f"  {label}",
             f"    in-process, one call at a time   {i['rps']:6.1f} req/s   p50 {1000 * i['p50']:7.1f} ms   "
             f"p99 {1000 * i['p99']:7.1f} ms",
             f"    HTTP ingress (Ray Serve)         {h['rps']:6.1f} req/s   p50 {1000 * h['p50']:7.1f} ms   "
-            f"p99 {1000 * h['p99']:7.1f} ms   {h['errors']} errors",
-            f"    ratio HTTP / in-process          {h['rps'] / i['rps']:.2f} (throughput)",
+            f"p99 {1000 * h['p99']:7.1f} ms   {h['errors']} errors   (greedy decoded alone: the eval's tokens)",
+            f"    HTTP ingress, --batch-greedy     {b['rps']:6.1f} req/s   p50 {1000 * b['p50']:7.1f} ms   "
+            f"p99 {1000 * b['p99']:7.1f} ms   {b['errors']} errors",
+            f"    ratio HTTP / in-process          {h['rps'] / i['rps']:.2f} (throughput); --batch-greedy "
+            f"{b['rps'] / i['rps']:.2f}",
         ]
     lines += [
         f"  memory, 4 Specialists: one base + 4 adapters {mem['shared'] / 2**20:7.1f} MiB   "

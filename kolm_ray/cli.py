@@ -56,6 +56,7 @@ def cli() -> None:
 from kolm_ray.publish.release import AuditSettings  # noqa: E402
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig  # noqa: E402
 from kolm_ray.serve.audit import AuditOptions  # noqa: E402
+from kolm_ray.serve.config import ModelDeploymentOptions  # noqa: E402
 
 
 @cli.command()
@@ -73,6 +74,8 @@ from kolm_ray.serve.audit import AuditOptions  # noqa: E402
               help=_help(SampleConfig, "batch_poll_s"))
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=_help(SampleConfig, "concurrency"))
 @click.option("--actors", default=2, show_default=True, type=click.IntRange(1), help=_help(SampleConfig, "actors"))
+@click.option("--min-agreement", default=SampleConfig.model_fields["min_agreement"].default, show_default=True,
+              type=click.FloatRange(0, 1), help=_help(SampleConfig, "min_agreement"))
 @click.option("--max-failed-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
               help=_help(SampleConfig, "max_failed_fraction"))
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help=_help(TeacherConfig, "max_tokens"))
@@ -88,7 +91,8 @@ from kolm_ray.serve.audit import AuditOptions  # noqa: E402
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None,
-           out_dir: str | None, batch: bool, batch_poll_s: float, concurrency: int, actors: int, max_failed_fraction: float,
+           out_dir: str | None, batch: bool, batch_poll_s: float, concurrency: int, actors: int, min_agreement: float,
+           max_failed_fraction: float,
            max_tokens: int, timeout_s: float, max_attempts: int, max_in_flight: int, calls_per_minute: int,
            tokens_per_minute: int, prices: str | None, address: str | None, as_json: bool) -> None:
     """Sample the teacher k times per example row and keep the best sample per row."""
@@ -105,7 +109,7 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
         raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
     teacher_cfg = TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts)
-    sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors,
+    sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
                               max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)
     quota_cfg = QuotaConfig(max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
                             tokens_per_minute=tokens_per_minute)
@@ -120,7 +124,9 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     if as_json:
         click.echo(json.dumps({**outcome.summary.model_dump(), "out": str(written)}, indent=2))
         return
-    click.echo(f"verifier    {outcome.verifier.kind} · " + "; ".join(outcome.verifier.notes))
+    click.echo("verifier    " + " · ".join(outcome.verifier.learned()))
+    for note in outcome.verifier.notes:
+        click.echo(f"            {note}")
     for line in outcome.summary.lines():
         click.echo(line)
     click.echo(f"wrote       {written}/samples.parquet")
@@ -206,14 +212,16 @@ def _fit_options(f):
 @click.option("--sign", "sign_spec", default=None, help="key:PATH, or sigstore [default: kolm's own key].")
 @click.option("--batch", is_flag=True, help=_help(SampleConfig, "batch"))
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=_help(SampleConfig, "concurrency"))
+@click.option("--min-agreement", default=SampleConfig.model_fields["min_agreement"].default, show_default=True,
+              type=click.FloatRange(0, 1), help=_help(SampleConfig, "min_agreement"))
 @click.option("--max-failed-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
               help=_help(SampleConfig, "max_failed_fraction"))
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 @_fit_options
 def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, name, store, work_dir, sign_spec,
-                batch, concurrency, max_failed_fraction, prices, address, epochs, max_steps, lr, lora_r, lora_alpha,
-                target_modules, workers, batch_size, max_length, zero_stage, checkpoint_every, max_failures,
+                batch, concurrency, min_agreement, max_failed_fraction, prices, address, epochs, max_steps, lr,
+                lora_r, lora_alpha, target_modules, workers, batch_size, max_length, zero_stage, checkpoint_every, max_failures,
                 seed) -> Any:
     """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign."""
     from kolm_ray.cluster import connect
@@ -245,7 +253,8 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
     with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
         result = compile_specialist(
             prepared, teacher=TeacherConfig(model=teacher), sample=SampleConfig(
-                k=k, n=n, concurrency=concurrency, max_failed_fraction=max_failed_fraction, batch=batch),
+                k=k, n=n, concurrency=concurrency, min_agreement=min_agreement,
+                max_failed_fraction=max_failed_fraction, batch=batch),
             quota=QuotaConfig(), prices=price, fit_cfg=fit_cfg, signer=signer,
             say=lambda line: click.echo("\n" + line if bar.pos and bar.pos < total else line),
             teacher_progress=bar.update,
@@ -396,6 +405,7 @@ def _api_keys(path: str | None) -> dict[str, str]:
               "cluster has GPUs, else 0].")
 @click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--batch-greedy", is_flag=True, help=_help(ModelDeploymentOptions, "batch_greedy"))
 @click.option("--max-ongoing", default=16, show_default=True, type=click.IntRange(1),
               help="Requests one replica works on at once.")
 @click.option("--max-queued", default=64, show_default=True, type=click.IntRange(0),
@@ -415,8 +425,8 @@ def _api_keys(path: str | None) -> dict[str, str]:
 def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
               key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
               base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
-              max_batch_size: int, max_ongoing: int, max_queued: int, emit_config: str | None, detach: bool,
-              env: str | None, rollout_interval: float, audit_rate: float, audit_teacher: str,
+              max_batch_size: int, batch_greedy: bool, max_ongoing: int, max_queued: int, emit_config: str | None,
+              detach: bool, env: str | None, rollout_interval: float, audit_rate: float, audit_teacher: str,
               audit_max_pending: int) -> None:
     """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
     every Specialist's adapter on it, a receipt for every call."""
@@ -478,7 +488,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
             route_prefix=route_prefix, base_paths=base_paths, api_key_digests=key_digests,
             model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus or 0.0, num_cpus=num_cpus,
                                          max_batch_size=max_batch_size, max_ongoing_requests=max_ongoing,
-                                         max_queued_requests=max_queued),
+                                         max_queued_requests=max_queued, batch_greedy=batch_greedy),
             audit=AuditOptions(rate=audit_rate, teacher=audit_teacher, max_pending=audit_max_pending),
         )
     except ValidationError as e:

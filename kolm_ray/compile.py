@@ -35,7 +35,7 @@ from kolm_ray.sampling.pricing import Prices
 from kolm_ray.signing import Signer
 from kolm_ray.train.base import BaseRef, directory_digest, resolve_base
 from kolm_ray.train.config import FitConfig
-from kolm_ray.train.eval import EvalResult, decoding_for, evaluate
+from kolm_ray.train.eval import EVAL_PATH_VERSION, EvalResult, decoding_for, evaluate
 from kolm_ray.train.fit import FitResult, fit, run_name
 from kolm_ray.verifier import Verifier, synthesize
 
@@ -143,8 +143,8 @@ def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig) -> FitR
 def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: FitConfig) -> EvalResult:
     h = p.holdout
     key = hashlib.sha256(json.dumps([
-        verifier.to_json(), p.base.fingerprint(), p.cfg.task, h.to_pylist(),
-        directory_digest(adapter) if adapter else None,
+        EVAL_PATH_VERSION, verifier.to_json(), p.base.fingerprint(), p.cfg.task, h.to_pylist(),
+        directory_digest(adapter) if adapter else None, decoding_for(verifier).manifest(),
     ], sort_keys=True, default=str).encode()).hexdigest()[:16]
     cached = p.cfg.work_dir / "eval" / f"{key}.json"
     if cached.is_file():
@@ -221,14 +221,22 @@ def compile_specialist(
     started = time.perf_counter()
 
     verifier = stage_verifier(p)
-    say(f"verifier    {verifier.kind if verifier else 'deferred'} · "
-        + ("; ".join(verifier.notes) if verifier else "no reference outputs: learned from the teacher's samples"))
+    if verifier is not None:
+        say("verifier    " + " · ".join(verifier.learned()))
+    else:
+        say("verifier    deferred: no reference outputs; learned from the teacher's samples by consensus")
 
     outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, teacher_progress)
+    if verifier is None:
+        say("verifier    " + " · ".join(outcome.verifier.learned()))
     verifier = outcome.verifier
     s = outcome.summary
     say(f"teacher     {s.teacher} k={s.k}: {s.calls} calls paid, {s.cache_hits} cached, {s.retries} retries, "
         f"{s.failed_rows} rows failed · acceptance {100 * s.acceptance_rate:.1f}% · ${s.cost_usd:.4f}")
+    if s.low_agreement_rows:
+        say(f"            {s.low_agreement_rows} rows where under {100 * s.min_agreement:g}% of the samples agree with "
+            f"the kept one (the teacher is unsure): {', '.join(s.low_agreement_row_ids[:5])}"
+            f"{' …' if s.low_agreement_rows > 5 else ''} (see samples/samples.parquet, column agreement)")
 
     pairs = distillation_pairs(outcome)
     fitted = stage_fit(p, pairs, fit_cfg)

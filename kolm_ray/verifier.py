@@ -441,6 +441,9 @@ _KEY_LIST_END = re.compile(r"\.(?=\s|$)|[;\n]")
 _NOT_KEYS = frozenset("output answer format input note notes example response return returns".split())
 
 
+_TLDR = re.compile(r"\bTL\s*;\s*DR\b", re.I)
+
+
 def read_instruction(instruction: str) -> InstructionSpec:
     """Read what ``instruction`` states outright about its output. Pure and conservative.
 
@@ -454,7 +457,8 @@ def read_instruction(instruction: str) -> InstructionSpec:
     ("Answer in French", "written in German", "translate into Spanish"). Anything unclear is
     left out: ordinary prose ("one of our customers") never yields a label set.
     """
-    text = instruction.strip()
+    # "TL;DR" is one word, not two clauses: its semicolon must not cut "a TL;DR in Spanish" apart.
+    text = _TLDR.sub("TLDR", instruction.strip())
     json_output = _reads_json_output(text)
     label_only = bool(_LABEL_ONLY.search(text)) and not json_output
     return InstructionSpec(

@@ -276,14 +276,26 @@ def score_samples(samples: pa.Table, verifier: Verifier) -> pa.Table:
     )
 
 
-def _vote_key(kind: str, text: str) -> str:
-    """The answer a label or JSON sample gives: samples with equal keys vote together."""
+def _vote_key(kind: str, text: str, text_fields: Sequence[str] = ()) -> str:
+    """The answer a label or JSON sample gives: samples with equal keys vote together. A JSON
+    answer's free-text fields (``text_fields``: a summary, a note) are left out: paraphrases of
+    one answer must vote together, and MBR chooses among them."""
     if kind == "label":
         return normalize_label(text)
     if kind == "json":
         obj = parse_json_object(text)
-        return json.dumps(obj, sort_keys=True) if obj is not None else text
+        if obj is None:
+            return text
+        return json.dumps({k: v for k, v in obj.items() if k not in text_fields}, sort_keys=True)
     return text
+
+
+def _free_text(kind: str, text: str, text_fields: Sequence[str]) -> str:
+    """What MBR compares: the whole text, or a JSON answer's free-text fields."""
+    if kind != "json":
+        return text
+    obj = parse_json_object(text) or {}
+    return " ".join(str(obj[k]) for k in text_fields if isinstance(obj.get(k), str))
 
 
 def similarity(a: str, b: str) -> float:
@@ -298,7 +310,7 @@ def _k(sample: dict[str, Any]) -> float:
     return round(sample["k"], 9)  # K is a weighted mean: equal scores may differ in the last bits
 
 
-def choose_best(samples: Sequence[dict[str, Any]], kind: str) -> int | None:
+def choose_best(samples: Sequence[dict[str, Any]], kind: str, text_fields: Sequence[str] = ()) -> int | None:
     """Index (into ``samples``, one row's k samples) of the sample to keep; None if all failed.
 
     Self-consistency among the samples that pass the verifier:
@@ -306,7 +318,9 @@ def choose_best(samples: Sequence[dict[str, Any]], kind: str) -> int | None:
     * ``label`` and ``json``: majority vote. Samples giving the same answer (normalized label,
       canonical JSON) vote together; the answer with most votes wins, a tie goes to the answer
       with the higher mean K, then to the one sampled first. Within the winning answer, the
-      sample with the highest K (then lowest sample index) is kept.
+      sample with the highest K (then lowest sample index) is kept; where the JSON has
+      free-text fields (``text_fields``), they are left out of the vote and the winning
+      answer's samples are chosen among by minimum Bayes risk over those fields.
     * ``text``: minimum Bayes risk. The passing sample with the highest mean ``similarity`` to
       the row's other samples that have text (passing or not) wins: the consensus, not the
       outlier. Ties go to the higher K, then the lower sample index.
@@ -328,28 +342,34 @@ def choose_best(samples: Sequence[dict[str, Any]], kind: str) -> int | None:
     if kind in ("label", "json"):
         answers: dict[str, list[int]] = {}
         for i in passing:
-            answers.setdefault(_vote_key(kind, samples[i]["text"]), []).append(i)
+            answers.setdefault(_vote_key(kind, samples[i]["text"], text_fields), []).append(i)
 
         def answer_rank(members: list[int]) -> tuple:
             mean_k = round(sum(samples[i]["k"] for i in members) / len(members), 9)
             return (-len(members), -mean_k, min(samples[i]["sample_index"] for i in members))
 
-        return min(min(answers.values(), key=answer_rank), key=by_k)
+        winners = min(answers.values(), key=answer_rank)
+        if kind == "label" or not text_fields:
+            return min(winners, key=by_k)
+        passing = winners  # MBR over the free text, within the answer the vote chose
 
     def consensus(i: int) -> float:
         others = [j for j in ok if j != i]
         if not others:
             return 0.0
-        return round(sum(similarity(samples[i]["text"], samples[j]["text"]) for j in others) / len(others), 9)
+        mine = _free_text(kind, samples[i]["text"], text_fields)
+        return round(sum(similarity(mine, _free_text(kind, samples[j]["text"], text_fields))
+                         for j in others) / len(others), 9)
 
     return min(passing, key=lambda i: (-consensus(i), *by_k(i)))
 
 
-def agreement(samples: Sequence[dict[str, Any]], chosen: int, kind: str) -> float:
+def agreement(samples: Sequence[dict[str, Any]], chosen: int, kind: str, text_fields: Sequence[str] = ()) -> float:
     """Share (0..1) of the row's samples with text that agree with ``samples[chosen]``.
 
     Failed calls (``text`` None) are left out of the count; the chosen sample agrees with
-    itself. ``label``/``json``: the same answer (normalized label, canonical JSON). ``text``:
+    itself. ``label``/``json``: the same answer (normalized label, canonical JSON less its
+    free-text ``text_fields``). ``text``:
     ``similarity`` to the chosen one of at least ``TEXT_AGREEMENT_F1``. Low agreement marks a
     row where the teacher is unsure.
 
@@ -361,14 +381,14 @@ def agreement(samples: Sequence[dict[str, Any]], chosen: int, kind: str) -> floa
         raise ValueError(f"sample {chosen} has no text: a failed call cannot be the chosen one")
     texts = [s["text"] for s in samples if s.get("text") is not None]
     if kind in ("label", "json"):
-        key = _vote_key(kind, mine)
-        agree = sum(1 for t in texts if _vote_key(kind, t) == key)
+        key = _vote_key(kind, mine, text_fields)
+        agree = sum(1 for t in texts if _vote_key(kind, t, text_fields) == key)
     else:
         agree = sum(1 for t in texts if similarity(mine, t) >= TEXT_AGREEMENT_F1)
     return agree / len(texts)
 
 
-def select(scored: pa.Table, kind: str) -> pa.Table:
+def select(scored: pa.Table, kind: str, text_fields: Sequence[str] = ()) -> pa.Table:
     """Add ``chosen`` (one sample per row, none for a row whose samples all failed) and the
     row's ``agreement`` on each of its samples (None for such a row).
 
@@ -383,10 +403,10 @@ def select(scored: pa.Table, kind: str) -> pa.Table:
         while end < len(records) and records[end]["id"] == records[start]["id"]:
             end += 1
         row = records[start:end]
-        best = choose_best(row, kind)
+        best = choose_best(row, kind, text_fields)
         if best is not None:
             chosen[start + best] = True
-            agree[start:end] = [agreement(row, best, kind)] * (end - start)
+            agree[start:end] = [agreement(row, best, kind, text_fields)] * (end - start)
         start = end
     (chosen_name, chosen_type), (agree_name, agree_type) = SELECT_COLUMNS
     return (scored.append_column(pa.field(chosen_name, chosen_type), pa.array(chosen, type=chosen_type))
@@ -495,7 +515,7 @@ def sample_rows(
         verifier = synthesize_from_samples(task, texts, inputs)
         if _LEARNED_NOTE not in verifier.notes:
             verifier = verifier.model_copy(update={"notes": [*verifier.notes, _LEARNED_NOTE]})
-    scored = select(score_samples(raw, verifier), verifier.kind)
+    scored = select(score_samples(raw, verifier), verifier.kind, verifier.json_text_fields or ())
     quota_stats = None
     if not sample.batch:
         handle = ray.get_actor(quota_name(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")),

@@ -42,7 +42,8 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
             # Loading a base and its adapters takes a while on a cold node.
             health_check_period_s=10, graceful_shutdown_timeout_s=30,
         )
-        handles[key] = dep.bind(specialists[0].base_path, _trust_dict(cfg), cfg.base_paths, m.dtype)
+        handles[key] = dep.bind(specialists[0].base_path, _trust_dict(cfg), cfg.base_paths, m.dtype, None,
+                                m.batch_greedy)
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=cfg.ingress_replicas, ray_actor_options=_ingress_actor_options(),
         max_ongoing_requests=max(64, 4 * m.max_ongoing_requests * m.replicas),

@@ -81,12 +81,12 @@ def reference_request(job: AuditJob, max_tokens: int) -> tuple[dict[str, Any], s
     return params, request_key(params, 0)
 
 
-def records_for(job: AuditJob, reference: str | None, *, status: str, now: float, cost: float = 0.0,
+def records_for(job: AuditJob, reference: str | None, *, status: str, now: float, cost: float | None = 0.0,
                 cached: bool = False, input_tokens: int = 0, output_tokens: int = 0,
                 error: str | None = None) -> list[AuditRecord]:
     """One record per target; with a reference, each output scored against it (pure)."""
     out = []
-    share = cost / len(job.targets) if job.targets else 0.0
+    share = None if cost is None else cost / max(1, len(job.targets))
     for t in job.targets:
         checks = job.verifier.score(t.output, job.input, reference) if reference is not None else None
         out.append(AuditRecord(
@@ -95,7 +95,8 @@ def records_for(job: AuditJob, reference: str | None, *, status: str, now: float
             output_sha256=digest(t.output), reference_sha256=digest(reference) if reference is not None else None,
             t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
             k=checks.k if checks else None, passed=checks.passed if checks else None, teacher=job.teacher,
-            cached=cached, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=round(share, 8),
+            cached=cached, input_tokens=input_tokens, output_tokens=output_tokens,
+            cost_usd=None if share is None else round(share, 8),
             error=error,
         ))
     return out
@@ -158,9 +159,9 @@ class Auditor:
             self.stats["failed"] += 1
             return records_for(job, None, status="failed", now=self.clock(), error=res.error)
         prices = self.prices(job.teacher)
-        cost = 0.0 if res.cached or prices is None else cost_usd(res.usage, prices)
+        cost = 0.0 if res.cached else None if prices is None else cost_usd(res.usage, prices)
         self.stats["ok"] += 1
-        self.stats["cost_usd"] += cost
+        self.stats["cost_usd"] += cost or 0.0
         return records_for(job, res.text, status="ok", now=self.clock(), cost=cost, cached=res.cached,
                            input_tokens=res.usage.input_tokens, output_tokens=res.usage.output_tokens)
 

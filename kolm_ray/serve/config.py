@@ -28,6 +28,11 @@ class ModelDeploymentOptions(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica holds at once.")
     max_queued_requests: int = Field(64, ge=0, description="Requests queued for a deployment before 503s.")
     dtype: str | None = Field(None, description="torch dtype of the base (bfloat16 on GPU, float32 on CPU).")
+    # Off by default: a greedy request is decoded alone, so it gets exactly the tokens the
+    # holdout eval got (the K the gate passed is the K served). On: greedy requests share padded
+    # batches for throughput, and a row's tokens may change with its batch-mates at near-ties.
+    batch_greedy: bool = Field(False, description="Batch greedy requests together: more throughput, no longer "
+                               "bitwise what the holdout eval produced.")
 
 
 class ServeConfig(BaseModel):

@@ -38,13 +38,13 @@ class BaseModelServer:
     """One base model and the adapters of every Specialist compiled on it."""
 
     def __init__(self, base_path: str, trust: dict[str, Any], base_paths: dict[str, str], dtype: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, batch_greedy: bool = False) -> None:
         from kolm_ray.serve.host import AdapterHost
         from kolm_ray.signing import Trust
 
         self.trust = Trust(**{k: Path(v) if k == "public_key" and v else v for k, v in trust.items()})
         self.base_paths = base_paths
-        self.host = AdapterHost(base_path, device=device, dtype=dtype)
+        self.host = AdapterHost(base_path, device=device, dtype=dtype, batch_greedy=batch_greedy)
         self.workdir = Path(tempfile.mkdtemp(prefix="kolm-serve-"))
         self.live: dict[str, Specialist] = {}  # adapter name -> Specialist
         self.refused: dict[str, str] = {}  # artifact -> reason
@@ -239,9 +239,11 @@ class Ingress:
         if p.max_tokens is not None and p.max_tokens > self.max_tokens_cap:
             raise RequestError(400, f"max_tokens is {p.max_tokens}; at most {self.max_tokens_cap} are allowed",
                                param="max_tokens")
+        d = s.decoding  # what the holdout was generated with; the request's own settings win
         return {"adapter": adapter_name(s), "system": s.system, "input": p.input,
-                "max_new_tokens": p.max_tokens or s.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                "stop": list(p.stop)}
+                "max_new_tokens": p.max_tokens or d.max_new_tokens,
+                "temperature": p.temperature if p.temperature is not None else d.temperature, "top_p": p.top_p,
+                "stop": list(p.stop) or list(d.stop)}
 
     def _receipt(self, s: Specialist, p: Parsed, rid: str, started: float, status: str, out: dict[str, Any] | None,
                  key: str | None, route: str) -> None:

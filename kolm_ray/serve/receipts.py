@@ -1,4 +1,6 @@
-"""Receipts: one per call served, in an append-only, hash-chained log.
+"""Receipts: one per call served (``Receipt``, kind "call"), and one per audit of a call
+(``AuditRecord``, kind "audit", linked by the call's request id), in an append-only,
+hash-chained log.
 
 Each writer (one per ingress replica lifetime) owns one segment ``<dir>/<writer>.jsonl`` and
 its head file ``<writer>.head.json``. A receipt carries ``seq`` (0, 1, 2, ...), ``prev`` (the
@@ -80,7 +82,9 @@ class AuditRecord(BaseModel):
     cached: bool = False  # the reference came from the teacher cache: not paid again
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_usd: float = 0.0  # this audit's share of what the teacher call cost (0 when cached)
+    # This audit's share of what the teacher call cost: 0 when the reference came from the
+    # cache, None when the teacher model has no price (``--prices``) to cost it with.
+    cost_usd: float | None = 0.0
     error: str | None = None
 
 

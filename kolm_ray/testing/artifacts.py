@@ -34,10 +34,11 @@ def random_adapter(base_dir: Path, dest: Path, seed: int, r: int = 4) -> Path:
 def make_artifact(
     store: Path, base_dir: Path, name: str, version: tuple[int, int], *, task: str,
     references: Sequence[tuple[str, str]], seed: int = 0, row_k: Sequence[float] | None = None,
-    max_new_tokens: int = 16, private_key: Path | None = None,
+    max_new_tokens: int = 16, private_key: Path | None = None, teacher: str = "none (test artifact)",
 ) -> Path:
     """Write ``store/NAME-MAJOR.MINOR.kolm``; ``references`` are (input, output) holdout rows and
-    ``row_k`` the student's per-row score (0-1) the eval report claims for each."""
+    ``row_k`` the student's per-row score (0-1) the eval report claims for each; ``teacher`` is
+    the teacher model the manifest names (audits ask it)."""
     from kolm_ray.verifier import synthesize
 
     verifier = synthesize(task, [o for _, o in references])
@@ -58,7 +59,7 @@ def make_artifact(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "task": task,
         "base": {"name": base.name, **base.fingerprint()},
         "prompt": {"system": task, "format": "chat_template"}, "generation": {"max_new_tokens": max_new_tokens},
-        "teacher": {"model": "none (test artifact)", "k": 0, "mode": "none", "samples": 0, "usage": {},
+        "teacher": {"model": teacher, "k": 0, "mode": "none", "samples": 0, "usage": {},
                     "cost_usd": 0.0, "paid_this_run_usd": 0.0},
         "digests": {}, "kscore": {"student": summary, "base": {**summary, "k": 0.0, "c": 0.0, "passed": 0}},
         "gate": None, "compute": {}, "fit": {"steps": 0, "examples": 0, "loss_start": None, "loss_end": None,

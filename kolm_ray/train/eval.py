@@ -18,6 +18,9 @@ from kolm_ray.kscore import KScore, score_rows
 from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Decoding
 from kolm_ray.verifier import Verifier
 
+# Part of a cached eval's key: a change to how outputs are generated must not reuse old outputs.
+# 2: generated through serve.host.AdapterHost, the serving path (1 had its own generator).
+EVAL_PATH_VERSION = 2
 EVAL_ADAPTER = "student"  # the adapter's name inside the eval's host (names do not change the numbers)
 
 

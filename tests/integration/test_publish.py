@@ -46,33 +46,44 @@ def _wait_for(pred, what: str, timeout_s: float = 120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def _fire(url: str, n: int, concurrency: int, user=lambda i: None, offset: int = 0) -> list[tuple[int, str | None]]:
-    """``n`` calls over the holdout's inputs (live traffic the teacher can answer for audits)."""
+INPUTS = [r["input"] for r in HOLDOUT]
+
+
+async def _fire(url: str, n: int, concurrency: int, user=lambda i: None, offset: int = 0,
+                inputs: list[str] = INPUTS) -> list[tuple[int | str, str | None]]:
+    """``n`` calls over ``inputs`` (by default the holdout's: live traffic the teacher can answer
+    for audits). A call that fails below HTTP (a reset connection) is reported by its error."""
     sem = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as c:
+    # A fresh connection per call: a failure here is the server's, never a reused keep-alive
+    # connection the server had already closed.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=connector) as c:
         async def one(i):
             async with sem:
-                body = {"model": "routing", "prompt": HOLDOUT[(offset + i) % len(HOLDOUT)]["input"]}
+                body = {"model": "routing", "prompt": inputs[(offset + i) % len(inputs)]}
                 if user(i):
                     body["user"] = user(i)
-                async with c.post(f"{url}/v1/completions", json=body) as r:
-                    await r.read()
-                    return r.status, r.headers.get("x-kolm-version")
+                try:
+                    async with c.post(f"{url}/v1/completions", json=body) as r:
+                        await r.read()
+                        return r.status, r.headers.get("x-kolm-version")
+                except aiohttp.ClientError as e:
+                    return f"{type(e).__name__}: {e}", None
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 class Load:
     """Requests in the background while the release changes; every one must succeed."""
 
-    def __init__(self, url: str) -> None:
-        self.url, self.codes, self._stop = url, [], threading.Event()
+    def __init__(self, url: str, inputs: list[str] = INPUTS) -> None:
+        self.url, self.inputs, self.codes, self._stop = url, inputs, [], threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
         offset = 0
         while not self._stop.is_set():
-            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4, offset=offset))]
+            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4, offset=offset, inputs=self.inputs))]
             offset += 8
 
     def stop(self) -> list[int]:
@@ -213,7 +224,8 @@ def test_with_the_teacher_down_every_call_succeeds_and_status_counts_the_missing
     try:
         _invoke(["publish", str(canary), "--to", ENV, "--canary", "50", "--hold", "1h", "--min-samples", "10",
                  "--audit-rate", "1", "--force"], compiled, monkeypatch)
-        load = Load(env["url"])
+        # Messages never seen before: their references are not in the teacher cache either.
+        load = Load(env["url"], inputs=[f"{x} (ticket {i})" for i, x in enumerate(INPUTS)])
         st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["audit_failed"]["canary"] >= 3 and s,
                        "failed audits to be recorded", 120)
         codes = load.stop()

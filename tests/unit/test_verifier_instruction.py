@@ -213,3 +213,8 @@ def test_sentence_count(text, n):
 
 def test_bullet_count_counts_every_bullet_style():
     assert bullet_count("- a\n- b\n* c\n1. d\n\u2022 e\nnot a bullet") == 5
+
+
+def test_a_tldr_semicolon_does_not_cut_the_sentence_apart():
+    spec = read_instruction("Summarize the article in a 60-word TL;DR, in Spanish, in 3 sentences.")
+    assert spec.language == "es" and str(spec.sentences) == "3" and str(spec.words) == "60"

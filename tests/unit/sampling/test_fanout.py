@@ -180,3 +180,22 @@ def test_min_agreement_must_be_a_share():
     with pytest.raises(ValidationError):
         SampleConfig(min_agreement=1.5)
     assert SampleConfig().min_agreement == 0.5
+
+
+def test_json_paraphrases_of_one_answer_vote_together_and_mbr_picks_among_them():
+    import json as _json
+
+    def lead(intent, note):
+        return _json.dumps({"intent": intent, "note": note})
+
+    samples = [
+        {"text": lead("buy", "Wants a quote for 40 seats this quarter"), "k": 0.9, "passed": True, "sample_index": 0},
+        {"text": lead("buy", "Asks for a quote covering 40 seats"), "k": 0.8, "passed": True, "sample_index": 1},
+        {"text": lead("churn", "Wants to cancel the contract"), "k": 1.0, "passed": True, "sample_index": 2},
+        {"text": lead("buy", "Quote for 40 seats wanted this quarter"), "k": 0.85, "passed": True, "sample_index": 3},
+    ]
+    # By whole-JSON vote every sample is its own answer and the highest K ("churn") would win.
+    assert choose_best(samples, "json") == 2
+    best = choose_best(samples, "json", text_fields=["note"])
+    assert _json.loads(samples[best]["text"])["intent"] == "buy"
+    assert agreement(samples, best, "json", text_fields=["note"]) == 0.75

@@ -98,3 +98,10 @@ def test_a_full_queue_drops_audits_at_once_and_records_them(teacher_at):
     assert len(dropped) == accepted.count(False) and "queue full" in dropped[0].error
     assert a.stats["dropped"] == len(dropped)
     assert [r.status for r in records if r.status != "dropped"] == ["ok"] * accepted.count(True)
+
+
+def test_an_audit_by_a_teacher_without_a_price_is_recorded_as_uncosted_not_free(teacher_at):
+    srv = MessagesAPIServer(replay_responder(ANSWERS))
+    a = Auditor(teacher_at(srv), lambda model: None, lambda r: None, AuditOptions())
+    [rec] = asyncio.run(a.audit(job("r1", "I was charged twice", ("1.0", "billing"))))
+    assert rec.status == "ok" and rec.cost_usd is None and rec.input_tokens > 0
