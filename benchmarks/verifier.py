@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _machine import machine  # noqa: E402
 
 from kolm_ray.testing.corpus import LEADS_TASK, ROUTING_TASK, TLDR_TASK, leads_rows, routing_rows, tldr_rows  # noqa: E402
-from kolm_ray.verifier import _content_words_cached, synthesize, word_count  # noqa: E402
+from kolm_ray.measures import _content_words_cached, word_count  # noqa: E402
+from kolm_ray.verifier import synthesize  # noqa: E402
 
 TARGET = 5000.0
 

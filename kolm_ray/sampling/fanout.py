@@ -38,15 +38,14 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import TeacherError
+from kolm_ray.measures import content_words, normalize_label, parse_json_object
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
 from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
-from kolm_ray.verifier import (
-    Verifier, content_words, normalize_label, parse_json_object, synthesize, synthesize_from_samples,
-)
+from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
 
 # 2: selection by self-consistency; every sample row carries its row's ``agreement``.
 SAMPLES_FORMAT_VERSION = 2

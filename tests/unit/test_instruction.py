@@ -1,9 +1,9 @@
-"""``read_instruction`` and the text measures its rules check: what an instruction states
-outright, and never what ordinary prose only seems to say."""
+"""``read_instruction``: what an instruction states outright, and never what ordinary prose
+only seems to say."""
 
 import pytest
 
-from kolm_ray.verifier import CountRange, bullet_count, detect_language, read_instruction, sentence_count
+from kolm_ray.instruction import CountRange, read_instruction
 
 
 @pytest.mark.parametrize(
@@ -178,41 +178,6 @@ def test_output_language_is_read_from_the_instruction(instruction, language):
 )
 def test_input_language_or_a_choice_is_not_an_output_language(instruction):
     assert read_instruction(instruction).language is None
-
-
-@pytest.mark.parametrize(
-    "text, language",
-    [
-        ("The city council approved the new budget for the transit system, and the work will start in March.", "en"),
-        ("El ayuntamiento aprobó el nuevo presupuesto para el sistema de transporte, y las obras empezarán en marzo.", "es"),
-        ("Le conseil municipal a approuvé le nouveau budget pour le réseau de transport, et les travaux commenceront.", "fr"),
-        ("Der Stadtrat hat das neue Budget für das Verkehrssystem genehmigt, und die Arbeiten beginnen im März.", "de"),
-        ("Il consiglio comunale ha approvato il nuovo bilancio per il sistema dei trasporti, e i lavori inizieranno.", "it"),
-        ("A câmara municipal aprovou o novo orçamento para o sistema de transportes, e as obras começam em março.", "pt"),
-        ("De gemeenteraad heeft het nieuwe budget voor het vervoerssysteem goedgekeurd, en de werken beginnen.", "nl"),
-    ],
-)
-def test_detect_language_names_the_seven_profiled_languages(text, language):
-    assert detect_language(text) == language
-
-
-@pytest.mark.parametrize("text", ["billing", "OK", "Acme Corp 2024", "東京は日本の首都です。"])
-def test_detect_language_is_unsure_on_short_or_unprofiled_text(text):
-    assert detect_language(text) is None
-
-
-@pytest.mark.parametrize(
-    "text, n",
-    [("One sentence.", 1), ("Two sentences. Here is another!", 2),
-     ("Dr. Smith went to the U.S. Army base. He left.", 2), ("e.g. this is one sentence.", 1),
-     ("Line one\nLine two", 2), ("The rate is 3.5 percent. Done", 2)],
-)
-def test_sentence_count(text, n):
-    assert sentence_count(text) == n
-
-
-def test_bullet_count_counts_every_bullet_style():
-    assert bullet_count("- a\n- b\n* c\n1. d\n\u2022 e\nnot a bullet") == 5
 
 
 def test_a_tldr_semicolon_does_not_cut_the_sentence_apart():
