@@ -50,7 +50,7 @@ def main() -> None:
     from kolm_ray.train.base import build_tiny_base
 
     n_total = args.requests * args.rounds
-    rows = routing_rows(n_total + args.concurrency * 2 * args.rounds + 64, seed=21)
+    rows = routing_rows(2 * n_total + 64, seed=21)  # both apps, every round: fresh inputs
     teacher = MessagesAPIServer(replay_responder({r.input: r.output for r in rows}),
                                 latency_s=args.teacher_latency).start()
     os.environ.update(ANTHROPIC_BASE_URL=teacher.url, ANTHROPIC_API_KEY="bench")

@@ -129,12 +129,11 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
                          audit_failed={"stable": st.audit_failed, "canary": cw.audit_failed},
                          audit_dropped={"stable": st.audit_dropped, "canary": cw.audit_dropped},
                          audit_cost_usd=round(st.audit_cost_usd + cw.audit_cost_usd, 6),
-                         evidence={"signal": v.signal, "action": v.action, "reason": v.reason,
-                                   "bound": None if v.bound is None else {
-                                       "diff": round(v.bound.diff, 3), "lo": round(v.bound.lo, 3),
-                                       "hi": round(v.bound.hi, 3), "confidence": v.bound.confidence,
-                                       "tolerance": r.canary.audit.tolerance if v.signal == "audited"
-                                       else r.canary.tolerance}})
+                         evidence={"signal": v.signal, "action": v.action, "reason": v.reason},
+                         bound=None if v.bound is None else {
+                             "signal": v.signal, "diff": round(v.bound.diff, 3), "lo": round(v.bound.lo, 3),
+                             "hi": round(v.bound.hi, 3), "confidence": v.bound.confidence,
+                             "tolerance": r.canary.audit.tolerance if v.signal == "audited" else r.canary.tolerance})
         out["specialists"].append(entry)
     return out
 

@@ -234,9 +234,31 @@ def test_with_the_teacher_down_every_call_succeeds_and_status_counts_the_missing
     assert codes and set(codes) == {200}, codes
     assert st["phase"] == "canary" and st["canary_calls"] >= 3
     assert st["evidence"]["action"] == "wait"  # no reference, no audited K: never promoted on no data
+    assert st["audited_calls"]["canary"] == 0 and st["canary_audited_k"] is None and st["bound"] is None
     shown = _invoke(["status", "--env", ENV], compiled, monkeypatch).stdout
     assert "failed (teacher)" in shown
     _invoke(["rollback", "routing", "--env", ENV], compiled, monkeypatch)
+
+
+def test_in_shadow_mode_the_canary_is_judged_on_stable_traffic_its_users_never_see(env, compiled, monkeypatch):
+    from kolm_ray.serve.receipts import read_receipts
+    from kolm_ray.testing.artifacts import rebadge
+
+    biased = rebadge(env["biased"], env["store"], (9, 0), private_key=env["key"])
+    started = time.time()
+    load = Load(env["url"])
+    _invoke(["publish", str(biased), "--to", ENV, "--canary", "10", "--hold", "1h", "--min-samples", "5",
+             "--audit-rate", "1", "--shadow", "--force"], compiled, monkeypatch)
+    st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "rolled_back" and s, "rollback", 240)
+    codes = load.stop()
+    assert "audited K" in st["last_transition"]["reason"], st["last_transition"]
+    assert codes and set(codes) == {200}, codes
+    audits = [r for r in read_receipts(compiled["home"] / "receipts" / f"kolm-{ENV}", since=started)
+              if r.get("kind") == "audit" and r["status"] == "ok"]
+    shadow = [a for a in audits if a["route"] == "shadow"]
+    assert shadow and all(a["version"] == "9.0" for a in shadow)
+    stable_ids = {a["request_id"] for a in audits if a["route"] == "stable"}
+    assert {a["request_id"] for a in shadow} <= stable_ids  # a copy of stable's audited calls, one reference each
 
 
 def test_a_worse_canary_is_rolled_back_and_stable_keeps_serving(env, compiled, monkeypatch):

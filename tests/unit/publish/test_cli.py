@@ -48,3 +48,58 @@ def test_unknown_environment_and_specialist_exit_2(kolm_home, monkeypatch):
     assert res.exit_code == 2 and "'nope' is not released in 'prod'" in res.output
     res = RUNNER.invoke(cli, ["publish", "missing.kolm", "--to", "prod", "--hold", "soon"])
     assert res.exit_code == 2 and "invalid duration 'soon'" in res.output
+
+
+def test_status_shows_the_audited_evidence_behind_the_decision(kolm_home, monkeypatch):
+    from kolm_ray.publish.release import AuditSettings
+    from kolm_ray.serve.receipts import AuditRecord, Receipt, ReceiptWriter
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def v(ver):
+        return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64)
+
+    started = time.time() - 30
+    r = publish(publish(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=10,
+                        tolerance=0.5), "tldr", v("1.1"), now=started, weight=0.5, hold_s=3600, min_samples=10,
+                tolerance=0.5, audit=AuditSettings(rate=1.0, tolerance=5))
+    ReleaseStore(kolm_home, "prod").update(lambda s: EnvState(env="prod", releases={"tldr": r}))
+    w = ReceiptWriter(kolm_home / "receipts" / "kolm-prod", "w1")
+    for i in range(40):
+        version = "1.1" if i % 2 else "1.0"
+        right = version == "1.0" or i % 4 == 1  # stable always right; the canary half the time
+        w.append(Receipt(time=started + 1 + i * 0.1, request_id=f"r{i}", specialist="tldr", version=version,
+                         artifact_sha256="0" * 64, route="canary" if i % 2 else "stable", status="ok",
+                         input_sha256="i", output_sha256="o", latency_ms=1, prompt_tokens=1, completion_tokens=1,
+                         t=None, c=1.0, l=None, k=1.0))
+        w.append(AuditRecord(time=started + 2 + i * 0.1, request_id=f"r{i}", specialist="tldr", version=version,
+                             artifact_sha256="0" * 64, route="canary" if i % 2 else "stable", status="ok",
+                             k=1.0 if right else 0.0, passed=right, cost_usd=0.001))
+    w.append(AuditRecord(time=started + 9, request_id="r99", specialist="tldr", version="1.1",
+                         artifact_sha256="0" * 64, route="canary", status="failed", error="server: 500"))
+    w.close()
+
+    [e] = json.loads(RUNNER.invoke(cli, ["status", "--env", "prod", "--json"]).stdout)["specialists"]
+    assert (e["stable_audited_k"], e["canary_audited_k"]) == (100.0, 50.0)
+    assert e["audited_calls"] == {"stable": 20, "canary": 20} and e["audit_failed"]["canary"] == 1
+    assert abs(e["audit_cost_usd"] - 0.04) < 1e-9
+    assert e["bound"]["signal"] == "audited" and e["bound"]["hi"] < -5 and e["bound"]["tolerance"] == 5
+    assert e["evidence"]["action"] == "rollback"  # what the controller will do on its next tick
+    shown = RUNNER.invoke(cli, ["status", "--env", "prod"]).output
+    assert "audited K 50.0, 20 audits" in shown and "1 failed (teacher)" in shown
+    assert "evidence (audited K): rollback: audited K 50.0 is below stable's 100.0" in shown
+
+
+def test_a_release_state_written_before_audits_still_loads(kolm_home):
+    _state(kolm_home)
+    path = kolm_home / "envs" / "prod" / "release.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 1
+    for r in data["releases"].values():
+        r["canary"].pop("audit")
+        if r.get("last_decision"):
+            r["last_decision"].pop("signal", None)
+            r["last_decision"].pop("bound", None)
+    path.write_text(json.dumps(data))
+    canary = ReleaseStore(kolm_home, "prod").load().releases["tldr"].canary
+    assert canary.audit.rate == 0 and canary.version == "1.1"
