@@ -102,8 +102,8 @@ def main() -> None:
              f"{args.per_tick} audits per version per tick, up to {args.max_audits}; {args.runs} runs per row",
              f"  {'canary':<17}{'rule':<33}{'promote':>9}{'rollback':>10}{'undecided':>11}{'median audits':>15}"]
     wrong: dict[str, list[float]] = {name: [] for name in RULES}
-    for label, p, right in scenarios:
-        res = simulate(p, stable, args.runs, args.per_tick, args.max_audits, seed=hash(label) % 1000)
+    for seed, (label, p, right) in enumerate(scenarios):
+        res = simulate(p, stable, args.runs, args.per_tick, args.max_audits, seed=seed)
         for name, r in res.items():
             audits = sorted(r["audits"])
             med = audits[len(audits) // 2] if audits else float("nan")

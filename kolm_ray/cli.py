@@ -583,12 +583,15 @@ def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: 
     from kolm_ray.publish.release import check_env
     from kolm_ray.publish.service import parse_duration, publish_artifact
 
+    from pydantic import ValidationError
+
     check_env(env)
     hold_s = parse_duration(hold)
-    if shadow and audit_rate <= 0:
-        raise InputError("--shadow answers a copy of stable's audited calls: give --audit-rate too")
-    audit = AuditSettings(rate=audit_rate, shadow=shadow, tolerance=audit_tolerance, confidence=confidence,
-                          min_audits=min_audits)
+    try:
+        audit = AuditSettings(rate=audit_rate, shadow=shadow, tolerance=audit_tolerance, confidence=confidence,
+                              min_audits=min_audits)
+    except ValidationError as e:
+        raise InputError(f"invalid audit settings: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     trust = _trust_or_default(key, identity, issuer)
     _, line, comparison = publish_artifact(kolm_home(), env, artifact, trust, weight=canary / 100, hold_s=hold_s,
                                            min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
@@ -624,7 +627,9 @@ def status_cmd(env: str, as_json: bool) -> None:
             if e["audit"]["rate"] > 0 or any(missing.values()):
                 click.echo(f"{'':<28}audits: {audited['canary']} canary + {audited['stable']} stable, "
                            f"{sum(e['audit_failed'].values())} failed (teacher), "
-                           f"{sum(e['audit_dropped'].values())} dropped (queue full), ${e['audit_cost_usd']:.4f}")
+                           f"{sum(e['audit_dropped'].values())} dropped (queue full), ${e['audit_cost_usd']:.4f}"
+                           + (f" + {e['audit_uncosted']} uncosted (no price for the teacher)"
+                              if e["audit_uncosted"] else ""))
             ev = e["evidence"]
             click.echo(f"{'':<28}evidence ({ev['signal']} K): {ev['action']}: {ev['reason']}")
         if e["last_decision"]:

@@ -110,7 +110,10 @@ _NUMBER_WORDS = {
     "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
 }
-_NUM = r"\d{1,4}|" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True))
+# A digit count is never the tail of a longer number: "2,000-word" is 2000, not "000-word";
+# "1.5 pages" holds no count. Thousands separators are part of the number.
+_NUM = r"(?<![\d,.])(?:\d{1,3}(?:,\d{3})+|\d{1,6})(?![\d,.]\d)|" + "|".join(
+    sorted(_NUMBER_WORDS, key=len, reverse=True))
 _AT_MOST = (r"under|at\s+most|no\s+more\s+than|not\s+more\s+than|fewer\s+than|less\s+than|no\s+longer\s+than"
             r"|max(?:imum)?(?:\s+of)?|up\s+to|within")
 _AT_LEAST = r"at\s+least|no\s+fewer\s+than|no\s+less\s+than|min(?:imum)?(?:\s+of)?"
@@ -139,6 +142,44 @@ _NOT_A_STATED_COUNT = frozenset(
     "the these those first last following than over not no is are was were has have had contains".split()
 )
 _EACH = re.compile(r"\s*(?:each|apiece|per\b|for\s+each|in\s+each)", re.I)
+# A count after these is for one part of the output, not the whole: "3 bullets, each under 12
+# words", "keep every bullet under 12 words", "per bullet: at most 12 words", "bullets of at most 12 words".
+_OUTPUT_PARTS = (r"bullet(?:[\s-]?points?)?|points?|items?|lines?|sentences?|paragraphs?|sections?|entries|entry"
+                 r"|steps?|tips?|ideas?|options?|takeaways?|headings?|questions?|answers?|reasons?|examples?|ones?")
+_PER_PART_BEFORE = re.compile(
+    r"(?:\b(?:each|every|per)(?:\s+of\s+(?:them|these|those|the))?(?:\s+(?:[\w-]+\s+)?(?:" + _OUTPUT_PARTS + r")\b)?"
+    r"|\b(?:bullets|bullet\s+points|points|items|lines|sentences|paragraphs|sections|entries|steps|tips)\s+of)"
+    r"(?:\s+(?:should|must|can|is|are|be|stays?|kept|with|of|in|at|containing|using)\b)*\s*[:,\-\u2014]?\s*$",
+    re.I,
+)
+# What the task is given, not what it writes: a count on one of these describes the input
+# ("a 500-word article", "the review (up to 300 words)", "the input lists 5 bullet points").
+_INPUT_NOUNS = (r"articles?|reviews?|reports?|inputs?|texts?|stor(?:y|ies)|e-?mails?|messages?|documents?|docs?"
+                r"|posts?|transcripts?|tickets?|passages?|essays?|papers?|letters?|comments?|threads?"
+                r"|conversations?|chats?|excerpts?|memos?|pages?|abstracts?|sources?|complaints?|descriptions?"
+                r"|contents?|snippets?|listings?|notes")
+# "a 500-word article", "a 400-600 word customer email": the unit, then (one modifier and) the noun.
+_INPUT_NOUN_AFTER = re.compile(
+    r"(?:\s+(?!(?:the|a|an|of|for|to|in|on|about|from|and|or|each|per|this|that|these|those|your|its|their"
+    r"|our|my)\b)[\w-]+)?[\s-]+(?:" + _INPUT_NOUNS + r")\b",
+    re.I,
+)
+# "the review (up to 300 words)", "an article of about 500 words", "the input lists 5 bullet
+# points", "the email is a bullet list": the noun, then a bracket, dash or linking word.
+_INPUT_NOUN_BEFORE = re.compile(
+    r"\b(?:" + _INPUT_NOUNS + r")(?:'s)?"
+    r"(?:\s*(?:\(|\[|,|\u2014|\u2013|--)\s*|\s+)"
+    r"(?:(?:which|that|is|are|was|were|has|have|had|lists|list|listing|contains|contain|containing|includes"
+    r"|include|including|of|runs|spans|averages|may|might|will|be|itself|typically|usually|often|already"
+    r"|about|around|roughly|approximately|nearly|almost|some|just|a|an|the|its)\s+)*"
+    rf"(?:(?:{_NUM})[\s-]+)?$",
+    re.I,
+)
+# ... unless the task writes that noun itself: "Write a 150-word email", "Draft an email of at most 120 words".
+_WRITES_A = re.compile(
+    r"\b(?:write|draft|compose|produce|generate|create|prepare|craft)\s+(?:a|an|one|your)\s+(?:[\w-]+\s+){0,2}$",
+    re.I,
+)
 _NEGATION = re.compile(
     r"\b(?:no|not|never|without|don't|do\s+not|avoid|instead\s+of|rather\s+than)\W+(?:\w+\W+){0,2}$", re.I
 )

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolm_ray.publish.release import EnvState, ReleaseStore, promote, rollback, routes
+from kolm_ray.publish.release import Canary, EnvState, Release, ReleaseStore, promote, rollback, routes
 from kolm_ray.publish.rollout import Policy, Verdict, decide, window
 
 log = logging.getLogger("kolm_ray.publish")
@@ -31,14 +31,14 @@ def actor_name(env: str) -> str:
     return f"kolm-rollout-{env}"
 
 
-def policy_of(canary: Any) -> Policy:
+def policy_of(canary: Canary) -> Policy:
     """The rollout policy a canary was published with."""
     a = canary.audit
     return Policy(hold_s=canary.hold_s, min_samples=canary.min_samples, tolerance=canary.tolerance,
                   audited=a.rate > 0, audit_tolerance=a.tolerance, confidence=a.confidence, min_audits=a.min_audits)
 
 
-def verdict_of(release: Any, receipts: list[dict[str, Any]], now: float) -> Verdict:
+def verdict_of(release: Release, receipts: list[dict[str, Any]], now: float) -> Verdict:
     """``decide`` on one release's canary over the receipts since it started (pure)."""
     c = release.canary
     return decide(window(receipts, release.name, c.version, c.started_at),

@@ -8,8 +8,9 @@ monitoring of A/B tests", 2017). It stays valid however often it is looked at, s
 controller may check it on every tick and stop as soon as it is conclusive; a fixed-horizon
 interval checked every tick would promote a worse canary far more often than its stated level.
 
-Variances are estimated with one pseudo-success and one pseudo-failure per version (as in
-Agresti-Caffo), so a version whose every score is the same is not taken as infinitely certain.
+Variances are estimated with one 0 and one 1 added to each version's scores (as Agresti-Caffo add
+a success and a failure), so a version whose every score is the same is not taken as certain:
+near 0% or 100% accuracy a bare plug-in variance would make the bound far too narrow.
 Pure: no I/O.
 """
 
@@ -41,13 +42,11 @@ class Scores:
 
     @property
     def variance(self) -> float:
-        """Regularized variance of one score: the sample variance, pulled toward p(1-p) of the
-        mean shrunk by one pseudo-success and one pseudo-failure."""
-        shrunk = (self.total + 1) / (self.n + 2)
-        if self.n == 0:
-            return shrunk * (1 - shrunk)
-        spread = max(0.0, self.squares - self.total * self.total / self.n)
-        return (spread + 2 * shrunk * (1 - shrunk)) / (self.n + 2)
+        """Regularized variance of one score: the variance of the scores with one 0 and one 1
+        added (as Agresti-Caffo add a success and a failure), so a run of equal scores still
+        leaves about 1/n of doubt instead of none."""
+        n, total, squares = self.n + 2, self.total + 1, self.squares + 1
+        return max(0.0, squares - total * total / n) / n
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kolm_ray.errors import InputError, KolmRuntimeError
 
@@ -49,6 +49,13 @@ class AuditSettings(BaseModel):
     tolerance: float = Field(5.0, ge=0, description="K points the canary's audited K may trail stable's.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the always-valid bound behind a decision.")
     min_audits: int = Field(10, ge=1, description="Audited calls per version before the audited K is judged.")
+
+    @model_validator(mode="after")
+    def _shadow_needs_audits(self) -> "AuditSettings":
+        if self.shadow and self.rate <= 0:
+            raise ValueError("shadow (--shadow) answers a copy of stable's audited calls: it needs an audit rate "
+                             "(--audit-rate) above 0")
+        return self
 
 
 class Canary(Version):

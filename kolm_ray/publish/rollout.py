@@ -4,7 +4,7 @@
 calls and errors, the reference-free online K of every call (a format check: is it a valid
 label, a well-formed answer), and the **audited K** of the calls the teacher answered too (the
 output scored against the teacher's reference, as the holdout is). ``decide`` is the whole
-policy, and every judgement in it rests on an always-valid interval for the difference
+policy, and every K judgement in it rests on an always-valid interval for the difference
 (``evidence.difference_bound``), never on two bare means:
 
 * fast guards, at any time once the canary has ``min_samples`` calls: roll back when its error
@@ -43,7 +43,8 @@ class Window:
     audited: Scores = field(default_factory=Scores)  # K against the teacher's reference
     audit_failed: int = 0  # the teacher did not answer (outage, budget): no reference
     audit_dropped: int = 0  # the audit queue was full: never asked
-    audit_cost_usd: float = 0.0
+    audit_cost_usd: float = 0.0  # over the audits that carry a cost
+    audit_uncosted: int = 0  # paid audits whose teacher has no price: not counted in the cost
 
     @property
     def ok(self) -> int:
@@ -67,12 +68,14 @@ class Window:
 def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: float) -> Window:
     """``name@version``'s figures from receipts newer than ``since``: calls (``kind`` "call", the
     default) and audits (``kind`` "audit", linked to a call by its request id)."""
-    calls = errors = failed = dropped = 0
+    calls = errors = failed = dropped = uncosted = 0
     online, audited, cost = Scores(), Scores(), 0.0
     for r in receipts:
         if r["specialist"] != name or r["version"] != version or r["time"] < since:
             continue
         if r.get("kind", "call") == "audit":
+            if r.get("cost_usd") is None and r["status"] == "ok":
+                uncosted += 1
             cost += r.get("cost_usd") or 0.0
             if r["status"] == "ok" and r.get("k") is not None:
                 audited = audited.add(r["k"])
@@ -89,11 +92,13 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
         elif r.get("k") is not None:
             online = online.add(r["k"])
     return Window(calls=calls, errors=errors, online=online, audited=audited, audit_failed=failed,
-                  audit_dropped=dropped, audit_cost_usd=cost)
+                  audit_dropped=dropped, audit_cost_usd=cost, audit_uncosted=uncosted)
 
 
 @dataclass(frozen=True)
 class Policy:
+    """How a canary is judged: what the release was published with (``controller.policy_of``)."""
+
     hold_s: float
     min_samples: int
     tolerance: float  # K points the canary's online K may trail stable's
@@ -106,6 +111,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class Verdict:
+    """One tick's decision, its reason, and the evidence (which K, and its interval) behind it."""
+
     action: Action
     reason: str
     signal: Literal["audited", "online"] | None = None  # which K the bound is about

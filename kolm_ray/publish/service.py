@@ -114,7 +114,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
             "canary": None, "weight": 0.0, "previous": r.previous.version if r.previous else None,
             "audited_calls": {"stable": st.audited.n},
             "audit_failed": {"stable": st.audit_failed}, "audit_dropped": {"stable": st.audit_dropped},
-            "audit_cost_usd": round(st.audit_cost_usd, 6),
+            "audit_cost_usd": round(st.audit_cost_usd, 6), "audit_uncosted": st.audit_uncosted,
             "last_decision": r.last_decision.model_dump() if r.last_decision else None,
             "last_transition": r.history[-1].model_dump() if r.history else None,
         }
@@ -129,6 +129,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
                          audit_failed={"stable": st.audit_failed, "canary": cw.audit_failed},
                          audit_dropped={"stable": st.audit_dropped, "canary": cw.audit_dropped},
                          audit_cost_usd=round(st.audit_cost_usd + cw.audit_cost_usd, 6),
+                         audit_uncosted=st.audit_uncosted + cw.audit_uncosted,
                          evidence={"signal": v.signal, "action": v.action, "reason": v.reason},
                          bound=None if v.bound is None else {
                              "signal": v.signal, "diff": round(v.bound.diff, 3), "lo": round(v.bound.lo, 3),

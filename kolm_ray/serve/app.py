@@ -45,7 +45,9 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
         handles[key] = dep.bind(specialists[0].base_path, _trust_dict(cfg), cfg.base_paths, m.dtype, None,
                                 m.batch_greedy)
     ingress = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=cfg.ingress_replicas, ray_actor_options=_ingress_actor_options(),
+        name="ingress", num_replicas=cfg.ingress_replicas,
+        # An environment's app may be asked to audit by any later publish; a plain app only with --audit-rate.
+        ray_actor_options=_ingress_actor_options(audits=cfg.audit.rate > 0 or bool(cfg.routes)),
         max_ongoing_requests=max(64, 4 * m.max_ongoing_requests * m.replicas),
         max_queued_requests=max(64, 4 * m.max_queued_requests),
         user_config={"specialists": [s.model_dump() for s in catalog.specialists], "pins": cfg.pins,
@@ -56,14 +58,16 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
                         cfg.max_input_chars, cfg.receipts_flush_s, cfg.audit.model_dump())
 
 
-def _ingress_actor_options() -> dict[str, Any]:
-    """The ingress asks the teacher for audits: it gets the SDK's settings (ANTHROPIC_API_KEY,
+def _ingress_actor_options(audits: bool) -> dict[str, Any]:
+    """An ingress that may audit asks the teacher: it gets the SDK's settings (ANTHROPIC_API_KEY,
     ANTHROPIC_BASE_URL) of the process that deploys it, where that process has them; otherwise
-    it reads its node's own environment. They travel in the runtime environment, never in the
-    application's config (which `--emit-config` writes to a file)."""
+    it reads its node's own environment. They travel in the replica's runtime environment, never
+    in the application's config (which `--emit-config` writes to a file); note that Ray keeps a
+    deployment's runtime environment in its Serve state, readable by whoever holds the cluster's
+    token. An ingress that never audits gets no key."""
     from kolm_ray.sampling.teacher import sdk_env
 
-    env = sdk_env()
+    env = sdk_env() if audits else {}
     return {"num_cpus": 0, **({"runtime_env": {"env_vars": env}} if env else {})}
 
 

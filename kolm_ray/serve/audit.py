@@ -10,14 +10,16 @@ reference -> one ``AuditRecord`` per output goes to the receipt writer, linked t
 its request id, with the teacher's usage and cost.
 
 A teacher outage or budget limit never fails or slows a served call: ``submit`` never waits, and
-a job whose teacher call fails is recorded as "failed", so status can say how many audits are
-missing and why. Must not generate with the model (the ingress hands it outputs) nor write files
+a job whose teacher call fails (or raises) is recorded as "failed", so status can say how many
+audits are missing and why. Audits still queued when a replica shuts down are lost unrecorded
+(they are samples, not served calls). Must not generate with the model (the ingress hands it outputs) nor write files
 (it hands records to the receipt writer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -40,14 +42,18 @@ class AuditOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     rate: float = Field(0.0, ge=0, le=1, description="Share of every served call audited against the teacher "
-                        "(a release's --audit-rate adds its canary's share on top).")
+                        "(where a release's --audit-rate asks more of a route, the larger share applies).")
     teacher: str = Field("claude-opus-4-7", description="Teacher model for audits of Specialists whose artifact "
                          "does not name the teacher it was distilled from.")
     max_pending: int = Field(256, ge=1, description="Audits queued per ingress replica; past it new ones are "
                              "dropped (and recorded as dropped), never waited for.")
     workers: int = Field(4, ge=1, description="Teacher calls in flight for audits per ingress replica.")
+    max_shadow: int = Field(8, ge=0, description="Shadow answers (--shadow) generated at once per ingress replica; "
+                            "past it a stable call's shadow is skipped and recorded as dropped, so shadows never "
+                            "crowd out served calls.")
     max_attempts: int = Field(3, ge=1, description="Attempts per audit's teacher call (retries with backoff).")
-    timeout_s: float = Field(60.0, gt=0, description="Seconds before one audit's teacher call is abandoned.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before one attempt of an audit's teacher call is "
+                             "abandoned (and retried).")
     max_tokens: int = Field(1024, ge=1, description="Most output tokens of a reference answer.")
 
 
@@ -59,16 +65,20 @@ class AuditTarget:
     version: str
     artifact_sha256: str
     route: str
-    output: str
+    output: str | None  # None: never produced (a shadow answer skipped at the cap)
 
 
 @dataclass(frozen=True)
 class AuditJob:
+    """One served call to audit: its input, the judge's task and verifier (the teacher's prompt
+    is built from them, and every target is scored with that verifier), and the outputs."""
+
     request_id: str
     input: str
-    task: str  # the Specialist's task instruction: the teacher's prompt is built from it and the verifier
+    task: str
     teacher: str
     verifier: Verifier
+    judge: str  # name@version whose task and verifier judge the job (a release's stable)
     targets: Sequence[AuditTarget]
 
 
@@ -88,11 +98,13 @@ def records_for(job: AuditJob, reference: str | None, *, status: str, now: float
     out = []
     share = None if cost is None else cost / max(1, len(job.targets))
     for t in job.targets:
-        checks = job.verifier.score(t.output, job.input, reference) if reference is not None else None
+        scored = reference is not None and t.output is not None
+        checks = job.verifier.score(t.output, job.input, reference) if scored else None
         out.append(AuditRecord(
             time=now, request_id=job.request_id, specialist=t.specialist, version=t.version,
             artifact_sha256=t.artifact_sha256, route=t.route, status=status,  # type: ignore[arg-type]
-            output_sha256=digest(t.output), reference_sha256=digest(reference) if reference is not None else None,
+            output_sha256=digest(t.output) if t.output is not None else None,
+            reference_sha256=digest(reference) if reference is not None else None, judge=job.judge,
             t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
             k=checks.k if checks else None, passed=checks.passed if checks else None, teacher=job.teacher,
             cached=cached, input_tokens=input_tokens, output_tokens=output_tokens,
@@ -120,6 +132,13 @@ class Auditor:
                            for i in range(self.options.workers)]
         return self._queue
 
+    def skip_shadow(self, job: AuditJob, canary: AuditTarget) -> None:
+        """Record a shadow answer that was not generated (too many in flight) as dropped."""
+        self.stats["dropped"] += 1
+        for r in records_for(dataclasses.replace(job, targets=[canary]), None, status="dropped", now=self.clock(),
+                             error=f"shadow answers at the cap ({self.options.max_shadow} in flight)"):
+            self.record(r)
+
     def submit(self, job: AuditJob) -> bool:
         """Queue ``job`` without waiting; False (and "dropped" records) when the queue is full.
         Must be called on the event loop that serves requests."""
@@ -140,10 +159,15 @@ class Auditor:
         while True:
             job = await self._queue.get()
             try:
-                for r in await self.audit(job):
-                    self.record(r)
-            except Exception:  # noqa: BLE001 - an audit never takes the worker (or the server) down
+                records = await self.audit(job)
+            except Exception as e:  # noqa: BLE001 - an audit never takes the worker (or the server) down
                 log.exception("audit of %s failed", job.request_id)
+                self.stats["failed"] += 1
+                records = records_for(job, None, status="failed", now=self.clock(),
+                                      error=f"{type(e).__name__}: {e}"[:500])
+            try:
+                for r in records:
+                    self.record(r)
             finally:
                 self._queue.task_done()
 

@@ -120,18 +120,25 @@ class BaseModelServer:
 
 
 def _audit_teacher(store: str, options: Any) -> Any:
-    """The teacher audits ask: the SDK's settings from this replica's environment, the store's
-    response cache, the cluster-wide quota of that key. None (audits recorded as failed) without a key."""
+    """The teacher audits ask, or None (audits recorded as failed) without ANTHROPIC_API_KEY in
+    this replica's environment. Built at the first audit: an app that never audits never joins
+    the quota actor."""
+    from kolm_ray.sampling.teacher import sdk_env
+
+    env = sdk_env()
+    if not env.get("ANTHROPIC_API_KEY"):
+        return None
+    return _FirstUseTeacher(lambda: _build_audit_teacher(store, options, env))
+
+
+def _build_audit_teacher(store: str, options: Any, env: dict[str, str]) -> Any:
     import ray
 
     from kolm_ray.sampling.cache import ResponseCache
     from kolm_ray.sampling.config import QuotaConfig, TeacherConfig
     from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
-    from kolm_ray.sampling.teacher import AnthropicTeacher, sdk_env
+    from kolm_ray.sampling.teacher import AnthropicTeacher
 
-    env = sdk_env()
-    if not env.get("ANTHROPIC_API_KEY"):
-        return None
     key, url = env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL")
     try:  # join the organization's limits as a compile set them; create them only if none exist
         quota = ray.get_actor(quota_name(key, url), namespace=NAMESPACE)
@@ -142,6 +149,19 @@ def _audit_teacher(store: str, options: Any) -> Any:
     return AnthropicTeacher(cfg, ResponseCache(Path(store) / "cache" / "teacher"), quota, sdk_env=env)
 
 
+class _FirstUseTeacher:
+    """A ``Teacher`` built on its first call, off the event loop (joining the quota actor blocks)."""
+
+    def __init__(self, build: Any) -> None:
+        self._build, self._teacher, self._lock = build, None, asyncio.Lock()
+
+    async def sample(self, params: dict[str, Any], key: str) -> Any:
+        async with self._lock:
+            if self._teacher is None:
+                self._teacher = await asyncio.to_thread(self._build)
+        return await self._teacher.sample(params, key)
+
+
 def _price_or_none(model: str) -> Any:
     from kolm_ray.errors import InputError
     from kolm_ray.sampling.pricing import price_for
@@ -149,7 +169,7 @@ def _price_or_none(model: str) -> Any:
     try:
         return price_for(model)
     except InputError:
-        return None  # an unpriced teacher: the audit is recorded with cost 0
+        return None  # an unpriced teacher: the audit is recorded as uncosted (cost None)
 
 
 api = FastAPI(title="kolm", docs_url=None, redoc_url=None)
@@ -181,6 +201,7 @@ class Ingress:
                                self.audit_options)
         self._background: set[asyncio.Task] = set()  # shadow generations in flight (held so they finish)
         self._rng = random.Random()
+        self.audit_errors = 0  # audits that could not even be queued (logged; the call is unaffected)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``{"specialists": [...], "pins": {name: version}, "routes": {name: {stable, canary,
@@ -291,25 +312,52 @@ class Ingress:
 
     def _maybe_audit(self, s: Specialist, p: Parsed, rid: str, output: str, route: str) -> None:
         """Audit this call with the share its route calls for: queue it (never waiting), and in
-        shadow mode first have the canary answer the same input, unseen, in the background."""
+        shadow mode first have the canary answer the same input, unseen, in the background.
+        Nothing here may fail the call it audits: an error is logged and counted."""
+        try:
+            self._audit(s, p, rid, output, route)
+        except Exception:  # noqa: BLE001 - the call is answered and receipted already
+            self.audit_errors += 1
+            log.exception("could not audit request %s", rid)
+
+    def _audit(self, s: Specialist, p: Parsed, rid: str, output: str, route: str) -> None:
         from kolm_ray.publish.rollout import audit_share
         from kolm_ray.serve.audit import AuditJob, AuditTarget
-        from kolm_ray.verifier import Verifier
 
         r = self.routes.get(s.name) or {}
         share = audit_share(route, float(r.get("weight") or 0), float(r.get("audit_rate") or 0),
                             self.audit_options.rate)
         if share <= 0 or self._rng.random() >= share:
             return
-        verifier = self.verifiers.get(s.artifact_sha256) or Verifier.from_json(s.verifier)
-        job = AuditJob(request_id=rid, input=p.input, task=s.system, teacher=s.teacher or self.audit_options.teacher,
-                       verifier=verifier, targets=[AuditTarget(s.name, s.version, s.artifact_sha256, route, output)])
+        # One judge per release: the teacher is asked with stable's task and rules, and every
+        # version's output is scored with stable's verifier, so canary and stable audits are one
+        # measure and an input's reference is paid for once whichever version served it.
+        judge = s
+        if route in ("stable", "canary") and r.get("stable"):
+            try:
+                judge = resolve_model(f"{s.name}@{r['stable']}", self.specialists)
+            except UnknownModel:
+                judge = s
+        job = AuditJob(request_id=rid, input=p.input, task=judge.system,
+                       teacher=judge.teacher or self.audit_options.teacher, verifier=self._verifier(judge),
+                       judge=judge.ref, targets=[AuditTarget(s.name, s.version, s.artifact_sha256, route, output)])
         if route == "stable" and r.get("shadow") and r.get("canary"):
-            task = asyncio.get_running_loop().create_task(self._shadow(job, p, f"{s.name}@{r['canary']}"))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return
+            if len(self._background) < self.audit_options.max_shadow:
+                task = asyncio.get_running_loop().create_task(self._shadow(job, p, f"{s.name}@{r['canary']}"))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                return
+            try:
+                c = resolve_model(f"{s.name}@{r['canary']}", self.specialists)
+                self.auditor.skip_shadow(job, AuditTarget(c.name, c.version, c.artifact_sha256, "shadow", None))
+            except UnknownModel:
+                pass  # the canary is not live here: there is no shadow to skip
         self.auditor.submit(job)
+
+    def _verifier(self, s: Specialist) -> Any:
+        from kolm_ray.verifier import Verifier
+
+        return self.verifiers.get(s.artifact_sha256) or Verifier.from_json(s.verifier)
 
     async def _shadow(self, job: Any, p: Parsed, canary_ref: str) -> None:
         """The canary's unseen answer to a stable call, audited with it against one reference."""

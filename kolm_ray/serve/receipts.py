@@ -78,6 +78,7 @@ class AuditRecord(BaseModel):
     l: float | None = None  # noqa: E741
     k: float | None = None
     passed: bool | None = None
+    judge: str | None = None  # name@version whose task and verifier judged it (a release's stable)
     teacher: str | None = None
     cached: bool = False  # the reference came from the teacher cache: not paid again
     input_tokens: int = 0

@@ -183,13 +183,14 @@ def test_a_canary_identical_to_stable_is_promoted_once_the_audited_evidence_suff
 
     canary = rebadge(env["stable"], env["store"], (3, 0), private_key=env["key"])
     load = Load(env["url"])
+    # --force: replaces the canary the test before left; a 10-point tolerance needs ~50 audits each
     _invoke(["publish", str(canary), "--to", ENV, "--canary", "50", "--hold", "2s", "--min-samples", "10",
-             "--audit-rate", "1", "--force"], compiled, monkeypatch)  # --force: replaces the canary the test before left
+             "--audit-rate", "1", "--audit-tolerance", "10", "--force"], compiled, monkeypatch)
     st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "promoted" and s, "promotion", 240)
     codes = load.stop()
     assert st["stable"] == "3.0" and st["previous"] == "1.0" and st["canary"] is None
     reason = st["last_transition"]["reason"]
-    assert reason.startswith("audited K") and "not worse by more than 5" in reason, reason
+    assert reason.startswith("audited K") and "not worse by more than 10" in reason, reason
     assert codes and set(codes) == {200}, codes
     _wait_for(lambda: {v for _, v in asyncio.run(_fire(env["url"], 20, 8))} == {"routing@3.0"},
               "the controller to apply the promotion")

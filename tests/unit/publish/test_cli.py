@@ -103,3 +103,9 @@ def test_a_release_state_written_before_audits_still_loads(kolm_home):
     path.write_text(json.dumps(data))
     canary = ReleaseStore(kolm_home, "prod").load().releases["tldr"].canary
     assert canary.audit.rate == 0 and canary.version == "1.1"
+
+
+def test_shadow_without_an_audit_rate_is_refused_at_the_edge(kolm_home, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    res = RUNNER.invoke(cli, ["publish", "any.kolm", "--to", "prod", "--shadow"])
+    assert res.exit_code == 2 and "needs an audit rate (--audit-rate) above 0" in res.output

@@ -73,3 +73,17 @@ def test_no_data_no_bound_and_bad_levels_are_refused():
     assert difference_bound(Scores(), Scores().add(1.0), 0.95) is None
     with pytest.raises(ValueError, match="confidence"):
         difference_bound(Scores().add(1.0), Scores().add(1.0), 1.0)
+
+
+@pytest.mark.parametrize("p_canary, p_stable", [(0.95, 1.0), (0.94, 0.99), (0.93, 0.98), (1.0, 1.0)])
+def test_the_bound_keeps_its_level_near_perfect_accuracy(p_canary, p_stable):
+    # Near 0% or 100% a plug-in variance collapses and a canary at the margin is "proven" fine.
+    rng = random.Random(1)
+
+    def always_valid(c, s):
+        b = difference_bound(c, s, 0.95)
+        return b.lo, b.hi
+
+    runs = 600
+    wrong = sum(_ever_excludes_the_truth(rng, always_valid, p_canary, p_stable, looks=300) for _ in range(runs))
+    assert wrong / runs <= 0.05

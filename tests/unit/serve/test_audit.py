@@ -23,7 +23,7 @@ ANSWERS = {"I was charged twice": "billing", "I cannot log in": "account"}
 def job(rid: str, text: str, *outputs: tuple[str, str]) -> AuditJob:
     targets = [AuditTarget("route", version, "sha-" + version, "stable" if i == 0 else "shadow", out)
                for i, (version, out) in enumerate(outputs)]
-    return AuditJob(request_id=rid, input=text, task=TASK, teacher="claude-opus-4-7", verifier=VERIFIER,
+    return AuditJob(request_id=rid, input=text, task=TASK, teacher="claude-opus-4-7", verifier=VERIFIER, judge="route@1.0",
                     targets=targets)
 
 
@@ -105,3 +105,33 @@ def test_an_audit_by_a_teacher_without_a_price_is_recorded_as_uncosted_not_free(
     a = Auditor(teacher_at(srv), lambda model: None, lambda r: None, AuditOptions())
     [rec] = asyncio.run(a.audit(job("r1", "I was charged twice", ("1.0", "billing"))))
     assert rec.status == "ok" and rec.cost_usd is None and rec.input_tokens > 0
+
+
+class _TeacherWhoseQuotaActorDied:
+    """A Teacher whose call raises instead of returning a failed sample (e.g. its quota actor died)."""
+
+    async def sample(self, params, key):
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+
+def test_an_audit_whose_teacher_raises_is_recorded_as_failed_not_lost():
+    records = []
+    a = Auditor(_TeacherWhoseQuotaActorDied(), price_for, records.append, AuditOptions())
+
+    async def go():
+        assert a.submit(job("r1", "I was charged twice", ("1.0", "billing")))
+        await a.drain(timeout_s=5)
+
+    asyncio.run(go())
+    [rec] = records
+    assert rec.status == "failed" and "actor died" in rec.error and a.stats["failed"] == 1
+
+
+def test_a_shadow_skipped_at_the_cap_is_recorded_as_dropped_for_the_canary():
+    records = []
+    a = Auditor(None, price_for, records.append, AuditOptions(max_shadow=0))
+    a.skip_shadow(job("r1", "I was charged twice", ("1.0", "billing")),
+                  AuditTarget("route", "1.1", "sha-1.1", "shadow", None))
+    [rec] = records
+    assert (rec.version, rec.route, rec.status, rec.output_sha256) == ("1.1", "shadow", "dropped", None)
+    assert "cap" in rec.error and rec.judge == "route@1.0"

@@ -79,10 +79,11 @@ def test_the_eval_applies_stop_strings_and_limits_as_serving_does(opened, tiny_b
     text = _holdout()[0]
     full = HoldoutWorker(str(tiny_base), route.adapter_dir, route.system, Decoding(max_new_tokens=16)).generate([text])[0]
     stop = full.split()[1]
+    host = AdapterHost(str(tiny_base))  # a serving replica's host, separate from the eval's
+    host.load_adapter(adapter_name(route), route.adapter_dir)
     for decoding in (Decoding(max_new_tokens=16, stop=(stop,)), Decoding(max_new_tokens=3)):
         worker = HoldoutWorker(str(tiny_base), route.adapter_dir, route.system, decoding)
-        served = worker.host.generate([Generation(adapter=worker.adapter, system=route.system, input=text,
-                                                  max_new_tokens=decoding.max_new_tokens, stop=decoding.stop)])[0]
+        served = host.generate([decoding.request(adapter_name(route), route.system, text)])[0]
         assert worker.generate([text]) == [served.text]
         assert len(served.text) < len(full) and (stop not in served.text or not decoding.stop)
 
