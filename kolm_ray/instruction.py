@@ -149,7 +149,7 @@ _OUTPUT_PARTS = (r"bullet(?:[\s-]?points?)?|points?|items?|lines?|sentences?|par
 _PER_PART_BEFORE = re.compile(
     r"(?:\b(?:each|every|per)(?:\s+of\s+(?:them|these|those|the))?(?:\s+(?:[\w-]+\s+)?(?:" + _OUTPUT_PARTS + r")\b)?"
     r"|\b(?:bullets|bullet\s+points|points|items|lines|sentences|paragraphs|sections|entries|steps|tips)\s+of)"
-    r"(?:\s+(?:should|must|can|is|are|be|stays?|kept|with|of|in|at|containing|using)\b)*\s*[:,\-\u2014]?\s*$",
+    r"(?:\s+(?:should|must|can|is|are|be|stays?|kept|with|of|in|at|to|containing|using)\b)*\s*[:,\-\u2014]?\s*$",
     re.I,
 )
 # What the task is given, not what it writes: a count on one of these describes the input
@@ -319,7 +319,7 @@ def read_instruction(instruction: str) -> InstructionSpec:
         words=_read_count(_LENGTH_IN_INSTRUCTION, text),
         sentences=_read_sentences(text),
         bullets=_read_bullets(text),
-        bullet_list=any(not _negated(text, m.start()) for m in _BULLET_LIST.finditer(text)),
+        bullet_list=_reads_bullet_list(text),
         language=_read_language(text),
     )
 
@@ -329,26 +329,45 @@ def _negated(text: str, start: int) -> bool:
 
 
 def _number(token: str) -> int:
-    return int(token) if token.isdigit() else _NUMBER_WORDS[token.lower()]
+    return int(token.replace(",", "")) if token[0].isdigit() else _NUMBER_WORDS[token.lower()]
+
+
+def _describes_input(text: str, start: int, end: int | None = None) -> bool:
+    """Whether the count (or bullet list) at ``start:end`` is attached to a noun for the task's input.
+
+    "a 500-word article", "the review (up to 300 words)", "the input lists 5 bullet points".
+    """
+    before = text[:start]
+    if end is not None and _INPUT_NOUN_AFTER.match(text, end):
+        return not _WRITES_A.search(before)
+    m = _INPUT_NOUN_BEFORE.search(before)
+    return bool(m) and not _WRITES_A.search(before[:m.start()])
 
 
 def _read_count(pattern: re.Pattern[str], text: str) -> CountRange | None:
+    """The first count ``pattern`` finds that is stated for the whole output, or None."""
     for m in pattern.finditer(text):
         if m.group("a") or m.group("c"):
             x, y = (_number(m.group("a")), _number(m.group("b"))) if m.group("a") else (
                 _number(m.group("c")), _number(m.group("d")))
-            return CountRange(lo=min(x, y), hi=max(x, y))
-        n, bound = _number(m.group("n")), (m.group("bound") or "").lower()
+            lo, hi, bound = min(x, y), max(x, y), ""
+        else:
+            n, bound = _number(m.group("n")), (m.group("bound") or "").lower()
+            lo, hi = n, n
+            if bound and re.fullmatch(_AT_MOST, bound):
+                lo = None
+            elif bound and re.fullmatch(_AT_LEAST, bound):
+                hi = None
         before = text[:m.start()].split()
         if not bound and (before and before[-1].lower().strip(",") in _NOT_A_STATED_COUNT):
             continue  # "the 3 sentences below", "more than 20 words": not a stated count
-        if _negated(text, m.start()) or _EACH.match(text, m.end()):
-            continue  # "do not write 3 sentences"; "one sentence each", "20 words per bullet"
-        if bound and re.fullmatch(_AT_MOST, bound):
-            return CountRange(hi=n)
-        if bound and re.fullmatch(_AT_LEAST, bound):
-            return CountRange(lo=n)
-        return CountRange(lo=n, hi=n)
+        if _negated(text, m.start()) or _EACH.match(text, m.end()) or _PER_PART_BEFORE.search(text, 0, m.start()):
+            continue  # "do not write 3 sentences"; "20 words per bullet", "3 bullets, each under 12 words"
+        if _describes_input(text, m.start(), m.end()):
+            continue  # "a 500-word article", "the input lists 5 bullet points": the input, not the output
+        if hi == 0 or (hi is None and lo == 0):
+            continue  # "0 words" states nothing an output could keep
+        return CountRange(lo=lo or None, hi=hi)
     return None
 
 
@@ -361,10 +380,19 @@ def _read_sentences(text: str) -> CountRange | None:
 
 def _read_bullets(text: str) -> CountRange | None:
     stated = _read_count(_BULLETS_IN_INSTRUCTION, text)
-    if stated is None and (m := _BULLET_LIST_OF.search(text)) and not _negated(text, m.start()):
+    if stated is None and (m := _BULLET_LIST_OF.search(text)) and not _negated(text, m.start()) \
+            and not _describes_input(text, m.start()) and _number(m.group("n")) > 0:
         n = _number(m.group("n"))
         return CountRange(lo=n, hi=n)
     return stated
+
+
+def _reads_bullet_list(text: str) -> bool:
+    """A bullet list asked for: "as bullets", "a bulleted list"; not "the input lists 5 bullet points"."""
+    return any(
+        not _negated(text, m.start()) and not _describes_input(text, m.start())
+        for m in _BULLET_LIST.finditer(text)
+    )
 
 
 def _read_language(text: str) -> str | None:

@@ -9,7 +9,9 @@ Pipeline::
         the references win; the instruction fills in what they do not show.
     synthesize_from_samples(instruction, samples, inputs)  rows without: the instruction
         first; the rest from the teacher samples' consensus (each row's majority shape, then
-        the majority across rows), so a wrong-shaped minority of samples fails C.
+        the majority across rows), so a wrong-shaped minority of samples fails C. A stated
+        count, length band or language that nearly all consensus samples break is dropped
+        with a note: there, the samples win.
     -> Verifier (a versioned, JSON-serializable pydantic model that goes into the artifact;
        ``sources`` and ``learned()`` say what was learned from where)
     -> Verifier.score(output, input, reference) -> Checks (T, C, L in 0..1 and a pass/fail)
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kolm_ray.errors import InputError
 from kolm_ray.instruction import CountRange, InstructionSpec, JsonKey, Kind, language_name, read_instruction
@@ -82,10 +84,23 @@ _SAMPLE_QUORUM = 0.8
 
 
 class LengthBand(BaseModel):
+    """The word counts that score L = 1; outside, L falls off linearly.
+
+    Raises:
+        pydantic.ValidationError: ``hi <= 0``, ``lo < 0`` or ``lo > hi`` (no output could keep the band,
+            and L would divide by zero).
+    """
+
     model_config = ConfigDict(frozen=True)
-    lo: float = Field(description="Fewest words for full L score.")
-    hi: float = Field(description="Most words for full L score.")
+    lo: float = Field(ge=0, description="Fewest words for full L score.")
+    hi: float = Field(gt=0, description="Most words for full L score.")
     source: str = Field(description="Where the band came from: references, samples, instruction, or a mix.")
+
+    @model_validator(mode="after")
+    def _lo_within_hi(self) -> "LengthBand":
+        if self.lo > self.hi:
+            raise ValueError(f"length band lo {self.lo:g} is above hi {self.hi:g}")
+        return self
 
 
 class TextRules(BaseModel):
@@ -364,10 +379,11 @@ class Verifier(BaseModel):
         wc = word_count(text)
         if wc == 0:
             return 0.0
-        if wc < band.lo:
+        if wc < band.lo:  # here lo > wc > 0
             return wc / band.lo
         if wc > band.hi:
-            return max(0.0, 1.0 - (wc - band.hi) / band.hi)
+            # A band built without validation (model_construct) may have hi <= 0: no output keeps it.
+            return max(0.0, 1.0 - (wc - band.hi) / band.hi) if band.hi > 0 else 0.0
         return 1.0
 
     def _topic(self, text: str, input: str | None, reference: str | None) -> float | None:
@@ -601,6 +617,8 @@ def _length_band(
         stated = (learned[0] if learned and not stated_first else max(1.0, 0.3 * words.hi), float(words.hi))
     elif words is not None and words.lo is not None:  # a lower limit: "at least 50 words"
         stated = (float(words.lo), 3.0 * words.lo)
+    if stated and stated[1] <= 0:
+        stated = None  # "0 words" is no band: L would divide by zero
     if stated and learned and not stated_first:
         lo, hi = min(stated[0], learned[0]), max(stated[1], learned[1])
         return LengthBand(lo=lo, hi=hi, source=f"instruction+{learned_from}")
@@ -658,21 +676,39 @@ class _Draft:
 def _stated_text_rules(
     d: _Draft, spec: InstructionSpec, texts: Sequence[str], learned_from: str, *, stated_first: bool
 ) -> None:
-    """Add the instruction's sentence and bullet counts to ``d.rules``; examples win unless ``stated_first``."""
+    """Add the instruction's sentence and bullet counts to ``d.rules``.
+
+    The examples win unless ``stated_first`` (samples); even then, a count that nearly every
+    sample breaks (``_samples_break``) is dropped with a note: the samples win for it.
+    """
     assert d.rules is not None
     rules = d.rules
     if spec.sentences is not None:
         band, src = spec.sentences, "instruction"
-        if not stated_first and texts:
-            wider = band.covering([sentence_count(t) for t in texts])
-            if wider != band:
-                band, src = wider, f"instruction+{learned_from}"
-                d.notes.append(f"sentences: the instruction says {spec.sentences}, the {learned_from} show {wider}")
-        rules = rules.model_copy(update={"sentences": band})
-        d.sources["sentences"] = src
+        broken = sum(not band.contains(sentence_count(t)) for t in texts)
+        if stated_first and _samples_break(broken, len(texts)):
+            d.notes.append(f"sentences: the instruction says {spec.sentences}, {broken} of {len(texts)} "
+                           f"{learned_from} break it: they win")
+        else:
+            if not stated_first and texts:
+                wider = band.covering([sentence_count(t) for t in texts])
+                if wider != band:
+                    band, src = wider, f"instruction+{learned_from}"
+                    d.notes.append(f"sentences: the instruction says {spec.sentences}, the {learned_from} show {wider}")
+            rules = rules.model_copy(update={"sentences": band})
+            d.sources["sentences"] = src
     if spec.bullets is not None or spec.bullet_list:
+        # Stated first, the samples break a bullet count by their count, a bare bullet list by having none.
+        broken = sum(
+            not spec.bullets.contains(bullet_count(t)) if spec.bullets is not None else not has_bullet(t)
+            for t in texts
+        )
         if not stated_first and texts and rules.markdown != "bullets":
             d.notes.append(f"the instruction asks for bullets, the {learned_from} are not bullet lists: they win")
+        elif stated_first and _samples_break(broken, len(texts)):
+            asked = f"{spec.bullets} bullets" if spec.bullets is not None else "a bullet list"
+            d.notes.append(f"bullets: the instruction asks for {asked}, {broken} of {len(texts)} "
+                           f"{learned_from} break it: they win")
         else:
             update: dict[str, Any] = {"markdown": "bullets"}
             if spec.bullets is not None:
@@ -689,6 +725,13 @@ def _stated_text_rules(
     d.rules = rules
 
 
+def _samples_break(broken: int, n: int) -> bool:
+    """Whether the teacher's consensus breaks a rule the instruction states: ``broken`` of its
+    ``n`` samples fail it. Then the samples win for that rule, as references do: a hard rule
+    that every sample fails would leave the compile nothing to distill."""
+    return n > 0 and broken >= _SAMPLE_QUORUM * n
+
+
 def _free_text_checks(d: _Draft, spec: InstructionSpec, learned_from: str, *, stated_first: bool) -> None:
     """L, T and the language rule over the free text (a text output, or JSON's text fields)."""
     texts = d.free_texts
@@ -698,6 +741,13 @@ def _free_text_checks(d: _Draft, spec: InstructionSpec, learned_from: str, *, st
     counts = [word_count(t) for t in texts if t]
     if has_free_text and (counts or stated_first):
         d.length = _length_band(spec.words, counts, learned_from, stated_first=stated_first)
+        band = d.length
+        if stated_first and band is not None and band.source == "instruction" and spec.words is not None:
+            broken = sum(not band.lo <= c <= band.hi for c in counts)
+            if _samples_break(broken, len(counts)):
+                d.notes.append(f"length: the instruction says {spec.words} words, {broken} of {len(counts)} "
+                               f"{learned_from} fall outside {band.lo:.0f}-{band.hi:.0f}: they win")
+                d.length = _length_band(None, counts, learned_from, stated_first=True)
     if d.length is not None:
         d.sources["length"] = d.length.source
     d.topic = _topic_calibration(texts, d.free_inputs, d.free_groups) if texts else None
@@ -711,8 +761,14 @@ def _free_text_checks(d: _Draft, spec: InstructionSpec, learned_from: str, *, st
     if d.length is None:
         d.notes.append("L not applicable: no free text to measure")
     if spec.language is not None and has_free_text:
-        detected = [x for x in (detect_language(t) for t in texts) if x] if not stated_first else []
-        if detected and sum(x != spec.language for x in detected) > len(detected) / 2:
+        said = [detect_language(t) for t in texts if t]
+        detected = [x for x in said if x]
+        # Stated first, a sample breaks the language as the scorer sees it: detected, and another one.
+        others = sum(x is not None and x != spec.language for x in said)
+        if stated_first and _samples_break(others, len(said)):
+            d.notes.append(f"the instruction asks for language {spec.language}, {others} of {len(said)} "
+                           f"{learned_from} are not in it: they win")
+        elif not stated_first and detected and sum(x != spec.language for x in detected) > len(detected) / 2:
             d.notes.append(f"the instruction asks for language {spec.language}, the {learned_from} are not: they win")
         else:
             d.language = spec.language
@@ -832,7 +888,10 @@ def synthesize_from_samples(
 
     ``samples[i]`` holds row i's k sample texts (None: a failed call); ``inputs[i]`` is row
     i's input. The instruction comes first: a label set, JSON keys and types, a word, sentence
-    or bullet count, a language it states are the rules. The rest is learned by consensus:
+    or bullet count, a language it states are the rules, except that a count, length band or
+    language broken by at least ``_SAMPLE_QUORUM`` of the consensus-shape samples is learned
+    from the samples as if unstated, with a note (a rule every sample fails would leave the
+    compile nothing to distill). The rest is learned by consensus:
     each sample's shape (a bare label, a JSON object, or text), each row's majority shape,
     then the majority across rows is the kind (the instruction's kind where it states one);
     labels, schema, text rules, length band and topic scale come only from samples of that

@@ -183,3 +183,56 @@ def test_input_language_or_a_choice_is_not_an_output_language(instruction):
 def test_a_tldr_semicolon_does_not_cut_the_sentence_apart():
     spec = read_instruction("Summarize the article in a 60-word TL;DR, in Spanish, in 3 sentences.")
     assert spec.language == "es" and str(spec.sentences) == "3" and str(spec.words) == "60"
+
+
+# ----- attacks on the counts: a count must be stated, for the whole output -------------------
+
+
+@pytest.mark.parametrize(
+    "instruction, lo, hi",
+    [
+        ("Summarize the following 2,000-word report in 100 words.", 100, 100),  # not "000-word": 0 words
+        ("Summarize the 1.5-page memo in 80 words.", 80, 80),
+        ("Write a 1,000-word essay on the topic.", 1000, 1000),
+        ("Write between 1,000 and 1,500 words.", 1000, 1500),
+    ],
+)
+def test_count_inside_a_longer_number_is_not_read(instruction, lo, hi):
+    assert read_instruction(instruction).words == CountRange(lo=lo, hi=hi)
+
+
+@pytest.mark.parametrize(
+    "instruction", ["Summarize in 0 words.", "Use 0 bullet points.", "Write at most 0 sentences.", "Write 000 words."]
+)
+def test_zero_is_never_a_stated_count(instruction):
+    spec = read_instruction(instruction)
+    assert spec.words is None and spec.sentences is None and spec.bullets is None
+
+
+def test_count_on_an_input_noun_is_not_an_output_rule():
+    headline = read_instruction("Given a 500-word article, write a short headline.")
+    assert headline.words is None and headline.kind is None
+    reply = read_instruction("Read the review (up to 300 words) and reply in one sentence.")
+    assert reply.words is None and reply.sentences == CountRange(lo=1, hi=1)
+    merge = read_instruction("The input lists 5 bullet points; merge them into one paragraph.")
+    assert merge.bullets is None and not merge.bullet_list
+    rewrite = read_instruction("Rewrite the 300-word email in at most 50 words.")
+    assert rewrite.words == CountRange(hi=50)
+    assert read_instruction("Given an article of about 500 words, write 2 sentences.").words is None
+    assert read_instruction("The input is a bullet list; rewrite it as prose.").bullet_list is False
+
+
+def test_count_on_a_noun_the_task_writes_is_read():
+    # The same nouns, written by the task: the count is the output's.
+    assert read_instruction("Write a 150-word email to the customer.").words == CountRange(lo=150, hi=150)
+    assert read_instruction("Draft an email of at most 120 words.").words == CountRange(hi=120)
+    assert read_instruction("Summarize each ticket in 20 words.").words == CountRange(lo=20, hi=20)
+
+
+def test_count_for_each_part_is_not_the_whole_outputs():
+    assert read_instruction("Each bullet under 12 words.").words is None
+    spec = read_instruction("Write 3 bullets, each under 12 words.")
+    assert spec.words is None and spec.bullets == CountRange(lo=3, hi=3)
+    spec = read_instruction("Keep every bullet point to at most 12 words; give 4 bullet points.")
+    assert spec.words is None and spec.bullets == CountRange(lo=4, hi=4)
+    assert read_instruction("Write 3 sentences of at most 20 words.").words is None

@@ -299,13 +299,18 @@ def test_label_named_only_by_the_instruction_is_valid_with_references():
     assert v.score("account", rows[0].input).c == 1.0
 
 
+_CITIES = ["Osaka", "Austin", "Gdansk", "Lyon", "Porto", "Quito", "Leeds", "Busan"]
+
+
 def test_stated_language_fails_an_answer_in_another_language():
-    rows = tldr_rows(8, seed=2)
-    v = synthesize_from_samples("Summarize the article in Spanish.", [[r.output] for r in rows], [r.input for r in rows])
+    inputs = [f"The {c} grid operator cut its battery program, citing pressure on storage and prices." for c in _CITIES]
+    spanish = [f"El operador de la red de {c} cortó su programa de baterías por la presión sobre los precios y "
+               f"el almacenamiento, y los gestores revisarán la capacidad antes de la temporada." for c in _CITIES]
+    v = synthesize_from_samples("Summarize the article in Spanish.", [[s] for s in spanish], inputs)
     assert v.language == "es" and v.sources["language"] == "instruction"
-    spanish = "El operador de la red cortó su programa de baterías por la presión sobre los precios y el almacenamiento."
-    assert v.score(spanish).c > v.score(rows[0].output).c
-    assert v.score(rows[0].output, rows[0].input).c < 0.5
+    english = tldr_rows(1, seed=2)[0].output
+    assert v.score(spanish[0], inputs[0]).passed
+    assert v.score(english, inputs[0]).c < 0.5
 
 
 def test_references_in_another_language_drop_the_stated_language():
@@ -331,6 +336,50 @@ def test_stated_bullet_count_fails_a_shorter_list():
     assert v.text_rules.markdown == "bullets" and str(v.text_rules.bullets) == "3"
     assert v.score(three, inputs[0]).c == 1.0
     assert v.score("- Cargo volumes rose.\n- Cranes were replaced.", inputs[0]).c < 0.5
+
+
+@pytest.mark.parametrize(
+    "instruction, dropped",
+    [
+        ("Summarize the article in one sentence.", lambda v: v.text_rules.sentences is None),
+        ("Summarize the article in 3 bullets.",
+         lambda v: v.text_rules.bullets is None and v.text_rules.markdown != "bullets"),
+        ("Summarize the article in 15 words.", lambda v: v.length.source == "samples" and v.length.hi >= 50),
+        ("Summarize the article in Spanish.", lambda v: v.language is None),
+    ],
+)
+def test_consensus_that_breaks_a_stated_rule_wins(instruction, dropped):
+    # Every sample has three sentences and 50 words, in English, with no bullets: a stated rule
+    # they all break would fail every sample and leave the compile nothing to distill.
+    rows = tldr_rows(8, seed=4)
+    samples = [[r.output, r.output] for r in rows]
+    v = synthesize_from_samples(instruction, samples, [r.input for r in rows])
+    assert dropped(v)
+    assert all(v.score(r.output, r.input).passed for r in rows)
+    assert any("16 of 16 samples" in n and "they win" in n for n in v.notes)
+
+
+def test_zero_word_length_band_cannot_be_built_or_crash_scoring():
+    from pydantic import ValidationError
+
+    from kolm_ray.verifier import LengthBand
+
+    with pytest.raises(ValidationError):
+        LengthBand(lo=0, hi=0, source="instruction")
+    with pytest.raises(ValidationError):
+        LengthBand(lo=30, hi=20, source="instruction")
+    v, rows = _fit("text")
+    broken = json.loads(v.to_json())
+    broken["length"] = {"lo": 0, "hi": 0, "source": "instruction"}
+    with pytest.raises(InputError, match="length"):
+        Verifier.from_json(json.dumps(broken))
+    # A band that skipped validation still scores: L is 0, not a ZeroDivisionError.
+    unchecked = v.model_copy(update={"length": LengthBand.model_construct(lo=0.0, hi=0.0, source="instruction")})
+    assert unchecked.score(rows[0].output, rows[0].input).l == 0.0
+    # An instruction stating 0 words compiles, with no band from it.
+    w = synthesize_from_samples("Summarize the article in 0 words.", [[r.output] for r in rows[:8]],
+                                [r.input for r in rows[:8]])
+    assert w.length.source == "samples" and w.score(rows[0].output, rows[0].input).passed
 
 
 def test_failed_and_empty_samples_are_skipped():
