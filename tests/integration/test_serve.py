@@ -209,3 +209,44 @@ def test_deleting_the_app_flushes_every_receipt(served):
     assert {digest(p) for p in prompts} <= logged
     ok = RUNNER.invoke(cli, ["receipts", "verify", "--store", str(served["home"])])
     assert ok.exit_code == 0, ok.output
+
+
+def test_serve_audit_rate_audits_calls_through_the_teacher_off_the_request_path(served, specialists, messages_api,
+                                                                                 serve_port, monkeypatch):
+    from ray import serve
+
+    from kolm_ray.serve.receipts import read_receipts
+    from kolm_ray.testing.messages_api import replay_responder
+
+    monkeypatch.setenv("KOLM_HOME", str(served["home"]))
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    args = ["serve", str(specialists["route"]), "--port", str(serve_port), "--detach", "--num-cpus", "0", "--key",
+            str(specialists["public_key"]), "--app-name", "audited", "--route-prefix", "/audited", "--audit-rate", "1"]
+    refused = RUNNER.invoke(cli, args)
+    assert refused.exit_code == 2 and "ANTHROPIC_API_KEY" in refused.output  # checked before anything starts
+    prompts = [f"I was charged twice, invoice {i}" for i in range(4)]
+    teacher = messages_api(replay_responder({p: "billing" for p in prompts}))
+    res = RUNNER.invoke(cli, args)
+    assert res.exit_code == 0 and "audits      100% of calls" in res.output, res.output
+    try:
+        _wait_healthy(f"{served['url']}/audited")
+        c = openai.OpenAI(base_url=f"{served['url']}/audited/v1", api_key="unused", max_retries=0)
+        ids = [c.chat.completions.create(model="route", messages=[{"role": "user", "content": p}]).id
+               for p in prompts[:3]]
+        streamed = list(c.chat.completions.create(model="route", stream=True,
+                                                  messages=[{"role": "user", "content": prompts[3]}]))
+        ids.append(streamed[0].id)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            audits = [r for r in read_receipts(served["home"] / "receipts" / "audited") if r.get("kind") == "audit"]
+            if len(audits) >= 4:
+                break
+            time.sleep(0.5)
+    finally:
+        serve.delete("audited")
+    assert sorted(a["request_id"] for a in audits) == sorted(ids)  # each call, streamed or not, audited once
+    assert all(a["status"] == "ok" and a["k"] is not None and a["judge"] == "route@1.0" for a in audits)
+    assert all(a["cost_usd"] is None for a in audits)  # the test artifact's teacher has no price: uncosted
+    assert teacher.stats.succeeded == 4
+    ok = RUNNER.invoke(cli, ["receipts", "verify", "--store", str(served["home"]), "--app-name", "audited"])
+    assert ok.exit_code == 0, ok.output
