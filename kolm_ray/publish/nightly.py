@@ -7,7 +7,8 @@ A spec is a JSON file::
     {"name": "routing", "env": "prod",
      "compile": ["--task-file", "task.txt", "--examples", "ex.jsonl", "--eval", "holdout.jsonl",
                  "--base", "qwen-2.5-3b-instruct", "--gate", "K=88"],
-     "canary": 5, "hold": "24h", "min_samples": 200, "tolerance": 0.5}
+     "canary": 5, "hold": "24h", "min_samples": 200, "tolerance": 0.5,
+     "audit": {"rate": 0.2, "shadow": false, "tolerance": 5, "confidence": 0.95}}
 
 ``compile`` takes exactly ``kolm compile``'s arguments (relative paths are relative to the spec).
 """
@@ -21,7 +22,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kolm_ray.errors import InputError, KolmError
-from kolm_ray.publish.release import check_env
+from kolm_ray.publish.release import AuditSettings, check_env
 from kolm_ray.publish.service import parse_duration
 
 Outcome = Literal["published", "first_version", "gate_failed", "not_recommended", "failed"]
@@ -36,6 +37,8 @@ class NightlySpec(BaseModel):
     hold: str = "24h"
     min_samples: int = Field(200, ge=1)
     tolerance: float = Field(0.5, ge=0)
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="How the canary is audited (kolm "
+                                 "publish --audit-rate, --shadow, --audit-tolerance, --confidence, --min-audits).")
 
 
 class NightlyResult(BaseModel):
@@ -107,7 +110,7 @@ def run_one(spec_path: Path, spec: NightlySpec, home: Path, trust: Any, say: Cal
     try:
         _, line, _ = publish_artifact(home, spec.env, str(artifact), trust, weight=spec.canary / 100,
                                       hold_s=parse_duration(spec.hold), min_samples=spec.min_samples,
-                                      tolerance=spec.tolerance)
+                                      tolerance=spec.tolerance, audit=spec.audit)
     except KolmError as e:
         return result("failed", f"publish: {e}")
     return result("first_version" if stable is None else "published", line)

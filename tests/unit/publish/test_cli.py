@@ -109,3 +109,15 @@ def test_shadow_without_an_audit_rate_is_refused_at_the_edge(kolm_home, monkeypa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     res = RUNNER.invoke(cli, ["publish", "any.kolm", "--to", "prod", "--shadow"])
     assert res.exit_code == 2 and "needs an audit rate (--audit-rate) above 0" in res.output
+
+
+def test_a_nightly_spec_carries_the_canarys_audit_settings_and_refuses_bad_ones():
+    import pytest
+    from pydantic import ValidationError
+
+    from kolm_ray.publish.nightly import NightlySpec
+
+    spec = NightlySpec.model_validate({"name": "r", "env": "prod", "compile": [], "audit": {"rate": 0.2}})
+    assert spec.audit.rate == 0.2 and not spec.audit.shadow
+    with pytest.raises(ValidationError, match="audit rate"):
+        NightlySpec.model_validate({"name": "r", "env": "prod", "compile": [], "audit": {"shadow": True}})
