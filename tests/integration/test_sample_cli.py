@@ -75,10 +75,14 @@ def test_labels_without_references_learn_the_verifier_from_samples(ray_session, 
     messages_api(replay_responder({r.input: r.output for r in rows}, sample_variants("label", labels)))
     path = write_jsonl(tmp_path / "route.jsonl", rows, with_output=False)
     out = tmp_path / "out"
-    res = kolm("sample", ROUTING_TASK, "--examples", str(path), "--k", "4", "--out", str(out))
+    res = kolm("sample", ROUTING_TASK, "--examples", str(path), "--k", "4", "--out", str(out), "--min-agreement", "0.9")
     assert res.exit_code == 0, res.output
     assert "learned from the teacher's samples" in res.output
+    assert "verifier    kind label (samples)" in res.output  # what was learned, and from where
+    # Three of four samples agree on every row: 75%, under the 90% asked for, so every row is flagged.
+    assert "24 rows below 90%" in res.output
     chosen = [r for r in pq.read_table(out / "samples.parquet").to_pylist() if r["chosen"]]
+    assert {r["agreement"] for r in chosen} == {0.75}
     truth = {r.id: r.output for r in rows}
     # One of four samples carries a wrong label; the majority vote keeps the right one.
     wrong = [(r["id"], r["text"], r["k"], truth[r["id"]]) for r in chosen if r["text"] != truth[r["id"]]]

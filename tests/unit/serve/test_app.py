@@ -42,3 +42,14 @@ def test_bad_serve_arguments_exit_2(specialists, tmp_path):
     ]:
         res = RUNNER.invoke(cli, ["serve", *args, "--key", str(specialists["public_key"])], env={"RAY_ADDRESS": ""})
         assert res.exit_code == 2 and words in res.output, (args, res.output)
+
+
+def test_serving_options_reach_the_deploy_config_and_the_teacher_key_does_not(specialists, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret-audit-key")
+    out = tmp_path / "serve.json"
+    res = RUNNER.invoke(cli, ["serve", str(specialists["route"]), "--key", str(specialists["public_key"]),
+                              "--emit-config", str(out), "--batch-greedy", "--audit-rate", "0.25"])
+    assert res.exit_code == 0, res.output
+    [app] = json.loads(out.read_text())["applications"]
+    assert app["args"]["model"]["batch_greedy"] is True and app["args"]["audit"]["rate"] == 0.25
+    assert "sk-secret-audit-key" not in out.read_text()
