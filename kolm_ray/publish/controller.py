@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.publish.release import Canary, EnvState, Release, ReleaseStore, promote, rollback, routes
-from kolm_ray.publish.rollout import Policy, Verdict, decide, window
+from kolm_ray.publish.rollout import Policy, Verdict, Window, decide, window
 
 log = logging.getLogger("kolm_ray.publish")
 
@@ -41,9 +41,13 @@ def policy_of(canary: Canary) -> Policy:
 def verdict_of(release: Release, receipts: list[dict[str, Any]], now: float) -> Verdict:
     """``decide`` on one release's canary over the receipts since it started (pure)."""
     c = release.canary
-    return decide(window(receipts, release.name, c.version, c.started_at),
-                  window(receipts, release.name, release.stable.version, c.started_at),
-                  now - c.started_at, policy_of(c))
+    return verdict_on(release, window(receipts, release.name, c.version, c.started_at),
+                      window(receipts, release.name, release.stable.version, c.started_at), now)
+
+
+def verdict_on(release: Release, canary: Window, stable: Window, now: float) -> Verdict:
+    """``decide`` on one release's canary, given both versions' windows since it started (pure)."""
+    return decide(canary, stable, now - release.canary.started_at, policy_of(release.canary))
 
 
 def judge(state: EnvState, receipts: list[dict[str, Any]], now: float) -> EnvState:

@@ -94,7 +94,7 @@ def manual(home: Path, env: str, name: str, action: str) -> EnvState:
 def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]:
     """Each Specialist: stable and canary, weight, phase, online and audited K and calls of each,
     audit failures and cost, hold left, and the evidence (bound) the controller decides on."""
-    from kolm_ray.publish.controller import app_name, verdict_of
+    from kolm_ray.publish.controller import app_name, verdict_on
     from kolm_ray.serve.receipts import read_receipts
 
     store = ReleaseStore(home, env)
@@ -120,7 +120,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
         }
         if r.canary:
             cw = window(receipts, name, r.canary.version, since)
-            v = verdict_of(r, receipts, now)
+            v = verdict_on(r, cw, st, now)  # since == the canary's start: the windows the controller reads
             entry.update(canary=r.canary.version, weight=r.canary.weight, canary_online_k=cw.k,
                          canary_calls=cw.calls, canary_audited_k=cw.audited_k, min_samples=r.canary.min_samples,
                          audit=r.canary.audit.model_dump(),
