@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import json
 import urllib.request
@@ -48,13 +49,17 @@ def kolm_fanout(n: int, concurrency: int, actors: int) -> float:
     from kolm_ray.cluster import connect
     from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
     from kolm_ray.sampling.fanout import call_teacher, plan
+    from kolm_ray.sampling.limits import set_limits
 
     connect(None)
     rows = pa.table({"id": [f"r{i}" for i in range(n)], "input": [f"row {i}" for i in range(n)],
                      "output": [None] * n, "reference": [None] * n})
     with tempfile.TemporaryDirectory() as cache:
+        # The organization's limits are the operator's: state them for this run's own home.
+        os.environ["KOLM_HOME"] = str(Path(cache) / "home")
+        set_limits(max_in_flight=concurrency, calls_per_minute=10**6, tokens_per_minute=10**9, notify=False)
         p = plan("Answer.", rows, None, TeacherConfig(max_tokens=64), SampleConfig(k=1, concurrency=concurrency, actors=actors),
-                 QuotaConfig(max_in_flight=concurrency, calls_per_minute=10**6, tokens_per_minute=10**9), cache)
+                 QuotaConfig(), cache)
         t = time.perf_counter()
         out = call_teacher(p, rows)
         elapsed = time.perf_counter() - t

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kolm_ray.errors import KolmError
-from kolm_ray.home import kolm_home
+from kolm_ray.home import state_dir
 from kolm_ray.publish.nightly import load_specs, run_nightly
 from kolm_ray.signing import Trust, default_trust
 
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     try:
         load_specs(a.specs)  # every spec checked before anything runs
-        results = run_nightly(a.specs, kolm_home(), Trust(public_key=a.key) if a.key else default_trust())
+        results = run_nightly(a.specs, state_dir(), Trust(public_key=a.key) if a.key else default_trust())
     except KolmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -53,10 +53,36 @@ def cli() -> None:
     """kolm: compile a frontier-model task into a small, signed, self-hosted Specialist."""
 
 
+from kolm_ray.admission import QueuePolicy  # noqa: E402
 from kolm_ray.publish.release import AuditSettings  # noqa: E402
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig  # noqa: E402
+from kolm_ray.sampling.limits import RateLimits  # noqa: E402
 from kolm_ray.serve.audit import AuditOptions  # noqa: E402
 from kolm_ray.serve.config import ModelDeploymentOptions  # noqa: E402
+
+
+def _claim_options(f):
+    """One compile's (or sampling run's) claim on the organization's teacher quota."""
+    for opt in reversed([
+        click.option("--tenant", default=None, help="Who the run is for: the queue's fairness and limits, and the "
+                     "teacher budget it spends [default: KOLM_TENANT, else the login name]."),
+        click.option("--max-in-flight", default=None, type=click.IntRange(1), help=_help(QuotaConfig, "max_in_flight")),
+        click.option("--calls-per-minute", default=None, type=click.IntRange(1), help=_help(QuotaConfig, "calls_per_minute")),
+        click.option("--tokens-per-minute", default=None, type=click.IntRange(1),
+                     help=_help(QuotaConfig, "tokens_per_minute")),
+        click.option("--max-cost", "max_cost_usd", default=None, type=click.FloatRange(min=0),
+                     help=_help(QuotaConfig, "max_cost_usd")),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _claim(tenant: str | None, max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
+           max_cost_usd: float | None) -> QuotaConfig:
+    from kolm_ray.admission import check_tenant, default_tenant
+
+    return QuotaConfig(tenant=check_tenant(tenant or default_tenant()), max_in_flight=max_in_flight,
+                       calls_per_minute=calls_per_minute, tokens_per_minute=tokens_per_minute, max_cost_usd=max_cost_usd)
 
 
 @cli.command()
@@ -82,19 +108,15 @@ from kolm_ray.serve.config import ModelDeploymentOptions  # noqa: E402
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help=_help(TeacherConfig, "timeout_s"))
 @click.option("--max-attempts", default=6, show_default=True, type=click.IntRange(1), help=_help(TeacherConfig, "max_attempts"))
-@click.option("--max-in-flight", default=64, show_default=True, type=click.IntRange(1), help=_help(QuotaConfig, "max_in_flight"))
-@click.option("--calls-per-minute", default=4000, show_default=True, type=click.IntRange(1),
-              help=_help(QuotaConfig, "calls_per_minute"))
-@click.option("--tokens-per-minute", default=2_000_000, show_default=True, type=click.IntRange(1),
-              help=_help(QuotaConfig, "tokens_per_minute"))
+@_claim_options
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None,
            out_dir: str | None, batch: bool, batch_poll_s: float, concurrency: int, actors: int, min_agreement: float,
-           max_failed_fraction: float,
-           max_tokens: int, timeout_s: float, max_attempts: int, max_in_flight: int, calls_per_minute: int,
-           tokens_per_minute: int, prices: str | None, address: str | None, as_json: bool) -> None:
+           max_failed_fraction: float, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
+           max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
+           max_cost_usd: float | None, prices: str | None, address: str | None, as_json: bool) -> None:
     """Sample the teacher k times per example row and keep the best sample per row."""
     from kolm_ray.cluster import connect
     from kolm_ray.home import teacher_cache_dir
@@ -111,15 +133,15 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     teacher_cfg = TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts)
     sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
                               max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)
-    quota_cfg = QuotaConfig(max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
-                            tokens_per_minute=tokens_per_minute)
-    out = Path(out_dir) if out_dir else Path("runs") / _slug(instruction) / "samples"
+    quota_cfg = _claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
+    out = out_dir or str(Path("runs") / _slug(instruction) / "samples")  # a folder or s3://bucket/prefix
 
     connect(address)
     total = min(rows.num_rows, n or rows.num_rows) * k
     with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
         outcome = sample_rows(instruction, rows, teacher=teacher_cfg, sample=sample_cfg, quota=quota_cfg,
-                              prices=price, cache_dir=teacher_cache_dir(), progress=bar.update)
+                              prices=price, cache_dir=teacher_cache_dir(), progress=bar.update,
+                              on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
     written = write_samples(out, outcome)
     if as_json:
         click.echo(json.dumps({**outcome.summary.model_dump(), "out": str(written)}, indent=2))
@@ -180,6 +202,8 @@ def _fit_options(f):
         click.option("--target-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
                      help=_help(FitConfig, "target_modules") + " Comma-separated."),
         click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "workers")),
+        click.option("--cpus-per-worker", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help=_help(FitConfig, "cpus_per_worker")),
         click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help=_help(FitConfig, "batch_size")),
         click.option("--max-length", default=1024, show_default=True, type=click.IntRange(16), help=_help(FitConfig, "max_length")),
         click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3), help=_help(FitConfig, "zero_stage")),
@@ -206,7 +230,7 @@ def _fit_options(f):
 @click.option("--n", default=None, type=click.IntRange(1), help=_help(SampleConfig, "n"))
 @click.option("--name", default=None, help="Specialist name [default: from the task].")
 @click.option("--out", "store", default=None, type=click.Path(file_okay=False),
-              help="Artifact store folder [default: $KOLM_HOME/artifacts].")
+              help="Artifact store: a folder or s3://BUCKET/PREFIX [default: $KOLM_HOME/artifacts].")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Working state (samples, checkpoints) [default: runs/NAME].")
 @click.option("--sign", "sign_spec", default=None, help="key:PATH, or sigstore [default: kolm's own key].")
@@ -218,15 +242,17 @@ def _fit_options(f):
               help=_help(SampleConfig, "max_failed_fraction"))
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@_claim_options
 @_fit_options
 def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, name, store, work_dir, sign_spec,
-                batch, concurrency, min_agreement, max_failed_fraction, prices, address, epochs, max_steps, lr,
-                lora_r, lora_alpha, target_modules, workers, batch_size, max_length, zero_stage, checkpoint_every, max_failures,
-                seed) -> Any:
+                batch, concurrency, min_agreement, max_failed_fraction, prices, address, tenant, max_in_flight,
+                calls_per_minute, tokens_per_minute, max_cost_usd, epochs, max_steps, lr,
+                lora_r, lora_alpha, target_modules, workers, cpus_per_worker, batch_size, max_length, zero_stage,
+                checkpoint_every, max_failures, seed) -> Any:
     """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign."""
     from kolm_ray.cluster import connect
-    from kolm_ray.compile import CompileConfig, compile_specialist, derive_name, parse_gate, prepare
-    from kolm_ray.home import kolm_home
+    from kolm_ray.compile import CompileConfig, derive_name, parse_gate, prepare, queued_compile
+    from kolm_ray.home import artifacts_uri, kolm_home
     from kolm_ray.sampling.pricing import load_prices, price_for
     from kolm_ray.signing import signer_from_spec
 
@@ -234,7 +260,7 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
     name = name or derive_name(instruction)
     cfg = CompileConfig(
         task=instruction, examples=Path(examples), holdout=Path(holdout), base=base, name=name,
-        gate=parse_gate(gate), store=Path(store) if store else kolm_home() / "artifacts",
+        gate=parse_gate(gate), store=store or artifacts_uri(),  # a folder or s3://...: a str (Path mangles URIs)
         work_dir=Path(work_dir) if work_dir else Path("runs") / name,
     )
     prepared = prepare(cfg)
@@ -244,24 +270,118 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
     fit_cfg = FitConfig(
         epochs=epochs, max_steps=max_steps, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
         target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
-        workers=workers, batch_size=batch_size, max_length=max_length, zero_stage=zero_stage,
-        checkpoint_every=checkpoint_every, max_failures=max_failures, seed=seed,
+        workers=workers, cpus_per_worker=cpus_per_worker, batch_size=batch_size, max_length=max_length,
+        zero_stage=zero_stage, checkpoint_every=checkpoint_every, max_failures=max_failures, seed=seed,
     )
+    claim = _claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
     signer = signer_from_spec(sign_spec, say=lambda m: click.echo(m, err=True))
     connect(address)
     total = min(prepared.rows.num_rows, n or prepared.rows.num_rows) * k
     with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
-        result = compile_specialist(
-            prepared, teacher=TeacherConfig(model=teacher), sample=SampleConfig(
+        result = queued_compile(
+            prepared, state_dir=kolm_home(), teacher=TeacherConfig(model=teacher), sample=SampleConfig(
                 k=k, n=n, concurrency=concurrency, min_agreement=min_agreement,
                 max_failed_fraction=max_failed_fraction, batch=batch),
-            quota=QuotaConfig(), prices=price, fit_cfg=fit_cfg, signer=signer,
+            quota=claim, prices=price, fit_cfg=fit_cfg, signer=signer,
             say=lambda line: click.echo("\n" + line if bar.pos and bar.pos < total else line),
             teacher_progress=bar.update,
         )
     click.echo(result.student.line())
     click.echo(f"artifact    {result.artifact}")
     return result  # for callers that run the command in-process (jobs/nightly.py)
+
+
+@cli.group(name="queue", invoke_without_command=True)
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--all", "show_all", is_flag=True, help="Also the compiles that ended in the last day.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: bool) -> None:
+    """The cluster's compiles: waiting (in admission order) and running, per tenant."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = address
+        return
+    from kolm_ray.admission import list_tickets
+    from kolm_ray.cluster import connect
+    from kolm_ray.home import kolm_home
+
+    connect(address)
+    order = {"running": 0, "waiting": 1}
+    tickets = sorted((t for t in list_tickets(kolm_home()) if show_all or t["state"] in order),
+                     key=lambda t: (order.get(t["state"], 2), t["position"] or 0, t["submitted_at"]))
+    if as_json:
+        click.echo(json.dumps(tickets, indent=2))
+        return
+    if not tickets:
+        click.echo("no compiles" + ("" if show_all else " waiting or running"))
+        return
+    import time as _time
+
+    click.echo(f"{'ID':<34} {'TENANT':<14} {'STATE':<9} {'POS':>3} {'STAGE':<9} {'PROGRESS':>9} {'SPEND':>9} {'AGE':>7}")
+    for t in tickets:
+        prog = f"{t['done']}/{t['total']}" if t["total"] else ""
+        age = _time.time() - t["submitted_at"]
+        click.echo(f"{t['id']:<34} {t['tenant']:<14} {t['state']:<9} {t['position'] or '':>3} "
+                   f"{t['stage'] if t['state'] == 'running' else '':<9} {prog:>9} ${t['spend_usd']:>8.4f} "
+                   f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and show_all else ""))
+
+
+@queue_cmd.command(name="limits")
+@click.option("--max-running", default=None, type=click.IntRange(1), help=_help(QueuePolicy, "max_running"))
+@click.option("--per-tenant", default=None, type=click.IntRange(1), help=_help(QueuePolicy, "per_tenant"))
+@click.option("--tenant-limit", "tenant_limits", multiple=True, help="TENANT=N: this tenant's limit (repeatable).")
+@click.option("--lease", "lease_s", default=None, type=click.FloatRange(min=1), help=_help(QueuePolicy, "lease_s"))
+@click.option("--pause/--resume", "paused", default=None, help=_help(QueuePolicy, "paused"))
+@click.option("--clear", is_flag=True, help="Back to the defaults before applying the other options.")
+def queue_limits(max_running: int | None, per_tenant: int | None, tenant_limits: tuple[str, ...],
+                 lease_s: float | None, paused: bool | None, clear: bool) -> None:
+    """Show or set the queue's admission limits (kept in KOLM_HOME, read at every tick)."""
+    from kolm_ray.admission import load_policy, save_policy
+    from kolm_ray.home import kolm_home
+
+    policy = QueuePolicy() if clear else load_policy(kolm_home())
+    update: dict[str, Any] = {}
+    if max_running is not None:
+        update["max_running"] = max_running
+    if per_tenant is not None:
+        update["per_tenant"] = per_tenant
+    if lease_s is not None:
+        update["lease_s"] = lease_s
+    if paused is not None:
+        update["paused"] = paused
+    if tenant_limits:
+        limits = dict(policy.tenant_limits)
+        for tenant, n in _pairs(tenant_limits, "--tenant-limit").items():
+            if not n.isdigit() or int(n) < 1:
+                raise InputError(f"--tenant-limit {tenant}={n}: the limit is a whole number of compiles, at least 1")
+            limits[tenant] = int(n)
+        update["tenant_limits"] = limits
+    if update or clear:
+        policy = QueuePolicy.model_validate({**policy.model_dump(), **update})
+        save_policy(kolm_home(), policy)
+    click.echo(policy.model_dump_json(indent=2))
+
+
+@cli.command(name="cancel")
+@click.argument("ticket")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+def cancel_cmd(ticket: str, address: str | None) -> None:
+    """Cancel a waiting or running compile (ID from `kolm queue`); what it held is freed."""
+    from kolm_ray.admission import cancel
+    from kolm_ray.cluster import connect
+    from kolm_ray.home import kolm_home
+
+    connect(address)
+    res = cancel(kolm_home(), ticket)
+    if res["was"] == "running" and (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL")):
+        from kolm_ray.sampling.quota import release_holder
+
+        # Its teacher slots now, not at its driver's exit or its leases' expiry (the ticket is the holder).
+        release_holder(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"), ticket)
+    if res["was"] in ("waiting", "running"):
+        click.echo(f"cancelled {ticket} (was {res['was']})")
+    else:
+        click.echo(f"{ticket} had already ended ({res['was']})")
 
 
 def _trust(key: str | None, identity: str | None, issuer: str | None):
@@ -453,8 +573,10 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
                            "here: the ingress uses its node's environment, or records its audits as failed", err=True)
     if not artifacts:
         raise InputError("give the .kolm artifacts to serve")
+    from kolm_ray.store import is_remote, location_of
+
     for a in artifacts:
-        if not Path(a).is_file():
+        if not is_remote(a) and not Path(a).is_file():
             raise InputError("artifact not found", path=a)
     trust = _trust_or_default(key, identity, issuer)
     if audit_rate > 0 and not os.environ.get("ANTHROPIC_API_KEY"):
@@ -466,7 +588,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
 
     base_paths = _pairs(base_path, "--base-path")
     key_digests = _api_keys(api_keys)
-    paths = [str(Path(a).resolve()) for a in artifacts]
+    paths = [location_of(a) for a in artifacts]  # absolute paths, or s3:// URIs each replica downloads
     catalog = build_catalog(paths, trust, base_paths)  # verified before Ray starts
     for r in catalog.refused:
         click.echo(f"refused     {r.artifact}: {r.reason}", err=True)
@@ -715,6 +837,49 @@ def base_tiny(out: str, hidden_size: int, layers: int, seed: int) -> None:
 
     path = build_tiny_base(out, hidden_size=hidden_size, layers=layers, seed=seed)
     click.echo(f"wrote a tiny Qwen2 base to {path}")
+
+
+@cli.group(name="teacher-limits")
+def teacher_limits() -> None:
+    """The organization's teacher limits and tenants' budgets (the operator's; compiles only read them)."""
+
+
+@teacher_limits.command(name="set")
+@click.option("--key", default=None, help="The key digest the change is for (`kolm teacher-limits show` lists it) "
+              "[default: the default entry, for every key without its own].")
+@click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL).")
+@click.option("--max-in-flight", type=click.IntRange(1), default=None, help=_help(RateLimits, "max_in_flight"))
+@click.option("--calls-per-minute", type=click.IntRange(1), default=None, help=_help(RateLimits, "calls_per_minute"))
+@click.option("--tokens-per-minute", type=click.IntRange(1), default=None, help=_help(RateLimits, "tokens_per_minute"))
+@click.option("--tenant", default=None, help="The tenant whose budget --budget-usd / --budget-tokens set.")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None, help="The tenant's budget in US dollars.")
+@click.option("--budget-tokens", type=click.IntRange(0), default=None, help="The tenant's budget in billed tokens.")
+def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | None, calls_per_minute: int | None,
+                       tokens_per_minute: int | None, tenant: str | None, budget_usd: float | None,
+                       budget_tokens: int | None) -> None:
+    """Change the given limits (the rest are kept); running quotas pick them up within a second."""
+    from kolm_ray.sampling.limits import key_digest, set_limits, show_limits
+
+    if this_key:
+        key = key_digest(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+    set_limits(key=key, max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
+               tokens_per_minute=tokens_per_minute, tenant=tenant, budget_usd=budget_usd, budget_tokens=budget_tokens)
+    for line in show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")).lines():
+        click.echo(line)
+
+
+@teacher_limits.command(name="show")
+@click.option("--json", "as_json", is_flag=True, help="Print the file, this key's limits and spend as JSON.")
+def teacher_limits_show(as_json: bool) -> None:
+    """The limits as they apply to this environment's key, and its tenants' budgets and spend."""
+    from kolm_ray.sampling.limits import show_limits
+
+    view = show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+    if as_json:
+        click.echo(view.model_dump_json(indent=2))
+        return
+    for line in view.lines():
+        click.echo(line)
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
-"""Joining a Ray cluster: the one at ``--address`` / ``RAY_ADDRESS``, else a local instance.
+"""Joining a Ray cluster (the one at ``--address`` / ``RAY_ADDRESS``, else a local instance),
+and sizing a stage's workers to what its nodes have.
 
 Inside a ``ray job submit`` entrypoint Ray sets ``RAY_ADDRESS`` and the job joins its cluster.
+A worker's request must fit on one node: ``ray.available_resources()`` is the whole cluster's,
+so sizing reads each node's free resources instead.
 """
 
 from __future__ import annotations
@@ -30,3 +33,27 @@ def connect(address: str | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def free_per_node() -> dict[str, tuple[float, float]]:
+    """Free (CPU, GPU) per alive node, now."""
+    try:  # Ray has no public per-node view of free resources; this is what `ray status` reads
+        from ray._private.state import state
+
+        per_node = state.available_resources_per_node()
+    except Exception:  # noqa: BLE001 - an older or newer Ray: fall back to node totals
+        per_node = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
+    return {node: (float(r.get("CPU", 0)), float(r.get("GPU", 0))) for node, r in per_node.items()}
+
+
+def cpus_per_worker(workers: int, gpus_per_worker: float = 0.0) -> float:
+    """CPUs for each of ``workers`` workers when no queue grant says: as much of one node's free
+    cores as lets all of them fit (a lone worker takes the freest node's cores, never the
+    cluster's total), at least one core when nothing is free (the request then waits)."""
+    from kolm_ray.admission import Demand, QueuePolicy, grant_for
+
+    free = free_per_node()
+    most = max((c for c, _ in free.values()), default=1.0)
+    grant = grant_for(Demand(workers=workers, cpus_per_worker=max(1.0, float(int(most))), gpus_per_worker=gpus_per_worker),
+                      free, QueuePolicy())
+    return grant.cpus_per_worker if grant else 1.0

@@ -17,22 +17,24 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, artifact_path, check_name, file_digest, next_version, pack, write_json,
+    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, file_digest, json_bytes, pack, put_artifact,
+    release_version, reserve_version, write_json,
 )
 from kolm_ray.errors import GateFailed, InputError
-from kolm_ray.home import teacher_cache_dir
+from kolm_ray.home import store_uri, teacher_cache_dir
 from kolm_ray.kscore import KScore
 from kolm_ray.rows import read_rows
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.fanout import SampleOutcome, sample_rows, write_samples
 from kolm_ray.sampling.pricing import Prices
 from kolm_ray.signing import Signer
+from kolm_ray.store import is_remote, join, open_store
 from kolm_ray.train.base import BaseRef, directory_digest, resolve_base
 from kolm_ray.train.config import FitConfig
 from kolm_ray.train.eval import EVAL_PATH_VERSION, EvalResult, decoding_for, evaluate
@@ -40,6 +42,26 @@ from kolm_ray.train.fit import FitResult, fit, run_name
 from kolm_ray.verifier import Verifier, synthesize
 
 Progress = Callable[[str], None]
+
+
+class StageMonitor(Protocol):
+    """Who watches a compile from outside (the compile queue): the stage it is in, progress
+    within it, and the teacher spend so far."""
+
+    def stage(self, name: str, total: int = 0) -> None: ...
+    def progress(self, n: int) -> None: ...
+    def spend(self, usd: float) -> None: ...
+
+
+class _Unwatched:
+    def stage(self, name: str, total: int = 0) -> None:
+        pass
+
+    def progress(self, n: int) -> None:
+        pass
+
+    def spend(self, usd: float) -> None:
+        pass
 
 
 class CompileConfig(BaseModel):
@@ -52,8 +74,26 @@ class CompileConfig(BaseModel):
     base: str = Field(description="Base model: short name, hub id or local folder.")
     name: str = Field(description="Specialist name (artifact NAME-MAJOR.MINOR.kolm).")
     gate: float | None = Field(None, description="Minimum holdout K-score for a promotable artifact.")
-    store: Path = Field(description="Where artifacts are written.")
+    store: str = Field(description="Where artifacts are written: a folder, or s3://BUCKET/PREFIX (each "
+                       "version created if absent, never overwritten).")
     work_dir: Path = Field(description="Per-compile working state: samples, checkpoints, eval.")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location(cls, v: Any) -> Any:
+        """A folder (str or Path) or an object-storage URI that can create-if-absent.
+        Raises: InputError (a malformed URI, or gs://, which has no create-if-absent here)."""
+        from kolm_ray.store import is_remote, open_store
+
+        if isinstance(v, Path):
+            v = str(v)
+        if not isinstance(v, str):
+            return v  # pydantic says what is wrong with it
+        store = open_store(v)
+        if not store.can_create_if_absent:
+            raise InputError(f"artifact store {v!r}: {store.uri.partition(':')[0]}:// has no create-if-absent here, "
+                             "so versions could be overwritten: use s3://BUCKET/PREFIX or a folder (--out)")
+        return store.uri if is_remote(v) else v
 
 
 def parse_gate(text: str | None) -> float | None:
@@ -87,12 +127,15 @@ def prepare(cfg: CompileConfig) -> Prepared:
     base = resolve_base(cfg.base)
     if cfg.gate is not None and not 0 <= cfg.gate <= 101:
         raise InputError(f"--gate K={cfg.gate:g} is outside 0..100")
+    for where in {cfg.store, teacher_cache_dir()}:  # a missing bucket fails here, not at the first write
+        if is_remote(where):
+            open_store(where).check()
     return Prepared(cfg=cfg, rows=rows, holdout=holdout, base=base)
 
 
 @dataclass(frozen=True)
 class CompileResult:
-    artifact: Path
+    artifact: Path | str  # a local path, or the object's URI in an object store
     name: str
     version: str
     student: KScore
@@ -113,9 +156,13 @@ def stage_verifier(p: Prepared) -> Verifier | None:
 
 
 def stage_teacher(p: Prepared, verifier: Verifier | None, teacher: TeacherConfig, sample: SampleConfig,
-                  quota: QuotaConfig, prices: Prices, progress: Callable[[int], None] | None) -> SampleOutcome:
+                  quota: QuotaConfig, prices: Prices, progress: Callable[[int], None] | None,
+                  say: Progress = lambda s: None) -> SampleOutcome:
+    """Raises: BudgetExceeded before any call when the estimate passes ``--max-cost`` or the
+    tenant's budget; TeacherError past the failed-rows threshold."""
     outcome = sample_rows(p.cfg.task, p.rows, teacher=teacher, sample=sample, quota=quota, prices=prices,
-                          cache_dir=teacher_cache_dir(), verifier=verifier, progress=progress)
+                          cache_dir=teacher_cache_dir(), verifier=verifier, progress=progress,
+                          on_budget=lambda check: [say(line) for line in check.lines()])
     write_samples(p.cfg.work_dir / "samples", outcome)
     return outcome
 
@@ -135,7 +182,9 @@ def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig) -> FitR
         data = json.loads(marker.read_text())
         data["loss_curve"] = [tuple(x) for x in data["loss_curve"]]
         return FitResult(**{**data, "adapter_dir": Path(data["adapter_dir"]), "steps_this_run": 0})
-    result = fit(p.base, p.cfg.task, pairs, cfg, storage=p.cfg.work_dir / "train", dest=done / "adapter")
+    # Checkpoints go where every node can reach them: the object store when KOLM_HOME is one.
+    storage = join(store_uri(), "train", p.cfg.name) if is_remote(store_uri()) else p.cfg.work_dir / "train"
+    result = fit(p.base, p.cfg.task, pairs, cfg, storage=storage, dest=done / "adapter")
     write_json(marker, {**result.__dict__, "adapter_dir": str(result.adapter_dir)})
     return result
 
@@ -155,7 +204,7 @@ def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: F
     use_gpu = fit_cfg.use_gpu if fit_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     result = evaluate(verifier, p.base.path, str(adapter) if adapter else None, p.cfg.task,
                       h.column("id").to_pylist(), h.column("input").to_pylist(), h.column("output").to_pylist(),
-                      workers=fit_cfg.workers, use_gpu=use_gpu)
+                      workers=fit_cfg.workers, use_gpu=use_gpu, cpus_per_worker=fit_cfg.cpus_per_worker)
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json(cached, {"score": result.score.model_dump(), "outputs": result.outputs})
     return result
@@ -165,18 +214,31 @@ def stage_gate(p: Prepared, student: EvalResult, report: dict[str, Any], version
     """Raises: GateFailed (exit 3) below the gate, after keeping the report under rejected/."""
     if p.cfg.gate is None or student.score.k >= p.cfg.gate:
         return
-    rejected = p.cfg.store / "rejected"
-    rejected.mkdir(parents=True, exist_ok=True)
-    path = rejected / f"{p.cfg.name}-{version}.report.json"
-    write_json(path, report)
+    from kolm_ray.store import open_store
+
+    store = open_store(p.cfg.store)
+    key = f"rejected/{p.cfg.name}-{version}.report.json"
+    store.write_bytes(key, json_bytes(report))
+    major, _, minor = version.partition(".")
+    release_version(store, p.cfg.name, (int(major), int(minor)))  # no artifact: the next compile takes it
     raise GateFailed(
         f"K-score {student.score.k:.1f} is below the gate K={p.cfg.gate:g} by {p.cfg.gate - student.score.k:.1f}; "
-        f"no artifact written. Report kept for inspection: {path}"
+        f"no artifact written. Report kept for inspection: {store.url(key)}"
     )
 
 
 def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], adapter: Path, signer: Signer) -> Path:
-    dest = artifact_path(p.cfg.store, p.cfg.name, version)
+    """Sign and pack the Specialist, then put it in the store as ``NAME-X.Y.kolm`` (a ``version``
+    from ``reserve_version``), create-if-absent. Returns the artifact's local path: in a folder
+    store the artifact itself; in an object store the packed copy that was uploaded, kept as
+    ``work_dir/artifacts/NAME-X.Y.kolm`` (the object is ``kolm_ray.store.join(cfg.store, artifact_name(...))``).
+
+    Raises:
+        KolmRuntimeError: ``NAME-X.Y.kolm`` already exists in the store (it is never overwritten).
+    """
+    from kolm_ray.store import is_remote
+
+    fname = artifact_name(p.cfg.name, version)
     staging = p.cfg.work_dir / "artifact-staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -190,9 +252,15 @@ def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], ada
             write_json(content / fname, data)
     signature = staging / "specialist.sig"
     signer.sign(content, signature)
-    pack(content, signature, dest)
+    packed = pack(content, signature, staging / fname)
+    where = put_artifact(p.cfg.store, packed, p.cfg.name, version)
+    local = Path(where)
+    if is_remote(p.cfg.store):
+        local = p.cfg.work_dir / "artifacts" / fname
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(packed, local)
     shutil.rmtree(staging, ignore_errors=True)
-    return dest
+    return local
 
 
 # ----- the pipeline --------------------------------------------------------------------------
@@ -209,6 +277,7 @@ def compile_specialist(
     signer: Signer,
     say: Progress = lambda s: None,
     teacher_progress: Callable[[int], None] | None = None,
+    monitor: StageMonitor | None = None,
 ) -> CompileResult:
     """verifier -> teacher -> fit -> eval -> gate -> sign.
 
@@ -220,17 +289,28 @@ def compile_specialist(
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    watch = monitor or _Unwatched()
+
+    def on_teacher(n: int) -> None:
+        watch.progress(n)
+        if teacher_progress:
+            teacher_progress(n)
+
+    watch.stage("verifier")
     verifier = stage_verifier(p)
     if verifier is not None:
         say("verifier    " + " · ".join(verifier.learned()))
     else:
         say("verifier    deferred: no reference outputs; learned from the teacher's samples by consensus")
 
-    outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, teacher_progress)
+    rows = p.rows.num_rows if sample.n is None else min(sample.n, p.rows.num_rows)
+    watch.stage("teacher", rows * sample.k)
+    outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, on_teacher, say)
     if verifier is None:
         say("verifier    " + " · ".join(outcome.verifier.learned()))
     verifier = outcome.verifier
     s = outcome.summary
+    watch.spend(s.cost_usd)
     say(f"teacher     {s.teacher} k={s.k}: {s.calls} calls paid, {s.cache_hits} cached, {s.retries} retries, "
         f"{s.failed_rows} rows failed · acceptance {100 * s.acceptance_rate:.1f}% · ${s.cost_usd:.4f}")
     if s.low_agreement_rows:
@@ -239,6 +319,7 @@ def compile_specialist(
             f"{' …' if s.low_agreement_rows > 5 else ''} (see samples/samples.parquet, column agreement)")
 
     pairs = distillation_pairs(outcome)
+    watch.stage("fit")
     fitted = stage_fit(p, pairs, fit_cfg)
     resumed = f", resumed at step {fitted.resumed_from_step}" if fitted.resumed_from_step else ""
     reused = " (reused)" if fitted.steps_this_run == 0 and fitted.steps else ""
@@ -246,11 +327,14 @@ def compile_specialist(
     say(f"fit         LoRA r={fit_cfg.lora_r} on {p.base.name}: {fitted.steps} steps on {len(pairs)} examples, "
         f"{fitted.workers} {fitted.device} worker(s), {fitted.train_seconds:.1f} s, {loss}{resumed}{reused}")
 
+    watch.stage("eval", 2)
     student = stage_eval(p, verifier, fitted.adapter_dir, fit_cfg)
+    watch.progress(1)
     base = stage_eval(p, verifier, None, fit_cfg)
     say(f"eval        student {student.score.line()} · base {base.score.line()}")
 
-    version = next_version(cfg.store, cfg.name)
+    watch.stage("sign")
+    version = reserve_version(cfg.store, cfg.name)  # create-if-absent: no other compile gets it
     vstr = f"{version[0]}.{version[1]}"
     h = p.holdout
     eval_report = {
@@ -296,11 +380,51 @@ def compile_specialist(
     files = {"manifest.json": manifest, "verifier.json": verifier.to_json(), "eval.json": eval_report,
              "train.json": train}
     dest = stage_sign(p, version, files, fitted.adapter_dir, signer)
-    say(f"signed      {dest} ({dest.stat().st_size / 1e6:.2f} MB, {signer.describe()})")
-    return CompileResult(artifact=dest, name=cfg.name, version=vstr, student=student.score, base=base.score,
+    where = join(cfg.store, artifact_name(cfg.name, version)) if is_remote(cfg.store) else dest
+    say(f"signed      {where} ({dest.stat().st_size / 1e6:.2f} MB, {signer.describe()})")
+    return CompileResult(artifact=where, name=cfg.name, version=vstr, student=student.score, base=base.score,
                          fit=fitted, sampling=outcome, size_bytes=dest.stat().st_size)
 
 
 def _score_summary(k: KScore) -> dict[str, Any]:
     return {"k": round(k.k, 2), "t": None if k.t is None else round(k.t, 2), "c": round(k.c, 2),
             "l": None if k.l is None else round(k.l, 2), "n": k.n, "passed": k.passed}
+
+
+def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: QuotaConfig,
+                   say: Progress = lambda s: None, **stages: Any) -> CompileResult:
+    """``compile_specialist`` behind the cluster's compile queue: wait for admission (holding
+    nothing), run with the granted per-worker resources, heartbeat the stage and spend.
+
+    Raises:
+        CompileCancelled: cancelled (``kolm cancel``) or rejected by the queue.
+        plus whatever ``compile_specialist`` raises.
+    """
+    import ray
+
+    from kolm_ray.admission import Demand, admitted
+
+    use_gpu = fit_cfg.use_gpu if fit_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    demand = Demand(workers=fit_cfg.workers, cpus_per_worker=fit_cfg.cpus_per_worker or 1.0,
+                    gpus_per_worker=1.0 if use_gpu else 0.0)
+    with admitted(state_dir, quota.tenant or "default", p.cfg.name, demand, say) as adm:
+        assert adm.grant is not None
+        granted = fit_cfg.model_copy(update={"cpus_per_worker": adm.grant.cpus_per_worker, "use_gpu": use_gpu})
+        # The ticket holds the compile's teacher slots too: `kolm cancel` frees both at once.
+        claim = quota.model_copy(update={"holder": adm.ticket})
+        adm.probe = lambda: _teacher_spend(adm.ticket)
+        return compile_specialist(p, fit_cfg=granted, quota=claim, say=say, monitor=adm, **stages)
+
+
+def _teacher_spend(holder: str) -> float | None:
+    """What ``holder`` has paid the teacher so far, from the cluster's quota book."""
+    import os
+
+    import ray
+
+    from kolm_ray.sampling.quota import NAMESPACE, quota_name
+
+    actor = ray.get_actor(quota_name(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")),
+                          namespace=NAMESPACE)
+    held = ray.get(actor.stats.remote(holder), timeout=10).get("holder")
+    return None if held is None else float(held["spend"]["usd"])

@@ -5,6 +5,7 @@ codes. Each class carries the exit code a user sees:
 
 * ``InputError``   -> 2: bad arguments or a bad input file (the message names file and line).
 * ``KolmRuntimeError`` -> 1: a failure while running (teacher outage past its threshold, ...).
+* ``BudgetExceeded`` -> 1: a tenant's teacher budget or a compile's ``--max-cost`` would be passed.
 * ``GateFailed``   -> 3: the K-score gate was not met.
 """
 
@@ -45,3 +46,10 @@ class GateFailed(KolmError):
     """The K-score gate was not met."""
 
     exit_code = 3
+
+
+class BudgetExceeded(KolmRuntimeError):
+    """A teacher budget would be passed: a tenant's (set by the operator) or a compile's own
+    ``--max-cost``. Raised before the call is paid for; answers already received stay cached."""
+
+    exit_code = 1

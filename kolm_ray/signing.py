@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from kolm_ray.errors import InputError, KolmError, KolmRuntimeError
-from kolm_ray.home import kolm_home
+from kolm_ray.home import state_dir
 
 
 class ArtifactRejected(KolmError):
@@ -31,7 +31,7 @@ class Signer(Protocol):
 
 
 def default_key_paths() -> tuple[Path, Path]:
-    keys = kolm_home() / "keys"
+    keys = state_dir() / "keys"
     return keys / "signing.pem", keys / "signing.pub"
 
 

@@ -15,10 +15,14 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kolm_ray.publish.release import Canary, EnvState, Release, ReleaseStore, promote, rollback, routes
 from kolm_ray.publish.rollout import Policy, Verdict, Window, decide, window
+
+if TYPE_CHECKING:
+    from kolm_ray.serve.catalog import Catalog
+    from kolm_ray.serve.config import ServeConfig
 
 log = logging.getLogger("kolm_ray.publish")
 
@@ -85,6 +89,15 @@ def serve_config(state: EnvState, base: dict[str, Any], hosted_extra: list[str] 
                           "routes": routes(src) if with_routes else {}})
 
 
+def released_catalog(cfg: "ServeConfig", *states: EnvState) -> "Catalog":
+    """The catalog of ``cfg``'s artifacts, each held to the digest recorded when it was published
+    in ``states``: an artifact whose file changed since is refused, the rest serve."""
+    from kolm_ray.publish.release import published_digests
+    from kolm_ray.serve.catalog import build_catalog
+
+    return build_catalog(cfg.artifacts, cfg.trust(), cfg.base_paths, expected_sha256=published_digests(*states))
+
+
 class RolloutController:
     """Ray actor body: ``tick`` judges and applies; a thread calls it every ``interval_s``."""
 
@@ -136,9 +149,10 @@ class RolloutController:
         if self.applied is not None:
             old_hosted, new_hosted = _hosted(self.applied), _hosted(state)
             if not new_hosted <= old_hosted:  # phase 1: load the new versions, old routes
-                run(serve_config(state, self.serve_base, hosted_extra=sorted(old_hosted), route_source=self.applied),
-                    host=self.host, port=self.port)
-        run(serve_config(state, self.serve_base), host=self.host, port=self.port)  # phase 2: switch routes
+                cfg = serve_config(state, self.serve_base, hosted_extra=sorted(old_hosted), route_source=self.applied)
+                run(cfg, host=self.host, port=self.port, catalog=released_catalog(cfg, state, self.applied))
+        cfg = serve_config(state, self.serve_base)
+        run(cfg, host=self.host, port=self.port, catalog=released_catalog(cfg, state))  # phase 2: switch routes
         self.applied = state
         log.info("applied release state revision %d of %s", state.revision, self.env)
 

@@ -179,6 +179,12 @@ def rollback(r: Release, *, now: float, reason: str) -> Release:
     raise InputError(f"{r.name} has nothing to roll back to (phase {r.phase}, stable {r.stable.version})")
 
 
+def published_digests(*states: EnvState) -> dict[str, str]:
+    """Artifact -> the SHA-256 recorded when it was published, for every version the states host:
+    serving refuses an artifact whose bytes no longer match (``serve.catalog.build_catalog``)."""
+    return {v.artifact: v.artifact_sha256 for s in states for r in s.releases.values() for v in r.hosted()}
+
+
 def routes(state: EnvState) -> dict[str, dict]:
     """What the ingress needs: name -> stable version, canary version and weight."""
     return {name: {"stable": r.stable.version, "canary": r.canary.version if r.canary else None,

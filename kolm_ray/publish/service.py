@@ -40,11 +40,17 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
     """
     from kolm_ray.artifact import file_digest
     from kolm_ray.compare import compare, load_side
+    from kolm_ray.store import fetched, location_of
 
     store = ReleaseStore(home, env)
-    report, meta = load_side(artifact, trust)  # verified; the base model is not needed to publish
-    new = Version(version=meta.version, artifact=str(Path(artifact).resolve()),
-                  artifact_sha256=file_digest(Path(artifact)), offline_k=(report.get("student") or {}).get("k"))
+    where = location_of(artifact)  # an absolute path, or the s3:// / gs:// URI serving reads it from
+    with fetched(artifact) as local:  # one download: the bytes verified are the bytes digested
+        report, meta = load_side(local, trust)  # verified; the base model is not needed to publish
+        digest = file_digest(local)
+    meta = meta.model_copy(update={"source": where})
+    # Serving refuses the artifact if its bytes ever differ from this digest.
+    new = Version(version=meta.version, artifact=where, artifact_sha256=digest,
+                  offline_k=(report.get("student") or {}).get("k"))
     ref = f"{meta.name}@{meta.version}"
     current = store.load().releases.get(meta.name)
     comparison = None

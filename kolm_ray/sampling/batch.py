@@ -20,7 +20,7 @@ from typing import Any, Callable
 import anthropic
 import pyarrow as pa
 
-from kolm_ray.home import kolm_home
+from kolm_ray.home import state_dir
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.pricing import Usage
 from kolm_ray.sampling.prompt import message_params
@@ -32,7 +32,7 @@ _RETRYABLE_BATCH_ERRORS = {"overloaded_error", "api_error", "rate_limit_error", 
 
 def _journal_path(keys: list[str]) -> Path:
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
-    return kolm_home() / "batches" / f"{digest}.json"
+    return state_dir() / "batches" / f"{digest}.json"
 
 
 def _submit_or_resume(client: anthropic.Anthropic, chunk: list[tuple[str, dict[str, Any]]]) -> str:

@@ -2,19 +2,21 @@
 resumed compile never pays for the same sample twice.
 
 Keyed by ``request_key`` over everything that decides an answer (model, system prompt, messages,
-temperature, max tokens, sample index). One JSON file per answer under the cache root
-(``$KOLM_HOME/cache/teacher`` by default), written atomically; on a multi-node cluster put
-``KOLM_HOME`` on shared storage so every node sees every answer. Must not call the teacher.
+temperature, max tokens, sample index). One JSON file per answer, ``KEY[:2]/KEY.json`` under the
+cache root (``$KOLM_HOME/cache/teacher`` by default): a folder, or an object-storage prefix
+(``s3://...``, through ``kolm_ray.store``), written atomically (temp + rename in a folder, an
+object that appears whole in a bucket). On a multi-node cluster put ``KOLM_HOME`` on shared
+storage or in a bucket so every node sees every answer. Must not call the teacher.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kolm_ray.store import Store, open_store
 
 CACHE_FORMAT_VERSION = 1
 
@@ -26,24 +28,26 @@ def request_key(params: dict[str, Any], sample_index: int) -> str:
 
 
 class ResponseCache:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    """Paid answers by ``request_key``; the root is a folder, an ``s3://``/``gs://`` URI or a ``Store``."""
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
+    def __init__(self, root: str | Path | Store):
+        self.store = open_store(root)
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"{key[:2]}/{key}.json"  # the layout caches written before stores use: they still hit
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The cached answer, or None (none stored, or unreadable, or of another format version).
+
+        Raises:
+            KolmRuntimeError: the store itself failed (no credentials, unreachable).
+        """
         try:
-            data = json.loads(self._path(key).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(self.store.read_bytes(self._key(key)))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return data if data.get("v") == CACHE_FORMAT_VERSION else None
+        return data if isinstance(data, dict) and data.get("v") == CACHE_FORMAT_VERSION else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"v": CACHE_FORMAT_VERSION, **value}, f)
-        os.replace(tmp, path)
+        self.store.write_bytes(self._key(key), json.dumps({"v": CACHE_FORMAT_VERSION, **value}).encode())

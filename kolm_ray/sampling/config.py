@@ -22,12 +22,28 @@ class TeacherConfig(BaseModel):
 
 
 class QuotaConfig(BaseModel):
-    """The organization's teacher limits, shared by every compile on the cluster."""
+    """One compile's claim on the organization's shared teacher quota.
+
+    The organization's limits are the operator's (``kolm teacher-limits set``, a file in kolm's
+    state dir), never a compile's: these caps only narrow this holder's share, min(org, cap).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    max_in_flight: int = Field(64, ge=1, description="Teacher calls in flight across the cluster.")
-    calls_per_minute: int = Field(4000, ge=1, description="Teacher calls started per minute across the cluster.")
-    tokens_per_minute: int = Field(2_000_000, ge=1, description="Input+output tokens per minute across the cluster.")
+    holder: str | None = Field(
+        None, description="Compile or run id holding the calls (default: one made per run); its slots "
+                          "are freed together when it ends or is cancelled.")
+    tenant: str | None = Field(None, description="Tenant whose teacher budget pays for the calls.")
+    # None: no cap of this compile's own; the operator's limits (and the limiter's adaptation
+    # to 429s) still apply.
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Most teacher calls this compile keeps in flight (under the organization's limit).")
+    calls_per_minute: int | None = Field(
+        None, ge=1, description="Most teacher calls this compile starts per minute (under the organization's limit).")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Most input+output tokens this compile sends per minute (under the organization's limit).")
+    max_cost_usd: float | None = Field(
+        None, ge=0, description="Refuse to start when the estimated cost of the uncached calls passes this, "
+                                "and stop paying once this compile has spent it (US dollars).")
 
 
 class SampleConfig(BaseModel):

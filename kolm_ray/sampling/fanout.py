@@ -37,13 +37,14 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolm_ray.errors import TeacherError
+from kolm_ray.errors import BudgetExceeded, TeacherError
 from kolm_ray.measures import content_words, normalize_label, parse_json_object
+from kolm_ray.sampling.budget import BudgetCheck, budget_check
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
-from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
+from kolm_ray.sampling.quota import NAMESPACE, quota_name, release_holder, teacher_quota
 from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
 from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
 
@@ -150,6 +151,10 @@ def plan(
     )
 
 
+REQUEST_SCHEMA = pa.schema([("id", pa.string()), ("input", pa.string()), ("reference", pa.string()),
+                            ("sample_index", pa.int64())])
+
+
 def _expand(row: dict[str, Any], k: int) -> list[dict[str, Any]]:
     return [
         {"id": row["id"], "input": row["input"], "reference": row["output"], "sample_index": j} for j in range(k)
@@ -169,10 +174,13 @@ def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, A
 class _TeacherCall:
     """Ray Data async actor: calls the teacher for a batch of requests, concurrently."""
 
-    def __init__(self, plan: SamplingPlan, quota_actor: str, concurrency: int, env: dict[str, str]):
+    def __init__(self, plan: SamplingPlan, quota_actor: str, concurrency: int, env: dict[str, str],
+                 prices: Prices | None = None):
         self.plan = plan
         quota = ray.get_actor(quota_actor, namespace=NAMESPACE)
-        self.teacher = AnthropicTeacher(plan.teacher, ResponseCache(plan.cache_dir), quota, sdk_env=env)
+        # plan.quota: this compile's holder, tenant and caps; prices: to book what each call cost.
+        self.teacher = AnthropicTeacher(plan.teacher, ResponseCache(plan.cache_dir), quota, sdk_env=env,
+                                        claim=plan.quota, prices=prices)
         self.sem: asyncio.Semaphore | None = None
         self.concurrency = concurrency
 
@@ -195,35 +203,47 @@ class _TeacherCall:
         return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
 
 
-def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
-    """Every (row, sample) through the teacher; one output row per sample, failed ones included."""
+def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None,
+                 prices: Prices | None = None) -> pa.Table:
+    """Every (row, sample) through the teacher; one output row per sample, failed ones included.
+
+    Online calls hold leases from the key's shared quota as ``plan.quota`` (holder, tenant,
+    caps), booking each call's cost at ``prices`` against the tenant's budget."""
     cfg = plan.sample
     if cfg.batch:
         from kolm_ray.sampling.batch import call_teacher_batch
 
         return call_teacher_batch(plan, rows, progress)
     api_key, base_url = os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")
-    get_quota(plan.quota, api_key, base_url)
+    teacher_quota(api_key, base_url)
+    if plan.quota.holder is None:  # one holder for the whole run, so its caps hold across its actors
+        plan = SamplingPlan(**{**plan.__dict__, "quota": plan.quota.model_copy(
+            update={"holder": f"run-{uuid.uuid4().hex[:12]}"})})
     n_samples = rows.num_rows * cfg.k
     per_actor = max(1, -(-cfg.concurrency // cfg.actors))
-    # Enough blocks that every actor gets work; batches small enough that one slow retry
-    # holds back few finished samples, large enough to keep `per_actor` calls in flight.
-    n_blocks = max(1, min(rows.num_rows, cfg.actors * 8))
-    step = -(-rows.num_rows // n_blocks)
-    blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
+    # The (row, sample) requests are made here, not in a Ray Data task: a task holds a whole
+    # CPU, and on a busy cluster (a fit, Serve replicas, other compiles) that CPU may never come,
+    # while the calls themselves need none. Enough blocks that every actor gets work; batches
+    # small enough that one slow retry holds back few finished samples, large enough to keep
+    # `per_actor` calls in flight.
+    requests = pa.Table.from_pylist([q for r in rows.to_pylist() for q in _expand(r, cfg.k)], schema=REQUEST_SCHEMA)
+    n_blocks = max(1, min(requests.num_rows, cfg.actors * 8))
+    step = max(1, -(-requests.num_rows // n_blocks))
+    blocks = [requests.slice(i, step) for i in range(0, requests.num_rows, step)] or [requests]
     ds = (
         ray.data.from_arrow(blocks)
-        .flat_map(_expand, fn_kwargs={"k": cfg.k})
         .map_batches(
             _TeacherCall,
             fn_constructor_kwargs={"plan": plan, "quota_actor": quota_name(api_key, base_url),
-                                   "concurrency": per_actor, "env": sdk_env()},
+                                   "concurrency": per_actor, "env": sdk_env(), "prices": prices},
             batch_size=max(1, min(per_actor // 2, 64)),
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
                 size=cfg.actors, max_concurrent_calls_per_actor=8, max_tasks_in_flight_per_actor=8
             ),
-            num_cpus=0.25,  # I/O-bound: the actors wait on the network, not the CPU
+            # I/O-bound: the actors wait on the network. Holding no CPU, they start on any node
+            # at once and never starve a fit, an eval or a Serve replica of its cores.
+            num_cpus=0,
         )
     )
     tables = []
@@ -268,7 +288,8 @@ def score_samples(samples: pa.Table, verifier: Verifier) -> pa.Table:
     if samples.num_rows == 0:
         return _score_batch(samples, verifier.to_json())
     ds = ray.data.from_arrow(samples).map_batches(
-        _score_batch, fn_kwargs={"verifier_json": verifier.to_json()}, batch_format="pyarrow", batch_size=1024
+        _score_batch, fn_kwargs={"verifier_json": verifier.to_json()}, batch_format="pyarrow", batch_size=1024,
+        num_cpus=0.25,  # milliseconds of work per batch: a share of a core, so a busy node still takes it
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(
         [("id", "ascending"), ("sample_index", "ascending")]
@@ -492,13 +513,22 @@ def sample_rows(
     cache_dir: str | Path,
     verifier: Verifier | None = None,
     progress: Callable[[int], None] | None = None,
+    on_budget: Callable[[BudgetCheck], None] | None = None,
 ) -> SampleOutcome:
-    """The sampling stage: teacher fan-out, scoring, self-consistent selection, summary.
+    """The sampling stage: budget check, teacher fan-out, scoring, self-consistent selection,
+    summary.
 
     ``verifier`` defaults to one synthesized from the rows' reference outputs, or, where no row
     has one, learned from each row's k teacher samples (``synthesize_from_samples``).
 
+    ``quota`` is this run's claim on the key's shared quota: its holder (one is made when it
+    names none; its slots are freed when the stage ends, however it ends), tenant and caps.
+    Before any call, the estimated cost of the uncached calls is checked against ``quota``'s
+    ``max_cost_usd`` and the tenant's budget, and handed to ``on_budget`` to state.
+
     Raises:
+        BudgetExceeded: the estimate passes a budget (nothing was paid), or the quota refused
+            calls once a budget was spent during the run (what was paid is cached).
         TeacherError: more than ``sample.max_failed_fraction`` of the rows got no sample.
     """
     start = time.perf_counter()
@@ -507,19 +537,33 @@ def sample_rows(
     refs = [o for o in rows.column("output").to_pylist() if o]
     if verifier is None and refs:
         verifier = synthesize(task, rows.column("output").to_pylist(), rows.column("input").to_pylist())
+    quota = quota if quota.holder else quota.model_copy(update={"holder": f"sample-{uuid.uuid4().hex[:12]}"})
     p = plan(task, rows, verifier, teacher, sample, quota, cache_dir)
-    raw = call_teacher(p, rows, progress)
+    api_key, base_url = os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")
+    handle = teacher_quota(api_key, base_url)
+    budget, spent = ray.get(handle.tenant_view.remote(quota.tenant))
+    check = budget_check(rows, sample.k, teacher, prices, system=p.system, cache=ResponseCache(p.cache_dir),
+                         batch=sample.batch, claim=quota, budget=budget, spent=spent)
+    if on_budget:
+        on_budget(check)
+    if not check.decision.ok:
+        raise BudgetExceeded(check.decision.message)
+    try:
+        raw = call_teacher(p, rows, progress, prices)
+        quota_stats = None if sample.batch else ray.get(handle.stats.remote(quota.holder))
+    finally:  # a failed or cancelled run leaves no slot taken
+        release_holder(api_key, base_url, quota.holder)
+    refused = [e for e in raw.column("error").to_pylist() if e and e.startswith("budget:")]
+    if refused:
+        raise BudgetExceeded(f"{len(refused)} of {raw.num_rows} samples were refused once the budget was spent "
+                             f"({refused[0][len('budget: '):]}); every answer received is cached: re-run when the "
+                             f"budget allows")
     if verifier is None:
         texts, inputs = _samples_by_row(raw)
         verifier = synthesize_from_samples(task, texts, inputs)
         if _LEARNED_NOTE not in verifier.notes:
             verifier = verifier.model_copy(update={"notes": [*verifier.notes, _LEARNED_NOTE]})
     scored = select(score_samples(raw, verifier), verifier.kind, verifier.json_text_fields or ())
-    quota_stats = None
-    if not sample.batch:
-        handle = ray.get_actor(quota_name(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")),
-                               namespace=NAMESPACE)
-        quota_stats = ray.get(handle.stats.remote())
     summary = summarize(scored, p, prices, time.perf_counter() - start, quota_stats)
     if summary.failed_rows > sample.max_failed_fraction * summary.rows:
         raise TeacherError(
@@ -530,12 +574,28 @@ def sample_rows(
     return SampleOutcome(samples=scored, verifier=verifier, summary=summary)
 
 
-def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> Path:
-    """Write ``samples.parquet``, ``verifier.json`` and ``summary.json`` into ``out_dir`` at once.
+def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> str | Path:
+    """Write ``samples.parquet``, ``verifier.json`` and ``summary.json`` into ``out_dir`` at once;
+    returns where they went (the folder's ``Path``, or the URI).
 
-    Written into a sibling temporary folder and renamed into place, so a crash leaves either
-    the previous dataset or the new one, never half of one.
+    A folder: written into a sibling temporary folder and renamed into place, so a crash leaves
+    either the previous dataset or the new one, never half of one. An object-storage prefix
+    (``s3://``, ``gs://``) has no rename: each file is one object (never seen half-written), and
+    ``summary.json`` goes last, so it marks a complete dataset; a crash between the uploads can
+    leave the new samples beside the previous summary.
     """
+    import tempfile
+
+    from kolm_ray.store import is_remote, open_store
+
+    if is_remote(out_dir):
+        store = open_store(out_dir)
+        with tempfile.TemporaryDirectory(prefix="kolm-samples-") as td:
+            pq.write_table(outcome.samples, Path(td) / "samples.parquet")
+            store.upload_file(Path(td) / "samples.parquet", "samples.parquet")
+        store.write_bytes("verifier.json", outcome.verifier.to_json().encode())
+        store.write_bytes("summary.json", outcome.summary.model_dump_json(indent=2).encode())
+        return store.uri
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

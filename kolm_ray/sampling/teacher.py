@@ -12,17 +12,20 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import anthropic
 
+from kolm_ray.errors import BudgetExceeded
 from kolm_ray.sampling.cache import ResponseCache
-from kolm_ray.sampling.config import TeacherConfig
-from kolm_ray.sampling.pricing import Usage
+from kolm_ray.sampling.config import QuotaConfig, TeacherConfig
+from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import estimate_tokens, sdk_kwargs
 
-FailureKind = Literal["rate_limited", "overloaded", "server", "timeout", "connection", "malformed", "client"]
+# "budget": refused by the quota before the call was made (a tenant's budget or --max-cost spent).
+FailureKind = Literal["rate_limited", "overloaded", "server", "timeout", "connection", "malformed", "client", "budget"]
 RETRYABLE: frozenset[str] = frozenset({"rate_limited", "overloaded", "server", "timeout", "connection", "malformed"})
 
 
@@ -116,6 +119,9 @@ def usage_of(u: Any) -> Usage:
 
 
 SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+# A quota lease outlives the call it covers by this much past the timeout: the SDK gives up at
+# the timeout, and the release then needs a moment to reach the quota actor.
+LEASE_MARGIN_S = 30.0
 
 
 def sdk_env() -> dict[str, str]:
@@ -124,14 +130,24 @@ def sdk_env() -> dict[str, str]:
 
 
 class AnthropicTeacher:
-    """A ``Teacher`` over ``anthropic.AsyncAnthropic``, behind the cache and the shared quota."""
+    """A ``Teacher`` over ``anthropic.AsyncAnthropic``, behind the cache and the shared quota.
+
+    With a quota, each attempt holds a lease from it (``claim``: the holder, tenant and caps it
+    acquires under; without one, a holder made for this teacher) and hands it back with the
+    call's outcome and its billed tokens and cost (``prices``: the teacher model's; without
+    them the tenant's dollar spend is not booked).
+    """
 
     def __init__(
-        self, cfg: TeacherConfig, cache: ResponseCache, quota: Any | None = None, sdk_env: dict[str, str] | None = None
+        self, cfg: TeacherConfig, cache: ResponseCache, quota: Any | None = None, sdk_env: dict[str, str] | None = None,
+        *, claim: QuotaConfig | None = None, prices: Prices | None = None,
     ):
         self.cfg = cfg
         self.cache = cache
         self.quota = quota
+        claim = claim or QuotaConfig()
+        self.claim = claim if claim.holder else claim.model_copy(update={"holder": f"teacher-{uuid.uuid4().hex[:12]}"})
+        self.prices = prices
         # sdk_env carries the driver's ANTHROPIC_* settings to a Ray worker that did not inherit them.
         env = sdk_env or {}
         self.client = anthropic.AsyncAnthropic(
@@ -142,33 +158,63 @@ class AnthropicTeacher:
         self._rng = random.Random()
 
     async def sample(self, params: dict[str, Any], key: str) -> SampleResult:
-        hit = self.cache.get(key)
+        hit = await asyncio.to_thread(self.cache.get, key)  # an object store blocks
         if hit is not None:
             return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+        if self.quota is None:
+            return await self._paid(params, key)
+        # One payer per sample across the cluster: another compile already calling for this key
+        # is waited for, and its answer read from the cache.
+        owner = f"{self.claim.holder}/{uuid.uuid4().hex[:8]}"
+        ttl = self.cfg.timeout_s + LEASE_MARGIN_S + self.cfg.backoff_max_s  # one attempt and its wait
+        while not await self.quota.claim_key.remote(key, owner, ttl):
+            hit = await asyncio.to_thread(self.cache.get, key)  # an object store blocks
+            if hit is not None:
+                return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+        try:
+            return await self._paid(params, key, lambda: self.quota.claim_key.remote(key, owner, ttl))
+        finally:
+            await self.quota.release_key.remote(key, owner)
+
+    async def _paid(self, params: dict[str, Any], key: str, renew: Any = None) -> SampleResult:
         result = SampleResult(text=None)
         estimated = estimate_tokens(params)
+        lease_s = self.cfg.timeout_s + LEASE_MARGIN_S
         while True:
+            if renew is not None and result.attempts:
+                await renew()  # the claim covers one attempt and its wait: renew it per attempt
             result.attempts += 1
+            grant = None
             if self.quota is not None:
-                await self.quota.acquire.remote(estimated)
-            actual, retry_after_429 = estimated, None
+                try:
+                    grant = await self.quota.acquire.remote(estimated, self.claim, lease_s)
+                except BudgetExceeded as exc:  # not paid for; the stage counts and reports these
+                    result.failures.append("budget")
+                    result.error = f"budget: {exc}"[:500]
+                    return result
+            actual, outcome, retry_after_429, billed, cost = estimated, "failed", None, 0, 0.0
             try:
                 message = await self.client.messages.create(**sdk_kwargs(params))
                 text = message_text(message)
                 usage = usage_of(message.usage)
                 actual = usage.input_tokens + usage.output_tokens + usage.cache_read_tokens + usage.cache_write_tokens
-                self.cache.put(key, {"text": text, "usage": usage.model_dump(), "model": message.model,
-                                     "stop_reason": message.stop_reason, "at": time.time()})
+                outcome, billed = "ok", actual
+                cost = cost_usd(usage, self.prices) if self.prices is not None else 0.0
+                await asyncio.to_thread(self.cache.put, key, {
+                    "text": text, "usage": usage.model_dump(), "model": message.model,
+                    "stop_reason": message.stop_reason, "at": time.time()})
                 result.text, result.usage = text, usage
                 return result
             except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
                 failure = classify(exc)
                 result.failures.append(failure.kind)
                 if failure.kind == "rate_limited":
+                    outcome, actual = "rate_limited", 0  # a rejected call spends none of the token budget
                     retry_after_429 = failure.retry_after_s or self.cfg.backoff_base_s
             finally:
-                if self.quota is not None:
-                    await self.quota.release.remote(estimated, actual, retry_after_429)
+                if grant is not None:
+                    await self.quota.release.remote(grant.lease, estimated=estimated, actual=actual, outcome=outcome,
+                                                    cost_usd=cost, billed_tokens=billed, retry_after_s=retry_after_429)
             wait = decide_retry(result.attempts, failure, self.cfg, jitter=self._rng.random())
             if wait is None:
                 result.error = f"{failure.kind}: {failure.message}"[:500]

@@ -4,7 +4,9 @@ Pipeline: ``open_specialist(path, trust, dest)`` verifies an artifact's signatur
 configured trust, then extracts what serving needs (adapter, verifier, manifest) into ``dest``
 -> a ``Specialist`` (JSON-serializable, so it travels in Serve configs) -> ``build_catalog``
 groups them by base model and keeps a ``Refusal`` with its reason for each artifact that did not
-verify, so one bad artifact never stops the others from serving.
+verify, or whose bytes are not the ones recorded when it was published, so one bad artifact
+never stops the others from serving. An artifact may be a path or an ``s3://`` / ``gs://`` URI:
+each host downloads and verifies it itself.
 
 ``resolve_model`` is the pure lookup from an OpenAI ``model`` string (``name`` or
 ``name@version``) to a Specialist. Must not load model weights.
@@ -16,7 +18,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +34,7 @@ class Specialist(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str
     version: str
-    artifact: str = Field(description="Path of the .kolm file it came from.")
+    artifact: str = Field(description="Path or URI of the .kolm file it came from.")
     artifact_sha256: str
     base_key: str = Field(description="Identity of the base model: its content hash, or hub id@revision.")
     base_path: str = Field(description="What from_pretrained loads for the base: a folder or a hub id.")
@@ -93,18 +95,26 @@ def _base_path(manifest_base: dict[str, Any], base_paths: dict[str, str]) -> str
 
 
 def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,
-                    base_paths: dict[str, str] | None = None) -> Specialist:
-    """Verify ``artifact`` under ``trust`` and read it; with ``dest``, extract the adapter there.
-
-    A local base must still hash to what the artifact was compiled on.
+                    base_paths: dict[str, str] | None = None, expected_sha256: str | None = None) -> Specialist:
+    """Verify ``artifact`` (a path or an object-storage URI) under ``trust`` and read it; with
+    ``dest``, extract the adapter there. With ``expected_sha256`` (the digest recorded when it was
+    published) the file must still be those bytes. A local base must still hash to what the
+    artifact was compiled on.
 
     Raises:
         InputError: unreadable or malformed artifact; base folder missing or changed.
-        ArtifactRejected: the signature does not verify under ``trust``.
+        ArtifactRejected: the signature does not verify under ``trust``, or the digest is not
+            ``expected_sha256``.
     """
-    from kolm_ray.artifact import file_digest, open_verified
+    from kolm_ray.artifact import open_verified_with_digest
+    from kolm_ray.signing import ArtifactRejected
+    from kolm_ray.store import location_of
 
-    with open_verified(artifact, trust) as (content, manifest):
+    with open_verified_with_digest(artifact, trust) as (content, manifest, digest):
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise ArtifactRejected(
+                f"{artifact}: its SHA-256 is {digest[:16]}…, not {expected_sha256[:16]}… as recorded when it was "
+                "published: the file changed after `kolm publish`; refusing it (publish a new version instead)")
         mbase = manifest["base"]
         path = _base_path(mbase, base_paths or {})
         if mbase.get("sha256"):
@@ -121,8 +131,8 @@ def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,
             shutil.copytree(content / "adapter", dest)
             adapter_dir = str(dest)
         return Specialist(
-            name=manifest["name"], version=manifest["version"], artifact=str(Path(artifact).resolve()),
-            artifact_sha256=file_digest(Path(artifact)), base_key=base_key(mbase), base_path=path,
+            name=manifest["name"], version=manifest["version"], artifact=location_of(artifact),
+            artifact_sha256=digest, base_key=base_key(mbase), base_path=path,
             system=manifest["prompt"]["system"], decoding=Decoding.from_manifest(manifest.get("generation")),
             verifier=(content / "verifier.json").read_text(), adapter_dir=adapter_dir,
             teacher=(manifest.get("teacher") or {}).get("model"),
@@ -143,8 +153,11 @@ def _cached_digest(folder: Path) -> str:
     return _DIGESTS[key]
 
 
-def build_catalog(artifacts: Sequence[str | Path], trust: Any, base_paths: dict[str, str] | None = None) -> Catalog:
+def build_catalog(artifacts: Sequence[str | Path], trust: Any, base_paths: dict[str, str] | None = None,
+                  expected_sha256: Mapping[str, str] | None = None) -> Catalog:
     """Verify every artifact; keep the good ones, refuse the rest with a logged reason.
+    ``expected_sha256``: artifact (as listed) -> the digest recorded at publish
+    (``publish.release.published_digests``); an artifact whose bytes differ is refused.
 
     Raises:
         InputError: two artifacts claim the same name and version with different content.
@@ -153,7 +166,8 @@ def build_catalog(artifacts: Sequence[str | Path], trust: Any, base_paths: dict[
     refused = []
     for a in artifacts:
         try:
-            s = open_specialist(a, trust, base_paths=base_paths)
+            s = open_specialist(a, trust, base_paths=base_paths,
+                                expected_sha256=(expected_sha256 or {}).get(str(a)))
         except KolmError as e:
             reason = str(e)
             log.error("refusing artifact %s: %s", a, reason)

@@ -132,18 +132,13 @@ def _audit_teacher(store: str, options: Any) -> Any:
 
 
 def _build_audit_teacher(store: str, options: Any, env: dict[str, str]) -> Any:
-    import ray
-
     from kolm_ray.sampling.cache import ResponseCache
-    from kolm_ray.sampling.config import QuotaConfig, TeacherConfig
-    from kolm_ray.sampling.quota import NAMESPACE, get_quota, quota_name
+    from kolm_ray.sampling.config import TeacherConfig
+    from kolm_ray.sampling.quota import teacher_quota
     from kolm_ray.sampling.teacher import AnthropicTeacher
 
     key, url = env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL")
-    try:  # join the organization's limits as a compile set them; create them only if none exist
-        quota = ray.get_actor(quota_name(key, url), namespace=NAMESPACE)
-    except ValueError:
-        quota = get_quota(QuotaConfig(), key, url)
+    quota = teacher_quota(key, url)  # the organization's quota, under the operator's limits
     cfg = TeacherConfig(model=options.teacher, max_tokens=options.max_tokens, timeout_s=options.timeout_s,
                         max_attempts=options.max_attempts)
     return AnthropicTeacher(cfg, ResponseCache(Path(store) / "cache" / "teacher"), quota, sdk_env=env)

@@ -1,6 +1,7 @@
 """A local Ray head node started with ``ray start --head`` in its own temp dir, with token auth,
 for tests and benchmarks that need what only a real cluster has (the job server for
-``ray job submit``, a cluster that outlives its drivers).
+``ray job submit``, a cluster that outlives its drivers); and more nodes joined to it with
+``ray start --address`` (``LocalWorker``), so one machine runs a multi-node cluster.
 
 Stopped by killing the processes that name its temp dir, never by ``ray stop`` (which stops
 every Ray instance on the machine).
@@ -78,20 +79,55 @@ class LocalHead:
         return self
 
     def stop(self) -> None:
-        import psutil
-
-        if self.temp_dir is None:
-            return
-        me = psutil.Process()
-        spared = {me.pid, *(p.pid for p in me.parents())}
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if p.pid not in spared and any(str(self.temp_dir) in part for part in (p.info["cmdline"] or [])):
-                    procs += [c for c in (p, *p.children(recursive=True)) if c.pid not in spared]
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(procs, timeout=30)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        _kill_named(self.temp_dir)
         self.temp_dir = None
+
+
+@dataclass
+class LocalWorker:
+    """A second (third, ...) node: ``ray start --address HEAD`` in its own temp dir, on free ports."""
+
+    head: LocalHead
+    num_cpus: int = 1
+    object_store_bytes: int = 256 << 20
+    temp_dir: Path | None = None
+
+    def start(self) -> "LocalWorker":
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="kw-", dir="/tmp"))
+        cmd = [self.head.ray_bin, "start", f"--address={self.head.address}", f"--num-cpus={self.num_cpus}",
+               f"--temp-dir={self.temp_dir}", f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats"]
+        cmd += [f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port")]
+        env = {**os.environ, **self.head.env}
+        env.pop("RAY_ADDRESS", None)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if res.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"`ray start --address` failed ({res.returncode}): {res.stderr[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        """Kill the node's processes at once, as a lost machine would go."""
+        _kill_named(self.temp_dir)
+        self.temp_dir = None
+
+
+def _kill_named(temp_dir: Path | None) -> None:
+    """Kill every process whose command line names ``temp_dir`` (a node's), and their children."""
+    import psutil
+
+    if temp_dir is None:
+        return
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in spared and any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+                procs += [c for c in (p, *p.children(recursive=True)) if c.pid not in spared]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)

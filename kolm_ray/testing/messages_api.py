@@ -5,7 +5,8 @@ examples: ``POST /v1/messages`` (plain and streaming), and the Message Batches A
 Answers come from a ``responder`` (a function of the request body and how many times this
 exact prompt was seen, so k samples of one prompt can differ). Faults are injected from a
 seeded plan: 429 with ``retry-after``, 529, 500, slow replies past the client's timeout, and
-malformed bodies. Counters record what was asked and answered, so tests can assert that no
+malformed bodies. ``max_in_flight`` plays the real API's concurrency limit: a request arriving
+while that many are open is answered 429 with ``retry-after``. Counters record what was asked and answered, so tests can assert that no
 sample was paid for twice. Runs aiohttp on its own thread and event loop; binds to 127.0.0.1.
 """
 
@@ -49,7 +50,9 @@ class ServerStats:
     batch_requests: int = 0
     prompts: Counter = field(default_factory=Counter)
     in_flight: int = 0
-    max_in_flight: int = 0
+    max_in_flight: int = 0  # most /v1/messages requests open at once, rejected ones included
+    rate_limited: int = 0  # 429s sent: injected faults and the concurrency limit together
+    concurrency_rejected: int = 0  # of them, requests past ``max_in_flight``
     first_request_at: float | None = None
     last_success_at: float | None = None
 
@@ -118,8 +121,10 @@ class MessagesAPIServer:
         faults: FaultPlan | None = None,
         batch_delay_s: float = 0.2,
         batch_error_rate: float = 0.0,
+        max_in_flight: int | None = None,
     ):
         self.responder = responder
+        self.max_in_flight = max_in_flight
         self.latency_s = latency_s
         self.faults = faults or FaultPlan()
         self.batch_delay_s = batch_delay_s
@@ -241,6 +246,11 @@ class MessagesAPIServer:
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
+            if self.max_in_flight is not None and self.stats.in_flight > self.max_in_flight:
+                self.stats.concurrency_rejected += 1
+                self.stats.rate_limited += 1
+                return self._error(429, "rate_limit_error", f"more than {self.max_in_flight} requests in flight",
+                                   {"retry-after": str(self.faults.retry_after_s)})
             return await self._messages_inner(request)
         finally:
             self.stats.in_flight -= 1
@@ -256,6 +266,7 @@ class MessagesAPIServer:
         if fault:
             self.stats.faults[fault] += 1
         if fault == "rate_limit":
+            self.stats.rate_limited += 1
             return self._error(429, "rate_limit_error", "rate limited", {"retry-after": str(self.faults.retry_after_s)})
         if fault == "overloaded":
             return self._error(529, "overloaded_error", "overloaded")
@@ -322,7 +333,8 @@ class MessagesAPIServer:
         st = self.stats
         return web.json_response({
             "requests": st.requests, "succeeded": st.succeeded, "faults": dict(st.faults),
-            "max_in_flight": st.max_in_flight, "first_request_at": st.first_request_at,
+            "max_in_flight": st.max_in_flight, "rate_limited": st.rate_limited,
+            "concurrency_rejected": st.concurrency_rejected, "first_request_at": st.first_request_at,
             "last_success_at": st.last_success_at,
         })
 
@@ -379,6 +391,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.0, help="Seconds added to every reply.")
     ap.add_argument("--rate-limit", type=float, default=0.0, help="Share of requests answered 429.")
     ap.add_argument("--overloaded", type=float, default=0.0, help="Share of requests answered 529.")
+    ap.add_argument("--max-in-flight", type=int, default=None, help="Answer 429 past this many requests at once.")
     args = ap.parse_args()
     answers: dict[str, str] = {}
     if args.replay:
@@ -391,7 +404,7 @@ def main() -> None:
     def respond(body: dict[str, Any], seen: int) -> str:
         return answers.get(user_text(body), "ok")
 
-    srv = MessagesAPIServer(respond, latency_s=args.latency,
+    srv = MessagesAPIServer(respond, latency_s=args.latency, max_in_flight=args.max_in_flight,
                             faults=FaultPlan(rate_limit=args.rate_limit, overloaded=args.overloaded)).start()
     print(srv.url, flush=True)
     try:

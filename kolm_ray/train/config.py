@@ -22,6 +22,8 @@ class FitConfig(BaseModel):
     )
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU; CPU workers where there is none).")
     use_gpu: bool | None = Field(None, description="Train on GPUs (default: when the cluster has them).")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each worker takes (default: granted by the compile queue, else a node's free share).")
     batch_size: int = Field(8, ge=1, description="Examples per worker per step.")
     max_length: int = Field(1024, ge=16, description="Longest example in tokens; prompts are cut from the left.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")

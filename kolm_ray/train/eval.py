@@ -76,17 +76,21 @@ class EvalResult:
 def generate_outputs(
     base_path: str, adapter_dir: str | None, system: str, ids: Sequence[str], inputs: Sequence[str],
     decoding: Decoding, *, workers: int = 1, batch_size: int = 8, use_gpu: bool = False,
+    cpus_per_worker: float | None = None,
 ) -> list[str]:
     """Outputs aligned with ``ids``. On one CPU worker the generation runs as one Ray task holding
-    the node's free cores (Ray sizes torch's threads by a task's CPUs; a driver such as a
-    ``ray job submit`` entrypoint gets one thread); otherwise a Ray Data actor pool of ``workers``.
+    ``cpus_per_worker`` cores of one node (default: the freest node's free cores; Ray sizes
+    torch's threads by a task's CPUs, and a driver such as a ``ray job submit`` entrypoint gets
+    one thread); otherwise a Ray Data actor pool of ``workers``, one worker's share each.
     How the rows are split into batches does not change the outputs (the host decodes each
     greedy row alone).
     """
     import ray
 
+    from kolm_ray.cluster import cpus_per_worker as size
+
+    cpus = cpus_per_worker or size(1 if len(ids) <= batch_size else workers, 1.0 if use_gpu else 0.0)
     if workers == 1 and not use_gpu or len(ids) <= batch_size:
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         task = ray.remote(_generate_all).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
         return ray.get(task.remote(base_path, adapter_dir, system, list(inputs), decoding, batch_size, use_gpu))
     ds = ray.data.from_items([{"id": i, "input": x} for i, x in zip(ids, inputs)]).map_batches(
@@ -96,7 +100,7 @@ def generate_outputs(
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        num_cpus=cpus,
     )
     got = {r["id"]: r["output"] for r in ds.take_all()}
     return [got[i] for i in ids]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from kolm_ray.cluster import cpus_per_worker
 from kolm_ray.errors import KolmRuntimeError
 from kolm_ray.train.base import BaseRef
 from kolm_ray.train.config import FitConfig
@@ -57,7 +58,10 @@ class FitResult:
 
 def run_name(base: BaseRef, system: str, pairs: Sequence[tuple[str, str]], cfg: FitConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([base.fingerprint(), system, list(pairs), cfg.model_dump(mode="json")], sort_keys=True).encode())
+    # Where the fit runs (how many CPUs a worker was granted) is not what it computes: a re-run
+    # granted other resources resumes the same run.
+    what = cfg.model_dump(mode="json", exclude={"cpus_per_worker"})
+    h.update(json.dumps([base.fingerprint(), system, list(pairs), what], sort_keys=True).encode())
     return f"fit-{h.hexdigest()[:16]}"
 
 
@@ -175,7 +179,7 @@ def fit(
     system: str,
     pairs: Sequence[tuple[str, str]],
     cfg: FitConfig,
-    storage: Path,
+    storage: str | Path,
     dest: Path,
 ) -> FitResult:
     """Fit a LoRA adapter; copy the final adapter to ``dest``.
@@ -190,11 +194,15 @@ def fit(
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     name = run_name(base, system, pairs, cfg)
-    # CPU workers share the node's cores (Ray sets each worker's torch threads to its CPUs);
-    # GPU workers take one GPU and one core, the Ray Train default.
-    cpus = int(ray.available_resources().get("CPU", 1))
-    per_worker = None if use_gpu else {"CPU": max(1, cpus // cfg.workers)}
-    storage.mkdir(parents=True, exist_ok=True)
+    # CPU workers take a share of one node's cores each (Ray sets a worker's torch threads to
+    # its CPUs), granted by the compile queue or sized to what the nodes have free; GPU workers
+    # take one GPU and one core, the Ray Train default.
+    per_worker = None if use_gpu else {"CPU": cfg.cpus_per_worker or cpus_per_worker(cfg.workers)}
+    # A folder, or s3://... (gs://...): Ray Train persists checkpoints there and a re-run with
+    # the same name finds the run's snapshot in it, either way.
+    from kolm_ray.store import join, open_store
+
+    storage_path, storage_fs = open_store(storage).train_storage()
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"fit": cfg.model_dump(mode="json"), "base_path": base.path, "system": system,
@@ -204,7 +212,7 @@ def fit(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=name, storage_path=str(storage.resolve()),
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -215,7 +223,7 @@ def fit(
     except ray.train.TrainingFailedError as e:
         raise KolmRuntimeError(
             f"the fit failed after {cfg.max_failures} restarts: {e}. Its checkpoints are kept under "
-            f"{storage / name}: re-run the same compile to resume."
+            f"{join(storage, name)}: re-run the same compile to resume."
         ) from None
     wall = time.perf_counter() - t0
     if result.checkpoint is None:

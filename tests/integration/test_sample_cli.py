@@ -125,9 +125,11 @@ def test_quota_is_shared_across_processes_on_the_cluster(ray_session, messages_a
     from kolm_ray.sampling.config import QuotaConfig
 
     srv = messages_api(replay_responder({"x": "y"}), latency_s=0.05)
-    from kolm_ray.sampling.quota import get_quota
+    from kolm_ray.sampling.limits import set_limits
+    from kolm_ray.sampling.quota import teacher_quota
 
-    get_quota(QuotaConfig(max_in_flight=3), os.environ["ANTHROPIC_API_KEY"], srv.url)
+    set_limits(max_in_flight=3)  # the operator's limit for the organization
+    teacher_quota(os.environ["ANTHROPIC_API_KEY"], srv.url)
     env = {"ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": os.environ["ANTHROPIC_API_KEY"],
            "KOLM_HOME": os.environ["KOLM_HOME"]}
 

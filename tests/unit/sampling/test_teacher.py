@@ -1,4 +1,7 @@
 import asyncio
+import time
+
+import pytest
 
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.config import TeacherConfig
@@ -120,3 +123,131 @@ def test_local_server_streams_to_the_sdk(messages_api):
         final = s.get_final_message()
     assert text == "a streamed answer that spans several deltas"
     assert final.usage.output_tokens > 0
+
+
+# ----- the teacher's leases on the shared quota --------------------------------------------------
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class _BookQuota:
+    """A quota handle over an in-process QuotaBook: the actor's own books and waiting, minus Ray."""
+
+    def __init__(self, book):
+        from kolm_ray.sampling.quota import Grant
+
+        self.book, self.released = book, []
+
+        async def acquire(tokens, claim=None, lease_s=150.0):
+            while not isinstance(got := book.try_acquire(time.monotonic(), tokens, claim, lease_s), Grant):
+                await asyncio.sleep(min(got, 0.01))
+            return got
+
+        async def release(lease, **kw):
+            self.released.append(kw)
+            return book.release(time.monotonic(), lease, **kw)
+
+        async def claim_key(key, owner, ttl_s):  # one process: no other payer to wait for
+            return True
+
+        async def release_key(key, owner):
+            return None
+
+        self.acquire, self.release = _Remote(acquire), _Remote(release)
+        self.claim_key, self.release_key = _Remote(claim_key), _Remote(release_key)
+
+
+def _book(**tenants):
+    from kolm_ray.sampling.limits import RateLimits, ResolvedLimits
+    from kolm_ray.sampling.quota import QuotaBook
+
+    return QuotaBook(ResolvedLimits(org=RateLimits(), tenants=tenants), time.monotonic())
+
+
+def test_each_attempt_holds_a_lease_and_books_its_outcome_and_cost(messages_api, tmp_path):
+    from kolm_ray.sampling.config import QuotaConfig
+    from kolm_ray.sampling.limits import TenantBudget
+    from kolm_ray.sampling.pricing import DEFAULT_PRICES, cost_usd
+
+    messages_api(replay_responder({"hello there": "hi"}), faults=FaultPlan(rate_limit=0.5, seed=2, retry_after_s=0.01))
+    quota = _BookQuota(_book(acme=TenantBudget(usd=10.0)))
+    price = DEFAULT_PRICES["claude-opus-4-7"]
+    teacher = AnthropicTeacher(TeacherConfig(max_attempts=20, timeout_s=30.0), ResponseCache(tmp_path), quota,
+                               claim=QuotaConfig(holder="run-1", tenant="acme"), prices=price)
+    results = _many(teacher, 8)
+    assert all(r.text == "hi" for r in results)
+    outcomes = [r["outcome"] for r in quota.released]
+    assert outcomes.count("ok") == 8 and outcomes.count("rate_limited") == sum(r.retries for r in results) > 0
+    assert all(r["retry_after_s"] == 0.01 and r["billed_tokens"] == 0 for r in quota.released
+               if r["outcome"] == "rate_limited")
+    book = quota.book
+    assert book.state.in_flight == 0 and not book.leases  # every lease came back
+    paid = sum(cost_usd(r.usage, price) for r in results)
+    assert book.tenant_view("acme")[1].usd == pytest.approx(paid) and book.tenant_view("acme")[1].calls == 8
+    assert book.stats("run-1")["holder"]["rate_limited"] == outcomes.count("rate_limited")
+
+
+def test_a_refused_budget_makes_no_call_and_is_not_retried(messages_api, tmp_path):
+    from kolm_ray.sampling.config import QuotaConfig
+    from kolm_ray.sampling.limits import Spend, TenantBudget
+
+    srv = messages_api(replay_responder({"hello there": "hi"}))
+    book = _book(acme=TenantBudget(usd=1.0))
+    book.spend["acme"] = Spend(usd=1.0)
+    teacher = AnthropicTeacher(TeacherConfig(), ResponseCache(tmp_path), _BookQuota(book),
+                               claim=QuotaConfig(holder="run-2", tenant="acme"))
+    r = _run(teacher.sample(_params(), "k" * 64))
+    assert r.text is None and r.failures == ["budget"] and r.attempts == 1
+    assert r.error.startswith("budget: tenant 'acme' has spent its teacher budget")
+    assert srv.stats.requests == 0 and book.state.in_flight == 0
+
+
+def test_a_teacher_without_a_holder_gets_one_of_its_own(tmp_path):
+    from kolm_ray.sampling.config import QuotaConfig
+
+    a = AnthropicTeacher(TeacherConfig(), ResponseCache(tmp_path), None, sdk_env={"ANTHROPIC_API_KEY": "x"})
+    b = AnthropicTeacher(TeacherConfig(), ResponseCache(tmp_path), None, sdk_env={"ANTHROPIC_API_KEY": "x"},
+                         claim=QuotaConfig(tenant="acme"))
+    assert a.claim.holder and b.claim.holder and a.claim.holder != b.claim.holder and b.claim.tenant == "acme"
+
+
+# ----- the stand-in server's concurrency limit ----------------------------------------------------
+
+
+def _concurrent_posts(url, n):
+    import aiohttp
+
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hello there"}]}
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(f"{url}/v1/messages", json=body) as r:
+                    return r.status, r.headers.get("retry-after")
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    return asyncio.run(go())
+
+
+def test_stand_in_answers_429_past_its_concurrency_limit(messages_api):
+    srv = messages_api(replay_responder({"hello there": "hi"}), latency_s=0.3, max_in_flight=3,
+                       faults=FaultPlan(retry_after_s=0.25))
+    got = _concurrent_posts(srv.url, 8)
+    assert sorted(s for s, _ in got).count(200) == 3
+    assert [ra for s, ra in got if s == 429] == ["0.25"] * 5
+    assert (srv.stats.rate_limited, srv.stats.concurrency_rejected, srv.stats.succeeded) == (5, 5, 3)
+    # Counted as they arrive, rejected ones included: the 3 held open and the one being turned away.
+    assert srv.stats.max_in_flight == 4
+
+
+def test_stand_in_without_a_limit_takes_everything(messages_api):
+    srv = messages_api(replay_responder({"hello there": "hi"}), latency_s=0.2)
+    got = _concurrent_posts(srv.url, 8)
+    assert [s for s, _ in got] == [200] * 8 and srv.stats.rate_limited == 0

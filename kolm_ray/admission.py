@@ -1,0 +1,656 @@
+"""Compile admission: one queue of compiles per cluster and kolm home, fair across tenants.
+
+Ray has no job queue: a job whose resources never come stays PENDING and fails after a while,
+and compiles that each start a Ray Data pipeline and a Ray Train fit on a small cluster starve
+each other. So every compile first takes a ticket from the ``CompileQueue`` actor (named,
+detached, no CPU; its state kept in ``<state dir>/queue/state.json`` so a restarted actor
+picks it up) and waits, holding nothing, until the queue admits it. A ticket carries the
+compile's peak demand (its fit workers, which its eval reuses; the teacher stage's actors hold
+no CPU), and the queue admits only what fits, node by node, in what the cluster's nodes have
+minus what non-compile work (Serve replicas, other jobs) holds and minus the grants of the
+compiles already running. The grant says how many CPUs each fit or eval worker takes, so no
+request of an admitted compile is ever larger than one node can give.
+
+The decisions are pure functions (``fair_order``, ``grant_for``, ``plan``, ``expired``) of
+the tickets and the nodes; the actor keeps the state, measures the cluster and calls ``plan``
+once per tick. A running compile heartbeats (stage, progress, teacher spend); a ticket whose
+heartbeats stop for ``lease_s`` is dropped and its grant freed, so a killed driver never keeps
+its place. ``kolm cancel`` marks a ticket cancelled; its driver learns it at the next heartbeat
+and stops, which frees everything the compile's job held.
+
+Must not run compile stages, nor hold cluster resources itself.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import getpass
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolm_ray.errors import InputError, KolmRuntimeError
+
+NAMESPACE = "kolm"
+STATE_FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+State = Literal["waiting", "running", "done", "failed", "cancelled", "lost", "rejected"]
+ACTIVE: frozenset[str] = frozenset({"waiting", "running"})
+
+
+class CompileCancelled(KolmRuntimeError):
+    """The compile was cancelled (``kolm cancel``) or its ticket was dropped by the queue."""
+
+
+# ----- configs and records -------------------------------------------------------------------
+
+
+class QueuePolicy(BaseModel):
+    """The operator's admission rules (``kolm queue limits``), kept beside the queue's state."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_running: int | None = Field(None, ge=1, description="Compiles running at once on the cluster (default: as many as fit).")
+    per_tenant: int | None = Field(None, ge=1, description="Compiles one tenant may run at once (default: no limit).")
+    tenant_limits: dict[str, int] = Field(default_factory=dict, description="Per-tenant overrides of per_tenant.")
+    # Below half a core a CPU worker's torch gets no thread of its own; wait for more instead.
+    min_cpus_per_worker: float = Field(0.5, gt=0, description="Smallest CPU share a fit or eval worker is granted.")
+    # One missed heartbeat (every lease_s / 6 s) is normal under load; six in a row is a dead driver.
+    lease_s: float = Field(60.0, gt=0, description="Seconds without a heartbeat before a ticket is dropped.")
+    paused: bool = Field(False, description="Admit nothing new (running compiles go on): to drain the cluster.")
+
+    def tenant_limit(self, tenant: str) -> int | None:
+        return self.tenant_limits.get(tenant, self.per_tenant)
+
+
+class Demand(BaseModel):
+    """What a compile will hold at its peak: its fit's workers (the eval reuses their shape)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    workers: int = Field(1, ge=1, description="Fit (and eval) workers.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker asks for (granted less if a node has less free).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker takes.")
+
+
+class Grant(BaseModel):
+    """What the queue reserved for a running compile: per-worker resources and where they fit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cpus_per_worker: float
+    gpus_per_worker: float = 0.0
+    nodes: dict[str, int] = Field(default_factory=dict, description="Workers placed per node id.")
+
+
+class Ticket(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    tenant: str
+    name: str
+    demand: Demand
+    submitted_at: float
+    state: State = "waiting"
+    grant: Grant | None = None
+    admitted_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float = 0.0
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+    spend_usd: float = 0.0
+    job_id: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node as the queue sees it: what compiles may use there (total minus what
+    non-compile work holds)."""
+
+    id: str
+    cpu: float
+    gpu: float = 0.0
+    total_cpu: float | None = None  # the node's size (default: ``cpu``); a compile that fits no
+    total_gpu: float | None = None  # node's size is rejected, one that fits no free share waits
+
+    @property
+    def size(self) -> tuple[float, float]:
+        return (self.cpu if self.total_cpu is None else self.total_cpu,
+                self.gpu if self.total_gpu is None else self.total_gpu)
+
+
+@dataclass(frozen=True)
+class Plan:
+    admit: list[tuple[str, Grant]]
+    reject: list[tuple[str, str]]
+    order: list[str]  # waiting tickets in the order they will be admitted
+
+
+# ----- the decisions -------------------------------------------------------------------------
+
+
+def fair_order(waiting: Sequence[Ticket], running: Sequence[Ticket], served: Mapping[str, int] | None = None) -> list[Ticket]:
+    """Waiting tickets in admission order: round-robin over tenants, the tenant with the fewest
+    compiles running (counting those placed ahead in this order) first; ties to the tenant
+    served least lately (``served``: compiles admitted in the queue's memory, a day), then to
+    the one whose oldest waiting ticket is oldest; within a tenant, first come first served."""
+    queues: dict[str, list[Ticket]] = {}
+    for t in sorted(waiting, key=lambda t: (t.submitted_at, t.id)):
+        queues.setdefault(t.tenant, []).append(t)
+    load = {tenant: sum(1 for r in running if r.tenant == tenant) for tenant in queues}
+    given = {tenant: (served or {}).get(tenant, 0) for tenant in queues}
+    out: list[Ticket] = []
+    while queues:
+        tenant = min(queues, key=lambda x: (load[x], given[x], queues[x][0].submitted_at, queues[x][0].id))
+        out.append(queues[tenant].pop(0))
+        load[tenant] += 1
+        given[tenant] += 1
+        if not queues[tenant]:
+            del queues[tenant]
+    return out
+
+
+def served_counts(tickets: Iterable[Ticket]) -> dict[str, int]:
+    """Compiles admitted per tenant among ``tickets`` (running, and ended in the last day)."""
+    out: dict[str, int] = {}
+    for t in tickets:
+        if t.admitted_at is not None:
+            out[t.tenant] = out.get(t.tenant, 0) + 1
+    return out
+
+
+def _pack(cpu: float, gpu: float, count: int, free: dict[str, tuple[float, float]]) -> dict[str, int] | None:
+    """Place ``count`` bundles of (cpu, gpu) on nodes, fullest-fitting node first (packing keeps
+    whole nodes free for larger compiles). None when they do not all fit."""
+    left = dict(free)
+    placed: dict[str, int] = {}
+    eps = 1e-9
+    for _ in range(count):
+        fits = [n for n, (c, g) in left.items() if c + eps >= cpu and g + eps >= gpu]
+        if not fits:
+            return None
+        n = min(fits, key=lambda n: (left[n][0] - cpu, n))
+        placed[n] = placed.get(n, 0) + 1
+        left[n] = (left[n][0] - cpu, left[n][1] - gpu)
+    return placed
+
+
+def grant_for(demand: Demand, free: dict[str, tuple[float, float]], policy: QueuePolicy) -> Grant | None:
+    """The largest per-worker CPU share, at most what the compile asks for and at least the
+    policy's minimum, at which all its workers fit on the nodes' free resources. None: not now."""
+    ask = demand.cpus_per_worker
+    floor = min(policy.min_cpus_per_worker, ask)
+    candidates = {ask}
+    for c, _ in free.values():  # a node's whole free share, or an even split of it
+        for m in range(1, demand.workers + 1):
+            share = round(c / m, 4)
+            if floor <= share <= ask:
+                candidates.add(share)
+    for share in sorted(candidates, reverse=True):
+        placed = _pack(share, demand.gpus_per_worker, demand.workers, free)
+        if placed is not None:
+            return Grant(cpus_per_worker=share, gpus_per_worker=demand.gpus_per_worker, nodes=placed)
+    return None
+
+
+def _free(nodes: Sequence[Node], running: Sequence[Ticket]) -> dict[str, tuple[float, float]]:
+    free = {n.id: (n.cpu, n.gpu) for n in nodes}
+    for t in running:
+        if t.grant is None:
+            continue
+        for node, count in t.grant.nodes.items():
+            if node in free:
+                c, g = free[node]
+                free[node] = (c - count * t.grant.cpus_per_worker, g - count * t.grant.gpus_per_worker)
+    return free
+
+
+def plan(waiting: Sequence[Ticket], running: Sequence[Ticket], nodes: Sequence[Node], policy: QueuePolicy,
+         served: Mapping[str, int] | None = None) -> Plan:
+    """Which waiting tickets start now, and with what grant.
+
+    In ``fair_order``; a tenant at its limit is passed over (its tickets block no one else);
+    the first ticket that does not fit stops admission, so a large compile is not starved by
+    smaller ones behind it. A ticket that could not fit even on the empty cluster is rejected.
+    """
+    order = fair_order(waiting, running, served)
+    admitted: list[tuple[str, Grant]] = []
+    reject: list[tuple[str, str]] = []
+    active = list(running)
+    empty = {n.id: n.size for n in nodes}
+    blocked = False
+    for t in order:
+        if nodes and grant_for(t.demand, empty, policy) is None:
+            d = t.demand
+            cpu, gpu = max(n.size for n in nodes)
+            reject.append((t.id, f"{d.workers} worker(s) of {d.cpus_per_worker:g} CPU / {d.gpus_per_worker:g} GPU "
+                                 f"fit on no set of this cluster's nodes (largest: {cpu:g} CPU, {gpu:g} GPU); "
+                                 "use fewer --workers or a larger cluster"))
+            continue
+        if blocked or policy.paused:
+            continue
+        if policy.max_running is not None and len(active) >= policy.max_running:
+            break
+        limit = policy.tenant_limit(t.tenant)
+        if limit is not None and sum(1 for r in active if r.tenant == t.tenant) >= limit:
+            continue
+        grant = grant_for(t.demand, _free(nodes, active), policy) if nodes else None
+        if grant is None:
+            blocked = True
+            continue
+        admitted.append((t.id, grant))
+        active.append(t.model_copy(update={"state": "running", "grant": grant}))
+    rejected = {i for i, _ in reject}
+    return Plan(admit=admitted, reject=reject, order=[t.id for t in order if t.id not in rejected])
+
+
+def expired(tickets: Sequence[Ticket], now: float, lease_s: float) -> list[str]:
+    """Active tickets whose driver has not been heard from for ``lease_s``."""
+    return [t.id for t in tickets if t.state in ACTIVE and now - t.heartbeat_at > lease_s]
+
+
+# ----- the cluster as the queue sees it ------------------------------------------------------
+
+
+def measure_nodes(compile_jobs: set[str]) -> list[Node]:
+    """Alive nodes, each with its CPUs and GPUs minus what non-compile work holds there: alive
+    actors outside placement groups and placement-group bundles, of every job that is not a
+    running compile (Serve replicas, other drivers). Without the state API (a local instance
+    started without its dashboard) nothing is subtracted."""
+    import ray
+
+    nodes = {n["NodeID"]: [float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0))]
+             for n in ray.nodes() if n.get("Alive")}
+    sizes = {i: (c, g) for i, (c, g) in nodes.items()}
+    try:
+        from ray.util.state import list_actors, list_placement_groups
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
+        groups = list_placement_groups(detail=True, limit=10_000, raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001 - no dashboard: the state API is not there
+        log.debug("state API unavailable (%s): counting whole nodes", e)
+        return [Node(i, c, g) for i, (c, g) in nodes.items()]
+    for a in actors:
+        # Serve's replicas are created by its controller, under the job that first started
+        # Serve: a compile's driver may be that job, and they still are not the compile's.
+        ours = a.job_id in compile_jobs and a.ray_namespace != "serve"
+        if ours or a.placement_group_id or a.node_id not in nodes:
+            continue
+        req = a.required_resources or {}
+        nodes[a.node_id][0] -= float(req.get("CPU", 0))
+        nodes[a.node_id][1] -= float(req.get("GPU", 0))
+    for pg in groups:
+        if pg.state != "CREATED" or pg.creator_job_id in compile_jobs:
+            continue
+        for b in pg.bundles or []:
+            node = b.get("node_id")
+            if node in nodes:
+                nodes[node][0] -= float(b.get("unit_resources", {}).get("CPU", 0))
+                nodes[node][1] -= float(b.get("unit_resources", {}).get("GPU", 0))
+    return [Node(i, max(0.0, c), max(0.0, g), total_cpu=sizes[i][0], total_gpu=sizes[i][1])
+            for i, (c, g) in nodes.items()]
+
+
+# ----- the actor -----------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def load_policy(state_dir: Path) -> QueuePolicy:
+    p = state_dir / "queue" / "policy.json"
+    return QueuePolicy.model_validate_json(p.read_text()) if p.is_file() else QueuePolicy()
+
+
+def save_policy(state_dir: Path, policy: QueuePolicy) -> None:
+    _atomic_write(state_dir / "queue" / "policy.json", policy.model_dump_json(indent=2))
+
+
+class CompileQueueActor:
+    """The queue's state and its tick; created through ``get_queue`` as a detached actor."""
+
+    def __init__(self, state_dir: str, tick_s: float = 1.0, measure_every_s: float = 5.0):
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / "queue" / "state.json"
+        self.tick_s = tick_s
+        self.measure_every_s = measure_every_s
+        self.tickets: dict[str, Ticket] = {}
+        if self.path.is_file():  # a restarted actor resumes the queue
+            data = json.loads(self.path.read_text())
+            self.tickets = {t["id"]: Ticket.model_validate(t) for t in data.get("tickets", [])}
+            now = time.time()
+            for t in self.tickets.values():  # drivers get a lease's grace to find the new actor
+                if t.state in ACTIVE:
+                    t.heartbeat_at = max(t.heartbeat_at, now)
+        self.nodes: list[Node] = []
+        self.measured_at = 0.0
+        self.changed: asyncio.Event | None = None  # created on the actor's event loop
+        self.loop_task: asyncio.Task | None = None
+
+    def _ensure_loop(self) -> None:
+        if self.loop_task is None:
+            self.changed = asyncio.Event()
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the queue; logged
+                log.exception("queue tick failed")
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=self.tick_s)
+            except asyncio.TimeoutError:
+                pass
+            self.changed.clear()
+
+    async def _tick(self) -> None:
+        policy = load_policy(self.state_dir)
+        now = time.time()
+        dirty = False
+        for tid in expired(list(self.tickets.values()), now, policy.lease_s):
+            t = self.tickets[tid]
+            t.state, t.finished_at, t.grant = "lost", now, None
+            t.message = f"no heartbeat for {policy.lease_s:g} s: the compile's driver is gone"
+            dirty = True
+        waiting = [t for t in self.tickets.values() if t.state == "waiting"]
+        running = [t for t in self.tickets.values() if t.state == "running"]
+        if waiting:
+            if now - self.measured_at >= self.measure_every_s or not self.nodes:
+                jobs = {t.job_id for t in running if t.job_id}
+                self.nodes = await asyncio.to_thread(measure_nodes, jobs)
+                self.measured_at = now
+            p = plan(waiting, running, self.nodes, policy, served_counts(self.tickets.values()))
+            for tid, grant in p.admit:
+                t = self.tickets[tid]
+                t.state, t.grant, t.admitted_at, t.stage = "running", grant, now, "admitted"
+                dirty = True
+            for tid, why in p.reject:
+                t = self.tickets[tid]
+                t.state, t.finished_at, t.message = "rejected", now, why
+                dirty = True
+            if p.admit:
+                self.measured_at = 0.0  # the next admission sees the new grants' actual use
+        if dirty:
+            self._save()
+
+    def _save(self) -> None:
+        # Finished tickets are kept for `kolm queue` for a day, then forgotten.
+        cutoff = time.time() - 86_400
+        self.tickets = {i: t for i, t in self.tickets.items() if t.state in ACTIVE or (t.finished_at or 0) > cutoff}
+        _atomic_write(self.path, json.dumps({"format_version": STATE_FORMAT_VERSION,
+                                             "tickets": [t.model_dump(mode="json") for t in self.tickets.values()]}))
+
+    def _poke(self) -> None:
+        self._ensure_loop()
+        self.changed.set()
+
+    async def submit(self, tenant: str, name: str, demand: dict, job_id: str | None) -> str:
+        self._ensure_loop()
+        tid = f"{name}-{uuid.uuid4().hex[:8]}"
+        now = time.time()
+        self.tickets[tid] = Ticket(id=tid, tenant=tenant, name=name, demand=Demand.model_validate(demand),
+                                   submitted_at=now, heartbeat_at=now, job_id=job_id)
+        self._save()
+        self._poke()
+        return tid
+
+    async def heartbeat(self, tid: str, stage: str | None = None, done: int | None = None, total: int | None = None,
+                        spend_usd: float | None = None) -> dict[str, Any]:
+        """Keep the ticket alive; returns its state, position and grant (the driver's view)."""
+        self._ensure_loop()
+        t = self.tickets.get(tid)
+        if t is None:
+            return {"state": "lost", "message": "the queue does not know this ticket"}
+        if t.state in ACTIVE:
+            t.heartbeat_at = time.time()
+            if t.state == "running":
+                t.stage = stage or t.stage
+                t.done = t.done if done is None else done
+                t.total = t.total if total is None else total
+                t.spend_usd = t.spend_usd if spend_usd is None else spend_usd
+        return self._view(t)
+
+    def _order(self) -> list[Ticket]:
+        return fair_order([x for x in self.tickets.values() if x.state == "waiting"],
+                          [x for x in self.tickets.values() if x.state == "running"], served_counts(self.tickets.values()))
+
+    def _view(self, t: Ticket) -> dict[str, Any]:
+        waiting = self._order()
+        pos = next((i + 1 for i, x in enumerate(waiting) if x.id == t.id), None)
+        return {"state": t.state, "position": pos, "waiting": len(waiting),
+                "running": sum(1 for x in self.tickets.values() if x.state == "running"),
+                "grant": t.grant.model_dump() if t.grant else None, "message": t.message}
+
+    async def finish(self, tid: str, state: State, message: str | None = None) -> None:
+        t = self.tickets.get(tid)
+        if t is not None and t.state in ACTIVE:
+            t.state, t.finished_at, t.message, t.grant = state, time.time(), message, None
+            self._save()
+            self._poke()
+
+    async def cancel(self, tid: str) -> dict[str, Any]:
+        t = self.tickets.get(tid)
+        if t is None:
+            return {"found": False}
+        was = t.state
+        if t.state in ACTIVE:
+            t.state, t.finished_at, t.message, t.grant = "cancelled", time.time(), "cancelled by kolm cancel", None
+            self._save()
+            self._poke()
+        return {"found": True, "was": was, "job_id": t.job_id}
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        self._ensure_loop()
+        waiting = self._order()
+        pos = {t.id: i + 1 for i, t in enumerate(waiting)}
+        return [{**t.model_dump(mode="json"), "position": pos.get(t.id)} for t in self.tickets.values()]
+
+
+def queue_name(state_dir: Path) -> str:
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+    return f"kolm-compile-queue-{digest}"
+
+
+def get_queue(state_dir: Path):
+    """This kolm home's queue on the connected cluster, created on first use."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(CompileQueueActor)
+    return actor.options(name=queue_name(state_dir), namespace=NAMESPACE, lifetime="detached",
+                         get_if_exists=True, max_concurrency=1000).remote(str(state_dir.resolve()))
+
+
+def default_tenant() -> str:
+    """The submitting user: ``KOLM_TENANT``, else the login name."""
+    try:
+        return os.environ.get("KOLM_TENANT") or getpass.getuser()
+    except (KeyError, OSError):
+        return "default"
+
+
+def check_tenant(tenant: str) -> str:
+    """Raises: InputError for a tenant name that is not a short identifier."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", tenant):
+        raise InputError(f"invalid --tenant {tenant!r}: letters, digits and . _ @ - only, at most 64")
+    return tenant
+
+
+# ----- the driver's side ---------------------------------------------------------------------
+
+
+class Admission:
+    """A compile's place in the queue: waits to be admitted, then heartbeats its stage and
+    progress until ``close``. A cancel seen at a heartbeat interrupts the compile's main thread
+    (``KeyboardInterrupt`` there, re-raised by ``admitted`` as ``CompileCancelled``)."""
+
+    def __init__(self, queue: Any, ticket: str, heartbeat_s: float):
+        self.queue = queue
+        self.ticket = ticket
+        self.heartbeat_s = heartbeat_s
+        self.grant: Grant | None = None
+        self.stage_name = "admitted"
+        self.done = 0
+        self.total = 0
+        self.spend_usd: float | None = None
+        # Reads the teacher spend of a running stage (the quota's book for this compile).
+        self.probe: Callable[[], float | None] | None = None
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def stage(self, name: str, total: int = 0) -> None:
+        self.stage_name, self.done, self.total = name, 0, total
+
+    def progress(self, n: int) -> None:
+        self.done += n
+
+    def spend(self, usd: float) -> None:
+        self.spend_usd = usd
+
+    def _beat(self) -> dict[str, Any]:
+        import ray
+
+        if self.probe is not None and self.stage_name == "teacher":
+            try:
+                self.spend_usd = self.probe() or self.spend_usd
+            except Exception as e:  # noqa: BLE001 - spend so far is for display; the stage reports the total
+                log.debug("spend probe failed: %s", e)
+
+        return ray.get(self.queue.heartbeat.remote(self.ticket, self.stage_name, self.done, self.total, self.spend_usd),
+                       timeout=60)
+
+    def wait(self, say: Callable[[str], None], poll_s: float = 1.0) -> Grant:
+        last = None
+        while True:
+            view = self._beat()
+            if view["state"] == "running":
+                self.grant = Grant.model_validate(view["grant"])
+                return self.grant
+            if view["state"] != "waiting":
+                raise CompileCancelled(f"compile {self.ticket} {view['state']}: {view.get('message') or ''}".rstrip(": "))
+            line = (f"queue       {self.ticket}: waiting, position {view['position']} of {view['waiting']} "
+                    f"({view['running']} compile(s) running)")
+            if line != last:
+                say(line)
+                last = line
+            time.sleep(poll_s)
+
+    def start_heartbeats(self) -> None:
+        def run() -> None:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    view = self._beat()
+                except Exception as e:  # noqa: BLE001 - a slow GCS: the lease covers several misses
+                    log.warning("queue heartbeat failed: %s", e)
+                    continue
+                if view["state"] != "running":
+                    self.cancelled.set()
+                    _thread.interrupt_main()
+                    return
+
+        self._thread = threading.Thread(target=run, name="kolm-queue-heartbeat", daemon=True)
+        self._thread.start()
+
+    def close(self, state: State, message: str | None = None) -> None:
+        import ray
+
+        self._stop.set()
+        if state == "cancelled":
+            return  # the queue already holds the ticket as cancelled (or lost)
+        try:
+            ray.get(self.queue.finish.remote(self.ticket, state, message), timeout=60)
+        except Exception as e:  # noqa: BLE001 - the lease frees the slot anyway
+            log.warning("could not tell the queue the compile ended: %s", e)
+
+
+class admitted:
+    """``with admitted(state_dir, tenant, name, demand, say) as adm:`` — wait for admission,
+    heartbeat while the body runs, tell the queue how it ended.
+
+    Raises:
+        CompileCancelled: the ticket was cancelled or rejected (while waiting or running).
+    """
+
+    def __init__(self, state_dir: Path, tenant: str, name: str, demand: Demand, say: Callable[[str], None],
+                 policy: QueuePolicy | None = None):
+        import ray
+
+        self.say = say
+        self.queue = get_queue(state_dir)
+        lease = (policy or load_policy(state_dir)).lease_s
+        job = ray.get_runtime_context().get_job_id()
+        ticket = ray.get(self.queue.submit.remote(tenant, name, demand.model_dump(), job))
+        self.adm = Admission(self.queue, ticket, heartbeat_s=max(0.5, lease / 6))
+
+    def __enter__(self) -> Admission:
+        try:
+            grant = self.adm.wait(self.say)
+        except KeyboardInterrupt:
+            self.adm.close("cancelled")
+            ray_cancel(self.adm)
+            raise
+        except CompileCancelled:
+            raise
+        self.say(f"queue       {self.adm.ticket}: admitted · {grant.cpus_per_worker:g} CPU"
+                 + (f", {grant.gpus_per_worker:g} GPU" if grant.gpus_per_worker else "") + " per worker")
+        self.adm.start_heartbeats()
+        return self.adm
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.adm.cancelled.is_set():
+            self.adm.close("cancelled")
+            # The interrupt surfaces as KeyboardInterrupt, or as whatever the running stage makes
+            # of it (Ray Train's SIGINT handler aborts the fit and calls sys.exit).
+            if exc_type is not None:
+                raise CompileCancelled(f"compile {self.adm.ticket} was cancelled; everything it held is freed. "
+                                       "Re-running it resumes from its cached teacher answers and checkpoints.") from None
+            return False
+        if exc_type is None:
+            self.adm.close("done")
+        elif exc_type is KeyboardInterrupt:
+            ray_cancel(self.adm)
+        else:
+            self.adm.close("failed", f"{exc_type.__name__}: {exc}"[:500])
+        return False
+
+
+def ray_cancel(adm: Admission) -> None:
+    """Interrupted at the terminal (Ctrl-C): give the place back at once instead of at lease expiry."""
+    import ray
+
+    try:
+        ray.get(adm.queue.cancel.remote(adm.ticket), timeout=10)
+    except Exception:  # noqa: BLE001 - the lease frees it anyway
+        pass
+
+
+def list_tickets(state_dir: Path) -> list[dict[str, Any]]:
+    import ray
+
+    return ray.get(get_queue(state_dir).snapshot.remote())
+
+
+def cancel(state_dir: Path, ticket: str) -> dict[str, Any]:
+    """Cancel a waiting or running compile. Raises: InputError for an unknown ticket."""
+    import ray
+
+    res = ray.get(get_queue(state_dir).cancel.remote(ticket))
+    if not res["found"]:
+        raise InputError(f"no compile {ticket!r} in the queue (see `kolm queue`)")
+    return res
