@@ -108,6 +108,7 @@ class Ticket(BaseModel):
     total: int = 0
     spend_usd: float = 0.0
     job_id: str | None = None
+    driver_pid: int | None = None
     message: str | None = None
 
 
@@ -253,9 +254,31 @@ def plan(waiting: Sequence[Ticket], running: Sequence[Ticket], nodes: Sequence[N
     return Plan(admit=admitted, reject=reject, order=[t.id for t in order if t.id not in rejected])
 
 
-def expired(tickets: Sequence[Ticket], now: float, lease_s: float) -> list[str]:
-    """Active tickets whose driver has not been heard from for ``lease_s``."""
-    return [t.id for t in tickets if t.state in ACTIVE and now - t.heartbeat_at > lease_s]
+def expired(tickets: Sequence[Ticket], now: float, lease_s: float,
+            alive: set[tuple[str, int]] | None = None) -> list[str]:
+    """Active tickets whose driver has not been heard from for ``lease_s``, or whose driver's
+    job the cluster lists as ended (``alive``: (job id, driver pid) of live jobs, when known;
+    the pid tells a new local cluster's job 01000000 from an old one's)."""
+    out = []
+    for t in tickets:
+        if t.state not in ACTIVE:
+            continue
+        gone = alive is not None and t.job_id is not None and t.driver_pid is not None \
+            and (t.job_id, t.driver_pid) not in alive
+        if gone or now - t.heartbeat_at > lease_s:
+            out.append(t.id)
+    return out
+
+
+def live_drivers() -> set[tuple[str, int]] | None:
+    """(job id, driver pid) of every job the cluster has not marked dead; None if unknown."""
+    try:  # the GCS job table; no public API lists drivers without the dashboard
+        from ray._private.state import jobs
+
+        return {(j["JobID"], int(j["DriverPid"])) for j in jobs() if not j.get("IsDead")}
+    except Exception as e:  # noqa: BLE001 - fall back to heartbeats alone
+        log.debug("job table unavailable: %s", e)
+        return None
 
 
 # ----- the cluster as the queue sees it ------------------------------------------------------
@@ -361,10 +384,12 @@ class CompileQueueActor:
         policy = load_policy(self.state_dir)
         now = time.time()
         dirty = False
-        for tid in expired(list(self.tickets.values()), now, policy.lease_s):
+        active = [t for t in self.tickets.values() if t.state in ACTIVE]
+        alive = await asyncio.to_thread(live_drivers) if active else None
+        for tid in expired(active, now, policy.lease_s, alive):
             t = self.tickets[tid]
             t.state, t.finished_at, t.grant = "lost", now, None
-            t.message = f"no heartbeat for {policy.lease_s:g} s: the compile's driver is gone"
+            t.message = f"its driver (job {t.job_id}) ended or sent no heartbeat for {policy.lease_s:g} s"
             dirty = True
         waiting = [t for t in self.tickets.values() if t.state == "waiting"]
         running = [t for t in self.tickets.values() if t.state == "running"]
@@ -398,12 +423,12 @@ class CompileQueueActor:
         self._ensure_loop()
         self.changed.set()
 
-    async def submit(self, tenant: str, name: str, demand: dict, job_id: str | None) -> str:
+    async def submit(self, tenant: str, name: str, demand: dict, job_id: str | None, driver_pid: int | None = None) -> str:
         self._ensure_loop()
         tid = f"{name}-{uuid.uuid4().hex[:8]}"
         now = time.time()
         self.tickets[tid] = Ticket(id=tid, tenant=tenant, name=name, demand=Demand.model_validate(demand),
-                                   submitted_at=now, heartbeat_at=now, job_id=job_id)
+                                   submitted_at=now, heartbeat_at=now, job_id=job_id, driver_pid=driver_pid)
         self._save()
         self._poke()
         return tid
@@ -595,7 +620,7 @@ class admitted:
         self.queue = get_queue(state_dir)
         lease = (policy or load_policy(state_dir)).lease_s
         job = ray.get_runtime_context().get_job_id()
-        ticket = ray.get(self.queue.submit.remote(tenant, name, demand.model_dump(), job))
+        ticket = ray.get(self.queue.submit.remote(tenant, name, demand.model_dump(), job, os.getpid()))
         self.adm = Admission(self.queue, ticket, heartbeat_s=max(0.5, lease / 6))
 
     def __enter__(self) -> Admission:

@@ -100,3 +100,11 @@ def test_a_paused_queue_admits_nothing_but_keeps_the_order():
     waiting = [ticket("a1", "a", 1), ticket("a2", "a", 2), ticket("b1", "b", 3)]
     p = plan(waiting, [], [Node("n1", 8.0)], QueuePolicy(paused=True))
     assert p.admit == [] and p.order == ["a1", "b1", "a2"]
+
+
+def test_a_ticket_whose_driver_the_cluster_lists_as_ended_is_dropped_at_once():
+    t = ticket("mine", beat=100.0).model_copy(update={"job_id": "01000000", "driver_pid": 42})
+    assert expired([t], now=101.0, lease_s=60.0, alive={("01000000", 42)}) == []
+    # A new local cluster reuses job id 01000000 for another driver: the old ticket is gone.
+    assert expired([t], now=101.0, lease_s=60.0, alive={("01000000", 7)}) == ["mine"]
+    assert expired([t], now=101.0, lease_s=60.0, alive=None) == []  # job table unknown: heartbeats decide
