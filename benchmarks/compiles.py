@@ -122,17 +122,19 @@ def main() -> None:
             head.stop()
             server.stop()
     solo = next(w["wall"] for w in waves if w["n"] == 1)
+    serial = {w["n"]: w["n"] * solo for w in waves}
     lines = [f"machine: {machine()}; one head of {args.cpus} CPUs; {args.rows} rows x k={args.k} per compile, "
              f"2 epochs on the tiny Qwen2; teacher stand-in: {args.limit} in flight, {args.teacher_latency:g} s a call",
-             f"{'N':>2} {'makespan s':>10} {'N x solo / P':>12} {'ratio':>6} {'paid calls':>10} {'max in flight':>13} "
-             f"{'429 / paid':>10}"]
+             f"{'N':>2} {'makespan s':>10} {'N x solo / P':>12} {'ratio':>6} {'vs serial':>9} {'paid calls':>10} "
+             f"{'max in flight':>13} {'429 / paid':>10}"]
     for w in waves:
         p = min(w["n"], args.cpus)
         ideal = w["n"] * solo / p
-        lines.append(f"{w['n']:>2} {w['wall']:>10.1f} {ideal:>12.1f} {w['wall'] / ideal:>6.2f} {w['paid']:>10} "
+        lines.append(f"{w['n']:>2} {w['wall']:>10.1f} {ideal:>12.1f} {w['wall'] / ideal:>6.2f} "
+                     f"{w['wall'] / serial[w['n']]:>9.2f} {w['paid']:>10} "
                      f"{w['max_in_flight']:>13} {w['rate_limited'] / max(1, w['paid']):>10.3f}")
     lines.append(f"head memory per queued compile (its waiting driver's RSS): {memory:.0f} MB")
-    publish("compiles", lines, args.write)
+    publish(f"compiles-{args.cpus}cpu", lines, args.write)
 
 
 if __name__ == "__main__":
