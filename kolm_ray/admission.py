@@ -29,6 +29,7 @@ import getpass
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -109,6 +110,7 @@ class Ticket(BaseModel):
     spend_usd: float = 0.0
     job_id: str | None = None
     driver_pid: int | None = None
+    lease_s: float = 60.0  # the policy's at submission: a later change does not drop running compiles
     message: str | None = None
 
 
@@ -132,8 +134,13 @@ class Node:
 @dataclass(frozen=True)
 class Plan:
     admit: list[tuple[str, Grant]]
-    reject: list[tuple[str, str]]
+    # Tickets that fit on no node as the cluster is now (a GPU compile while the GPU nodes are
+    # scaled to zero): they wait for nodes without blocking the others, and say why.
+    unplaced: list[tuple[str, str]]
     order: list[str]  # waiting tickets in the order they will be admitted
+    # Resource bundles worth asking the autoscaler for: the unplaced tickets' and those of the
+    # first ticket that waits for free resources.
+    wanted: list[dict[str, float]]
 
 
 # ----- the decisions -------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def grant_for(demand: Demand, free: dict[str, tuple[float, float]], policy: Queu
     candidates = {ask}
     for c, _ in free.values():  # a node's whole free share, or an even split of it
         for m in range(1, demand.workers + 1):
-            share = round(c / m, 4)
+            share = math.floor(c / m * 1e4) / 1e4  # down: a share rounded up would not fit
             if floor <= share <= ask:
                 candidates.add(share)
     for share in sorted(candidates, reverse=True):
@@ -215,27 +222,35 @@ def _free(nodes: Sequence[Node], running: Sequence[Ticket]) -> dict[str, tuple[f
     return free
 
 
+def _bundles(d: Demand) -> list[dict[str, float]]:
+    one = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+    return [dict(one) for _ in range(d.workers)]
+
+
 def plan(waiting: Sequence[Ticket], running: Sequence[Ticket], nodes: Sequence[Node], policy: QueuePolicy,
          served: Mapping[str, int] | None = None) -> Plan:
     """Which waiting tickets start now, and with what grant.
 
     In ``fair_order``; a tenant at its limit is passed over (its tickets block no one else);
     the first ticket that does not fit stops admission, so a large compile is not starved by
-    smaller ones behind it. A ticket that could not fit even on the empty cluster is rejected.
+    smaller ones behind it. A ticket that fits on no node as the cluster is now waits for nodes
+    (an autoscaler may add them) without blocking the others.
     """
     order = fair_order(waiting, running, served)
     admitted: list[tuple[str, Grant]] = []
-    reject: list[tuple[str, str]] = []
+    unplaced: list[tuple[str, str]] = []
+    wanted: list[dict[str, float]] = []
     active = list(running)
     empty = {n.id: n.size for n in nodes}
     blocked = False
     for t in order:
-        if nodes and grant_for(t.demand, empty, policy) is None:
+        if grant_for(t.demand, empty, policy) is None:
             d = t.demand
-            cpu, gpu = max(n.size for n in nodes)
-            reject.append((t.id, f"{d.workers} worker(s) of {d.cpus_per_worker:g} CPU / {d.gpus_per_worker:g} GPU "
-                                 f"fit on no set of this cluster's nodes (largest: {cpu:g} CPU, {gpu:g} GPU); "
-                                 "use fewer --workers or a larger cluster"))
+            cpu, gpu = max((n.size for n in nodes), default=(0.0, 0.0))
+            unplaced.append((t.id, f"waiting for nodes: {d.workers} worker(s) of {d.cpus_per_worker:g} CPU / "
+                                   f"{d.gpus_per_worker:g} GPU fit on no set of the cluster's nodes now (largest: "
+                                   f"{cpu:g} CPU, {gpu:g} GPU); cancel it or add nodes"))
+            wanted += _bundles(t.demand)
             continue
         if blocked or policy.paused:
             continue
@@ -244,28 +259,27 @@ def plan(waiting: Sequence[Ticket], running: Sequence[Ticket], nodes: Sequence[N
         limit = policy.tenant_limit(t.tenant)
         if limit is not None and sum(1 for r in active if r.tenant == t.tenant) >= limit:
             continue
-        grant = grant_for(t.demand, _free(nodes, active), policy) if nodes else None
+        grant = grant_for(t.demand, _free(nodes, active), policy)
         if grant is None:
             blocked = True
+            wanted += _bundles(t.demand)
             continue
         admitted.append((t.id, grant))
         active.append(t.model_copy(update={"state": "running", "grant": grant}))
-    rejected = {i for i, _ in reject}
-    return Plan(admit=admitted, reject=reject, order=[t.id for t in order if t.id not in rejected])
+    return Plan(admit=admitted, unplaced=unplaced, order=[t.id for t in order], wanted=wanted)
 
 
-def expired(tickets: Sequence[Ticket], now: float, lease_s: float,
-            alive: set[tuple[str, int]] | None = None) -> list[str]:
-    """Active tickets whose driver has not been heard from for ``lease_s``, or whose driver's
-    job the cluster lists as ended (``alive``: (job id, driver pid) of live jobs, when known;
-    the pid tells a new local cluster's job 01000000 from an old one's)."""
+def expired(tickets: Sequence[Ticket], now: float, alive: set[tuple[str, int]] | None = None) -> list[str]:
+    """Active tickets whose driver has not been heard from for the ticket's ``lease_s``, or
+    whose driver's job the cluster lists as ended (``alive``: (job id, driver pid) of live
+    jobs, when known; the pid tells a new local cluster's job 01000000 from an old one's)."""
     out = []
     for t in tickets:
         if t.state not in ACTIVE:
             continue
         gone = alive is not None and t.job_id is not None and t.driver_pid is not None \
             and (t.job_id, t.driver_pid) not in alive
-        if gone or now - t.heartbeat_at > lease_s:
+        if gone or now - t.heartbeat_at > t.lease_s:
             out.append(t.id)
     return out
 
@@ -326,6 +340,17 @@ def measure_nodes(compile_jobs: set[str]) -> list[Node]:
 # ----- the actor -----------------------------------------------------------------------------
 
 
+def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Tell an autoscaling cluster what waiting compiles need (an empty list withdraws it): the
+    queue holds them back, so no pending Ray request would ask for nodes. A no-op without one."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as e:  # noqa: BLE001 - a cluster without an autoscaler: nothing to ask
+        log.debug("request_resources: %s", e)
+
+
 def _atomic_write(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -360,6 +385,7 @@ class CompileQueueActor:
                     t.heartbeat_at = max(t.heartbeat_at, now)
         self.nodes: list[Node] = []
         self.measured_at = 0.0
+        self.wanted: list[dict[str, float]] = []  # what the autoscaler was last asked for
         self.changed: asyncio.Event | None = None  # created on the actor's event loop
         self.loop_task: asyncio.Task | None = None
 
@@ -382,33 +408,41 @@ class CompileQueueActor:
 
     async def _tick(self) -> None:
         policy = load_policy(self.state_dir)
-        now = time.time()
         dirty = False
         active = [t for t in self.tickets.values() if t.state in ACTIVE]
         alive = await asyncio.to_thread(live_drivers) if active else None
-        for tid in expired(active, now, policy.lease_s, alive):
+        now = time.time()
+        for tid in expired([t for t in self.tickets.values() if t.state in ACTIVE], now, alive):
             t = self.tickets[tid]
             t.state, t.finished_at, t.grant = "lost", now, None
-            t.message = f"its driver (job {t.job_id}) ended or sent no heartbeat for {policy.lease_s:g} s"
+            t.message = f"its driver (job {t.job_id}) ended or sent no heartbeat for {t.lease_s:g} s"
             dirty = True
-        waiting = [t for t in self.tickets.values() if t.state == "waiting"]
-        running = [t for t in self.tickets.values() if t.state == "running"]
-        if waiting:
-            if now - self.measured_at >= self.measure_every_s or not self.nodes:
-                jobs = {t.job_id for t in running if t.job_id}
+        wanted: list[dict[str, float]] = []
+        if any(t.state == "waiting" for t in self.tickets.values()):
+            if time.time() - self.measured_at >= self.measure_every_s or not self.nodes:
+                jobs = {t.job_id for t in self.tickets.values() if t.state == "running" and t.job_id}
                 self.nodes = await asyncio.to_thread(measure_nodes, jobs)
-                self.measured_at = now
+                self.measured_at = time.time()
+            # Read the tickets after the awaits: a cancel or finish may have come in meanwhile.
+            waiting = [t for t in self.tickets.values() if t.state == "waiting"]
+            running = [t for t in self.tickets.values() if t.state == "running"]
             p = plan(waiting, running, self.nodes, policy, served_counts(self.tickets.values()))
+            now = time.time()
             for tid, grant in p.admit:
                 t = self.tickets[tid]
-                t.state, t.grant, t.admitted_at, t.stage = "running", grant, now, "admitted"
+                t.state, t.grant, t.admitted_at, t.stage, t.message = "running", grant, now, "admitted", None
                 dirty = True
-            for tid, why in p.reject:
-                t = self.tickets[tid]
-                t.state, t.finished_at, t.message = "rejected", now, why
-                dirty = True
+            unplaced = dict(p.unplaced)
+            for t in waiting:
+                if t.state == "waiting" and t.message != unplaced.get(t.id):
+                    t.message = unplaced.get(t.id)
+                    dirty = True
             if p.admit:
                 self.measured_at = 0.0  # the next admission sees the new grants' actual use
+            wanted = p.wanted
+        if wanted != self.wanted:
+            self.wanted = wanted
+            await asyncio.to_thread(_ask_autoscaler, wanted)
         if dirty:
             self._save()
 
@@ -423,15 +457,30 @@ class CompileQueueActor:
         self._ensure_loop()
         self.changed.set()
 
-    async def submit(self, tenant: str, name: str, demand: dict, job_id: str | None, driver_pid: int | None = None) -> str:
+    async def submit(self, tenant: str, name: str, demand: dict, job_id: str | None,
+                     driver_pid: int | None = None) -> dict[str, Any]:
+        """A new waiting ticket; returns its record (the driver keeps it to re-register)."""
         self._ensure_loop()
         tid = f"{name}-{uuid.uuid4().hex[:8]}"
         now = time.time()
-        self.tickets[tid] = Ticket(id=tid, tenant=tenant, name=name, demand=Demand.model_validate(demand),
-                                   submitted_at=now, heartbeat_at=now, job_id=job_id, driver_pid=driver_pid)
+        t = Ticket(id=tid, tenant=tenant, name=name, demand=Demand.model_validate(demand), submitted_at=now,
+                   heartbeat_at=now, job_id=job_id, driver_pid=driver_pid, lease_s=load_policy(self.state_dir).lease_s)
+        self.tickets[tid] = t
         self._save()
         self._poke()
-        return tid
+        return t.model_dump(mode="json")
+
+    async def adopt(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Take back a ticket this actor does not know (restarted without its state file) from
+        its driver's copy: a running compile keeps running, with its grant."""
+        self._ensure_loop()
+        t = Ticket.model_validate(record)
+        if t.id not in self.tickets and t.state in ACTIVE:
+            t.heartbeat_at = time.time()
+            self.tickets[t.id] = t
+            self._save()
+            self._poke()
+        return self._view(self.tickets[t.id]) if t.id in self.tickets else {"state": "lost", "message": "ended"}
 
     async def heartbeat(self, tid: str, stage: str | None = None, done: int | None = None, total: int | None = None,
                         spend_usd: float | None = None) -> dict[str, Any]:
@@ -439,7 +488,7 @@ class CompileQueueActor:
         self._ensure_loop()
         t = self.tickets.get(tid)
         if t is None:
-            return {"state": "lost", "message": "the queue does not know this ticket"}
+            return {"state": "unknown", "message": "the queue does not know this ticket"}
         if t.state in ACTIVE:
             t.heartbeat_at = time.time()
             if t.state == "running":
@@ -458,7 +507,7 @@ class CompileQueueActor:
         pos = next((i + 1 for i, x in enumerate(waiting) if x.id == t.id), None)
         return {"state": t.state, "position": pos, "waiting": len(waiting),
                 "running": sum(1 for x in self.tickets.values() if x.state == "running"),
-                "grant": t.grant.model_dump() if t.grant else None, "message": t.message}
+                "grant": t.grant.model_dump() if t.grant else None, "message": t.message, "lease_s": t.lease_s}
 
     async def finish(self, tid: str, state: State, message: str | None = None) -> None:
         t = self.tickets.get(tid)
@@ -522,12 +571,14 @@ def check_tenant(tenant: str) -> str:
 class Admission:
     """A compile's place in the queue: waits to be admitted, then heartbeats its stage and
     progress until ``close``. A cancel seen at a heartbeat interrupts the compile's main thread
-    (``KeyboardInterrupt`` there, re-raised by ``admitted`` as ``CompileCancelled``)."""
+    (``KeyboardInterrupt`` there, or whatever the running stage makes of it), and the next
+    ``stage`` or ``progress`` call raises ``CompileCancelled``, so nothing is signed after it."""
 
-    def __init__(self, queue: Any, ticket: str, heartbeat_s: float):
+    def __init__(self, queue: Any, record: dict[str, Any]):
         self.queue = queue
-        self.ticket = ticket
-        self.heartbeat_s = heartbeat_s
+        self.record = record  # the ticket as the queue gave it: to re-register after a restart
+        self.ticket: str = record["id"]
+        self.heartbeat_s = max(0.5, float(record.get("lease_s", 60.0)) / 6)
         self.grant: Grant | None = None
         self.stage_name = "admitted"
         self.done = 0
@@ -537,12 +588,20 @@ class Admission:
         self.probe: Callable[[], float | None] | None = None
         self.cancelled = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a cancel is acted on only while the compile runs
         self._thread: threading.Thread | None = None
 
+    def _check(self) -> None:
+        if self.cancelled.is_set():
+            raise CompileCancelled(f"compile {self.ticket} was cancelled; everything it held is freed. "
+                                   "Re-running it resumes from its cached teacher answers and checkpoints.")
+
     def stage(self, name: str, total: int = 0) -> None:
+        self._check()
         self.stage_name, self.done, self.total = name, 0, total
 
     def progress(self, n: int) -> None:
+        self._check()
         self.done += n
 
     def spend(self, usd: float) -> None:
@@ -556,9 +615,12 @@ class Admission:
                 self.spend_usd = self.probe() or self.spend_usd
             except Exception as e:  # noqa: BLE001 - spend so far is for display; the stage reports the total
                 log.debug("spend probe failed: %s", e)
-
-        return ray.get(self.queue.heartbeat.remote(self.ticket, self.stage_name, self.done, self.total, self.spend_usd),
-                       timeout=60)
+        view = ray.get(self.queue.heartbeat.remote(self.ticket, self.stage_name, self.done, self.total,
+                                                   self.spend_usd), timeout=60)
+        if view["state"] == "unknown":  # the actor restarted without its state: hand it the ticket back
+            record = {**self.record, **({"state": "running", "grant": self.grant.model_dump()} if self.grant else {})}
+            view = ray.get(self.queue.adopt.remote(record), timeout=60)
+        return view
 
     def wait(self, say: Callable[[str], None], poll_s: float = 1.0) -> Grant:
         last = None
@@ -570,7 +632,7 @@ class Admission:
             if view["state"] != "waiting":
                 raise CompileCancelled(f"compile {self.ticket} {view['state']}: {view.get('message') or ''}".rstrip(": "))
             line = (f"queue       {self.ticket}: waiting, position {view['position']} of {view['waiting']} "
-                    f"({view['running']} compile(s) running)")
+                    f"({view['running']} compile(s) running)" + (f"; {view['message']}" if view.get("message") else ""))
             if line != last:
                 say(line)
                 last = line
@@ -584,18 +646,28 @@ class Admission:
                 except Exception as e:  # noqa: BLE001 - a slow GCS: the lease covers several misses
                     log.warning("queue heartbeat failed: %s", e)
                     continue
-                if view["state"] != "running":
+                if view["state"] == "running":
+                    continue
+                with self._lock:
+                    if self._stop.is_set():  # the compile ended meanwhile: nothing to interrupt
+                        return
                     self.cancelled.set()
                     _thread.interrupt_main()
-                    return
+                return
 
         self._thread = threading.Thread(target=run, name="kolm-queue-heartbeat", daemon=True)
         self._thread.start()
 
+    def stop_heartbeats(self) -> None:
+        with self._lock:
+            self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
     def close(self, state: State, message: str | None = None) -> None:
         import ray
 
-        self._stop.set()
+        self.stop_heartbeats()
         if state == "cancelled":
             return  # the queue already holds the ticket as cancelled (or lost)
         try:
@@ -609,28 +681,26 @@ class admitted:
     heartbeat while the body runs, tell the queue how it ended.
 
     Raises:
-        CompileCancelled: the ticket was cancelled or rejected (while waiting or running).
+        CompileCancelled: the ticket was cancelled (while waiting or running), its driver was
+            interrupted (Ctrl-C), or the queue dropped it.
     """
 
-    def __init__(self, state_dir: Path, tenant: str, name: str, demand: Demand, say: Callable[[str], None],
-                 policy: QueuePolicy | None = None):
+    def __init__(self, state_dir: Path, tenant: str, name: str, demand: Demand, say: Callable[[str], None]):
         import ray
 
         self.say = say
         self.queue = get_queue(state_dir)
-        lease = (policy or load_policy(state_dir)).lease_s
         job = ray.get_runtime_context().get_job_id()
-        ticket = ray.get(self.queue.submit.remote(tenant, name, demand.model_dump(), job, os.getpid()))
-        self.adm = Admission(self.queue, ticket, heartbeat_s=max(0.5, lease / 6))
+        record = ray.get(self.queue.submit.remote(tenant, name, demand.model_dump(), job, os.getpid()))
+        self.adm = Admission(self.queue, record)
 
     def __enter__(self) -> Admission:
         try:
             grant = self.adm.wait(self.say)
-        except KeyboardInterrupt:
-            self.adm.close("cancelled")
-            ray_cancel(self.adm)
-            raise
         except CompileCancelled:
+            raise
+        except BaseException:  # Ctrl-C, or the queue unreachable: give the place back now
+            give_back(self.adm)
             raise
         self.say(f"queue       {self.adm.ticket}: admitted · {grant.cpus_per_worker:g} CPU"
                  + (f", {grant.gpus_per_worker:g} GPU" if grant.gpus_per_worker else "") + " per worker")
@@ -638,30 +708,35 @@ class admitted:
         return self.adm
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self.adm.stop_heartbeats()
         if self.adm.cancelled.is_set():
             self.adm.close("cancelled")
-            # The interrupt surfaces as KeyboardInterrupt, or as whatever the running stage makes
-            # of it (Ray Train's SIGINT handler aborts the fit and calls sys.exit).
-            if exc_type is not None:
+            if exc_type is not None and not issubclass(exc_type, CompileCancelled):
+                # The interrupt surfaced as KeyboardInterrupt, or as whatever the running stage
+                # made of it (Ray Train's SIGINT handler aborts the fit and calls sys.exit).
                 raise CompileCancelled(f"compile {self.adm.ticket} was cancelled; everything it held is freed. "
                                        "Re-running it resumes from its cached teacher answers and checkpoints.") from None
             return False
         if exc_type is None:
             self.adm.close("done")
-        elif exc_type is KeyboardInterrupt:
-            ray_cancel(self.adm)
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            give_back(self.adm)
+            # Ray Train turns a Ctrl-C during the fit into SystemExit(0): not a success.
+            raise CompileCancelled(f"compile {self.adm.ticket} was interrupted; re-running it resumes from its "
+                                   "cached teacher answers and checkpoints.") from None
         else:
             self.adm.close("failed", f"{exc_type.__name__}: {exc}"[:500])
         return False
 
 
-def ray_cancel(adm: Admission) -> None:
+def give_back(adm: Admission) -> None:
     """Interrupted at the terminal (Ctrl-C): give the place back at once instead of at lease expiry."""
     import ray
 
+    adm.stop_heartbeats()
     try:
         ray.get(adm.queue.cancel.remote(adm.ticket), timeout=10)
-    except Exception:  # noqa: BLE001 - the lease frees it anyway
+    except Exception:  # noqa: BLE001 - the lease (or the job table) frees it anyway
         pass
 
 

@@ -323,7 +323,7 @@ def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: 
         age = _time.time() - t["submitted_at"]
         click.echo(f"{t['id']:<34} {t['tenant']:<14} {t['state']:<9} {t['position'] or '':>3} "
                    f"{t['stage'] if t['state'] == 'running' else '':<9} {prog:>9} ${t['spend_usd']:>8.4f} "
-                   f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and show_all else ""))
+                   f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and (show_all or t["state"] == "waiting") else ""))
 
 
 @queue_cmd.command(name="limits")

@@ -9,6 +9,7 @@ of the attempt and the failure) must also count each retry and tell the cluster-
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -26,6 +27,7 @@ from kolm_ray.sampling.prompt import estimate_tokens, sdk_kwargs
 
 # "budget": refused by the quota before the call was made (a tenant's budget or --max-cost spent).
 FailureKind = Literal["rate_limited", "overloaded", "server", "timeout", "connection", "malformed", "client", "budget"]
+log = logging.getLogger(__name__)
 RETRYABLE: frozenset[str] = frozenset({"rate_limited", "overloaded", "server", "timeout", "connection", "malformed"})
 
 
@@ -122,6 +124,9 @@ SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 # A quota lease outlives the call it covers by this much past the timeout: the SDK gives up at
 # the timeout, and the release then needs a moment to reach the quota actor.
 LEASE_MARGIN_S = 30.0
+# A claim on a sample key (one payer per sample across the cluster) lasts this long unless its
+# owner renews it (every third of it): a dead owner's sample is free again within a minute.
+KEY_CLAIM_S = 60.0
 
 
 def sdk_env() -> dict[str, str]:
@@ -164,25 +169,37 @@ class AnthropicTeacher:
         if self.quota is None:
             return await self._paid(params, key)
         # One payer per sample across the cluster: another compile already calling for this key
-        # is waited for, and its answer read from the cache.
+        # is waited for, and its answer read from the cache. The claim is kept alive while this
+        # call (its quota wait, its attempts and their backoff) lasts, and expires soon after
+        # a dead owner's last renewal.
         owner = f"{self.claim.holder}/{uuid.uuid4().hex[:8]}"
-        ttl = self.cfg.timeout_s + LEASE_MARGIN_S + self.cfg.backoff_max_s  # one attempt and its wait
-        while not await self.quota.claim_key.remote(key, owner, ttl):
-            hit = await asyncio.to_thread(self.cache.get, key)  # an object store blocks
+        while not await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S):
+            hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
                 return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+        renewer = asyncio.get_running_loop().create_task(self._keep_claim(key, owner))
         try:
-            return await self._paid(params, key, lambda: self.quota.claim_key.remote(key, owner, ttl))
+            return await self._paid(params, key)
         finally:
-            await self.quota.release_key.remote(key, owner)
+            renewer.cancel()
+            try:
+                await self.quota.release_key.remote(key, owner)
+            except Exception as e:  # noqa: BLE001 - the claim expires by itself; the result stands
+                log.warning("could not release the claim on sample %s: %s", key[:12], e)
 
-    async def _paid(self, params: dict[str, Any], key: str, renew: Any = None) -> SampleResult:
+    async def _keep_claim(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(KEY_CLAIM_S / 3)
+            try:
+                await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S)
+            except Exception as e:  # noqa: BLE001 - one missed renewal leaves two more before expiry
+                log.warning("could not renew the claim on sample %s: %s", key[:12], e)
+
+    async def _paid(self, params: dict[str, Any], key: str) -> SampleResult:
         result = SampleResult(text=None)
         estimated = estimate_tokens(params)
         lease_s = self.cfg.timeout_s + LEASE_MARGIN_S
         while True:
-            if renew is not None and result.attempts:
-                await renew()  # the claim covers one attempt and its wait: renew it per attempt
             result.attempts += 1
             grant = None
             if self.quota is not None:

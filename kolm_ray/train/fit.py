@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +220,10 @@ def fit(
         ),
     )
     t0 = time.perf_counter()
+    # Ray Train installs a SIGINT handler for the fit and leaves it behind; put ours back after,
+    # so that an interrupt later in the compile (a `kolm cancel`, Ctrl-C) is not swallowed.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -225,6 +231,9 @@ def fit(
             f"the fit failed after {cfg.max_failures} restarts: {e}. Its checkpoints are kept under "
             f"{join(storage, name)}: re-run the same compile to resume."
         ) from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise KolmRuntimeError("the fit finished without a checkpoint")

@@ -104,7 +104,7 @@ def _quota(api_key="k"):
 def test_a_callers_limits_never_change_the_organizations(ray_session):
     import ray
 
-    from kolm_ray.sampling.quota import teacher_quota
+    from kolm_ray.sampling.quota import quota_name, teacher_quota
 
     set_limits(max_in_flight=5)
     api_key = f"k-{uuid.uuid4().hex[:8]}"
@@ -303,7 +303,7 @@ def test_two_runs_of_one_task_at_once_pay_for_each_sample_once(ray_session, limi
                               text=True, env=dict(os.environ)) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    summaries = [json.loads(o[o.index("{"):]) for o, _ in outs]
+    summaries = [json.JSONDecoder().raw_decode(o[o.index("{"):])[0] for o, _ in outs]
     assert srv.stats.succeeded == 24 * 2  # every sample paid for once across both runs
     assert sum(s["calls"] for s in summaries) == 24 * 2
     assert sum(s["cache_hits"] for s in summaries) == 24 * 2

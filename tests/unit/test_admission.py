@@ -60,12 +60,26 @@ def test_serving_holding_most_of_the_node_shrinks_the_grant_instead_of_hanging()
 
 def test_below_the_minimum_share_the_compile_waits():
     p = plan([ticket("c1")], [], [Node("head", 0.25, total_cpu=2.0)], POLICY)
-    assert p.admit == [] and p.reject == [] and p.order == ["c1"]
+    assert p.admit == [] and p.unplaced == [] and p.order == ["c1"]
 
 
-def test_a_compile_that_fits_on_no_node_is_rejected_not_left_waiting():
-    p = plan([ticket("big", gpus=1.0)], [], [Node("n1", 8.0, 0.0)], POLICY)
-    assert p.admit == [] and p.reject and p.reject[0][0] == "big" and "GPU" in p.reject[0][1]
+def test_a_compile_that_fits_on_no_node_now_waits_for_nodes_without_blocking_others():
+    # A GPU compile while the GPU nodes are scaled to zero: it says why it waits, asks the
+    # autoscaler for its bundles, and the CPU compile behind it runs.
+    p = plan([ticket("gpu", at=1, gpus=1.0), ticket("cpu", at=2)], [], [Node("n1", 8.0, 0.0)], POLICY)
+    assert [i for i, _ in p.admit] == ["cpu"]
+    assert p.unplaced and p.unplaced[0][0] == "gpu" and "waiting for nodes" in p.unplaced[0][1]
+    assert p.wanted == [{"CPU": 1.0, "GPU": 1.0}]
+
+
+def test_the_first_compile_waiting_for_free_resources_is_asked_of_the_autoscaler():
+    p = plan([ticket("c1", workers=2)], [running("r", "x", cpus=1.5)], [Node("n1", 2.0)], POLICY)
+    assert p.admit == [] and p.wanted == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_an_even_split_is_rounded_down_so_it_fits():
+    g = grant_for(Demand(workers=3, cpus_per_worker=1.0), {"n1": (2.0, 0.0)}, POLICY)
+    assert g is not None and g.cpus_per_worker == 0.6666 and g.nodes == {"n1": 3}
 
 
 def test_the_tenant_limit_passes_over_a_tenant_without_blocking_others():
@@ -91,9 +105,10 @@ def test_max_running_caps_the_cluster():
     assert [i for i, _ in p.admit] == ["c1"]
 
 
-def test_a_ticket_without_heartbeats_expires():
-    tickets = [ticket("alive", beat=100.0), ticket("dead", beat=10.0), ticket("done", beat=0.0, state="done")]
-    assert expired(tickets, now=120.0, lease_s=60.0) == ["dead"]
+def test_a_ticket_without_heartbeats_expires_by_its_own_lease():
+    tickets = [ticket("alive", beat=100.0), ticket("dead", beat=10.0), ticket("done", beat=0.0, state="done"),
+               ticket("long", beat=10.0).model_copy(update={"lease_s": 600.0})]
+    assert expired(tickets, now=120.0) == ["dead"]
 
 
 def test_a_paused_queue_admits_nothing_but_keeps_the_order():
@@ -104,7 +119,64 @@ def test_a_paused_queue_admits_nothing_but_keeps_the_order():
 
 def test_a_ticket_whose_driver_the_cluster_lists_as_ended_is_dropped_at_once():
     t = ticket("mine", beat=100.0).model_copy(update={"job_id": "01000000", "driver_pid": 42})
-    assert expired([t], now=101.0, lease_s=60.0, alive={("01000000", 42)}) == []
+    assert expired([t], now=101.0, alive={("01000000", 42)}) == []
     # A new local cluster reuses job id 01000000 for another driver: the old ticket is gone.
-    assert expired([t], now=101.0, lease_s=60.0, alive={("01000000", 7)}) == ["mine"]
-    assert expired([t], now=101.0, lease_s=60.0, alive=None) == []  # job table unknown: heartbeats decide
+    assert expired([t], now=101.0, alive={("01000000", 7)}) == ["mine"]
+    assert expired([t], now=101.0, alive=None) == []  # job table unknown: heartbeats decide
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class _FakeQueue:
+    """The queue actor's driver-facing methods, answering with ``state``."""
+
+    def __init__(self, state: str):
+        self.state = state
+        self.calls: list[str] = []
+        self.heartbeat = _Remote(lambda *a: self.calls.append("heartbeat") or {"state": self.state, "grant": None})
+        self.finish = _Remote(lambda *a: self.calls.append("finish"))
+        self.cancel = _Remote(lambda *a: self.calls.append("cancel"))
+
+
+def _driver_side(monkeypatch, state: str):
+    import ray
+
+    from kolm_ray import admission
+
+    interrupts: list[int] = []
+    monkeypatch.setattr(ray, "get", lambda x, timeout=None: x)
+    monkeypatch.setattr(admission._thread, "interrupt_main", lambda: interrupts.append(1))
+    queue = _FakeQueue(state)
+    return admission.Admission(queue, {"id": "t1", "lease_s": 3.0}), queue, interrupts
+
+
+def test_a_cancel_seen_after_the_fit_stops_the_compile_before_it_signs(monkeypatch):
+    """Ray Train's SIGINT handler may swallow the interrupt once the fit is over: the next stage
+    boundary still stops the compile, so nothing is signed after a cancel."""
+    import pytest
+
+    from kolm_ray.admission import CompileCancelled
+
+    adm, _, interrupts = _driver_side(monkeypatch, "cancelled")
+    adm.start_heartbeats()
+    assert adm.cancelled.wait(timeout=30)
+    with pytest.raises(CompileCancelled):
+        adm.stage("sign")
+    assert interrupts == [1]
+
+
+def test_a_compile_that_ended_is_never_interrupted_by_a_late_heartbeat(monkeypatch):
+    adm, queue, interrupts = _driver_side(monkeypatch, "running")
+    adm.start_heartbeats()
+    adm.close("done")  # stops and joins the heartbeat thread before telling the queue
+    queue.state = "done"
+    import time
+
+    time.sleep(1.5)  # three heartbeat periods: none may come
+    assert interrupts == [] and not adm.cancelled.is_set() and queue.calls[-1] == "finish"
