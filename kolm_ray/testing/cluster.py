@@ -70,12 +70,7 @@ class LocalHead:
             "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        env = {**os.environ, **self.env}
-        env.pop("RAY_ADDRESS", None)
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        if res.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"`ray start --head` failed ({res.returncode}): {res.stderr[-2000:]}")
+        _ray_start(cmd, self.env, self.stop)
         return self
 
     def stop(self) -> None:
@@ -99,18 +94,23 @@ class LocalWorker:
         cmd += [f"--{flag}={free_port()}" for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
             "metrics-export-port", "node-manager-port", "object-manager-port")]
-        env = {**os.environ, **self.head.env}
-        env.pop("RAY_ADDRESS", None)
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        if res.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"`ray start --address` failed ({res.returncode}): {res.stderr[-2000:]}")
+        _ray_start(cmd, self.head.env, self.stop)
         return self
 
     def stop(self) -> None:
         """Kill the node's processes at once, as a lost machine would go."""
         _kill_named(self.temp_dir)
         self.temp_dir = None
+
+
+def _ray_start(cmd: list[str], env: dict[str, str], cleanup) -> None:
+    """Run ``ray start ...`` with the cluster's auth settings; on failure clean up and raise."""
+    full = {**os.environ, **env}
+    full.pop("RAY_ADDRESS", None)
+    res = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=180)
+    if res.returncode != 0:
+        cleanup()
+        raise RuntimeError(f"`{' '.join(cmd[1:3])}` failed ({res.returncode}): {res.stderr[-2000:]}")
 
 
 def _kill_named(temp_dir: Path | None) -> None:

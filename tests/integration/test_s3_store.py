@@ -6,7 +6,6 @@ s3:// artifact, serving refusing an object swapped after publish, a Ray Train fi
 to S3 and resuming from there, and errors that name the URI."""
 
 import json
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,30 +22,9 @@ from kolm_ray.testing.messages_api import replay_responder, sample_variants
 from tests.conftest import ROUTING_REFS, write_jsonl
 from tests.conftest import ROUTING_TASK as SPECIALIST_TASK
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
+from tests.races import race
 
 RUNNER = CliRunner()
-
-
-def _race(n: int, fn) -> list:
-    barrier = threading.Barrier(n)
-    out: list = [None] * n
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fn(i)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
 
 
 def _raw_put(uri: str, data: bytes) -> None:
@@ -125,7 +103,7 @@ def test_racing_allocations_in_a_bucket_get_different_versions_and_keep_their_by
         packed.write_bytes(f"artifact of compile {i}".encode() * 500)
         return version, put_artifact(store, packed, "tldr", version)
 
-    results = _race(6, compile_one)
+    results = race(6, compile_one)
     assert sorted(v for v, _ in results) == [(1, i) for i in range(6)]
     for i, (version, where) in enumerate(results):
         assert where == f"{store}/tldr-{version[0]}.{version[1]}.kolm"

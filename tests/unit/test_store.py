@@ -3,7 +3,6 @@ overwrites, URIs refused at the edge, and KOLM_HOME split into a store and a POS
 The same behaviour against a local S3 server: tests/integration/test_s3_store.py."""
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,34 +10,12 @@ import pytest
 from kolm_ray.artifact import artifact_name, next_version, put_artifact, release_version, reserve_version
 from kolm_ray.errors import InputError, KolmRuntimeError
 from kolm_ray.store import LocalStore, fetched, join, location_of, open_store
-
-
-def _race(n: int, fn) -> list:
-    """``fn(i)`` in ``n`` threads released at once; their results in thread order."""
-    barrier = threading.Barrier(n)
-    out: list = [None] * n
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fn(i)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+from tests.races import race
 
 
 def test_put_if_absent_race_has_exactly_one_winner_whose_bytes_stay(tmp_path):
     store = open_store(tmp_path)
-    won = _race(16, lambda i: store.put_if_absent("k/one.bin", f"writer {i}".encode() * 1000))
+    won = race(16, lambda i: store.put_if_absent("k/one.bin", f"writer {i}".encode() * 1000))
     assert won.count(True) == 1
     winner = won.index(True)
     assert store.read_bytes("k/one.bin") == f"writer {winner}".encode() * 1000
@@ -101,7 +78,7 @@ def test_a_store_pickles_as_its_location(tmp_path):
 
 def test_two_compiles_of_one_name_get_different_versions(tmp_path):
     """The bug on main: next_version then rename let two compiles both write NAME-1.0.kolm."""
-    versions = _race(8, lambda i: reserve_version(tmp_path, "tldr"))
+    versions = race(8, lambda i: reserve_version(tmp_path, "tldr"))
     assert sorted(versions) == [(1, i) for i in range(8)]
 
 
@@ -112,7 +89,7 @@ def test_racing_compiles_each_write_their_own_artifact_and_none_is_overwritten(t
         packed.write_bytes(f"artifact of compile {i}".encode())
         return version, put_artifact(tmp_path, packed, "tldr", version)
 
-    results = _race(6, compile_one)
+    results = race(6, compile_one)
     assert len({v for v, _ in results}) == 6
     for i, (version, where) in enumerate(results):
         assert Path(where) == tmp_path / artifact_name("tldr", version)
