@@ -1,0 +1,3 @@
+from kolm_ray.cli import main
+
+main()

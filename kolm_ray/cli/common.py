@@ -1,0 +1,132 @@
+"""Helpers the commands share: option sets, task text, trust."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from kolm_ray.errors import InputError
+from kolm_ray.sampling.config import QuotaConfig
+from kolm_ray.train.config import FitConfig
+
+
+def option_help(model: type, field: str) -> str:
+    return model.model_fields[field].description or ""
+
+
+def task_text(task: str | None, task_file: str | None) -> str:
+    if task_file:
+        p = Path(task_file)
+        if not p.is_file():
+            raise InputError("task file not found", path=task_file)
+        task = p.read_text(encoding="utf-8")
+    if not task or not task.strip():
+        raise InputError("give the task instruction as TASK or --task-file F")
+    return task.strip()
+
+
+def slug(task: str) -> str:
+    words = re.findall(r"[a-z0-9]+", task.lower())
+    return "-".join(words[:5]) or "task"
+
+
+
+def claim_options(f):
+    """One compile's (or sampling run's) claim on the organization's teacher quota."""
+    for opt in reversed([
+        click.option("--tenant", default=None, help="Who the run is for: the queue's fairness and limits, and the "
+                     "teacher budget it spends [default: KOLM_TENANT, else the login name]."),
+        click.option("--max-in-flight", default=None, type=click.IntRange(1), help=option_help(QuotaConfig, "max_in_flight")),
+        click.option("--calls-per-minute", default=None, type=click.IntRange(1), help=option_help(QuotaConfig, "calls_per_minute")),
+        click.option("--tokens-per-minute", default=None, type=click.IntRange(1),
+                     help=option_help(QuotaConfig, "tokens_per_minute")),
+        click.option("--max-cost", "max_cost_usd", default=None, type=click.FloatRange(min=0),
+                     help=option_help(QuotaConfig, "max_cost_usd")),
+    ]):
+        f = opt(f)
+    return f
+
+
+def quota_claim(tenant: str | None, max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
+           max_cost_usd: float | None) -> QuotaConfig:
+    from kolm_ray.admission import check_tenant, default_tenant
+
+    return QuotaConfig(tenant=check_tenant(tenant or default_tenant()), max_in_flight=max_in_flight,
+                       calls_per_minute=calls_per_minute, tokens_per_minute=tokens_per_minute, max_cost_usd=max_cost_usd)
+
+
+
+def fit_options(f):
+    for opt in reversed([
+        click.option("--epochs", default=FitConfig.model_fields["epochs"].default, show_default=True,
+                     type=click.IntRange(1), help=option_help(FitConfig, "epochs")),
+        click.option("--max-steps", default=None, type=click.IntRange(0), help=option_help(FitConfig, "max_steps")),
+        click.option("--lr", default=FitConfig.model_fields["lr"].default, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True), help=option_help(FitConfig, "lr")),
+        click.option("--lora-r", default=16, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "lora_r")),
+        click.option("--lora-alpha", default=32, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "lora_alpha")),
+        click.option("--target-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+                     help=option_help(FitConfig, "target_modules") + " Comma-separated."),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "workers")),
+        click.option("--cpus-per-worker", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help=option_help(FitConfig, "cpus_per_worker")),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "batch_size")),
+        click.option("--max-length", default=1024, show_default=True, type=click.IntRange(16), help=option_help(FitConfig, "max_length")),
+        click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3), help=option_help(FitConfig, "zero_stage")),
+        click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(1),
+                     help=option_help(FitConfig, "checkpoint_every")),
+        click.option("--max-failures", default=2, show_default=True, type=click.IntRange(0), help=option_help(FitConfig, "max_failures")),
+        click.option("--seed", default=0, show_default=True, type=int, help=option_help(FitConfig, "seed")),
+    ]):
+        f = opt(f)
+    return f
+
+
+
+def trust_from(key: str | None, identity: str | None, issuer: str | None):
+    from kolm_ray.signing import Trust
+
+    return Trust(public_key=Path(key) if key else None, identity=identity, issuer=issuer)
+
+
+def trust_or_default(key: str | None, identity: str | None, issuer: str | None):
+    """The trust the flags name, else kolm's own default key (said on stderr)."""
+    from kolm_ray.signing import default_trust
+
+    if key or identity or issuer:
+        return trust_from(key, identity, issuer)
+    trust = default_trust()
+    click.echo(f"trusting the default key {trust.public_key}", err=True)
+    return trust
+
+
+
+def parse_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k or not val:
+            raise InputError(f"invalid {flag} {v!r}: use KEY=VALUE")
+        out[k] = val
+    return out
+
+
+def read_api_keys(path: str | None) -> dict[str, str]:
+    """An API keys file: JSON {"key name": "token", ...} -> name -> SHA-256 of the token."""
+    from kolm_ray.serve.config import token_digest
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the API keys file ({e})", path=path) from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and len(v) >= 16 for v in data.values()):
+        raise InputError('API keys file must be a JSON object {"name": "token", ...} with tokens of 16+ characters',
+                         path=path)
+    return {name: token_digest(tok) for name, tok in data.items()}
+
+

@@ -1,0 +1,145 @@
+"""`kolm publish`, `kolm status`, `kolm promote`, `kolm rollback`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from kolm_ray.cli.app import cli
+from kolm_ray.cli.common import option_help, trust_or_default
+from kolm_ray.errors import InputError
+from kolm_ray.publish.release import AuditSettings
+
+
+def _poke(env: str) -> None:
+    """Tell a running rollout controller (on the cluster at RAY_ADDRESS) to apply the change now."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    from kolm_ray.cluster import connect
+    from kolm_ray.publish import controller
+
+    try:  # the change is already recorded: a controller that can't be reached picks it up on its next tick
+        connect(None)
+        if controller.poke(env) is not None:
+            click.echo(f"applied     the running app kolm-{env} picked the change up")
+    except Exception as e:  # noqa: BLE001 - a warning, never a failed publish
+        click.echo(f"warning: could not reach the rollout controller of {env!r} ({type(e).__name__}: {e}); "
+                   "it applies the change on its next tick", err=True)
+
+
+@cli.command(name="publish")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--to", "env", required=True, help="Environment (e.g. prod, marketing-prod).")
+@click.option("--canary", default=5.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
+              help="Percent of the Specialist's traffic the new version gets while it holds.")
+@click.option("--hold", default="24h", show_default=True, help="How long the canary holds before it may be promoted.")
+@click.option("--min-samples", default=200, show_default=True, type=click.IntRange(1),
+              help="Canary calls needed before it is judged.")
+@click.option("--tolerance", default=0.5, show_default=True, type=click.FloatRange(0),
+              help="K points the new version may trail stable (offline compare and online).")
+@click.option("--audit-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help=option_help(AuditSettings, "rate"))
+@click.option("--shadow", is_flag=True, help=option_help(AuditSettings, "shadow"))
+@click.option("--audit-tolerance", default=AuditSettings.model_fields["tolerance"].default, show_default=True,
+              type=click.FloatRange(0), help=option_help(AuditSettings, "tolerance"))
+@click.option("--confidence", default=AuditSettings.model_fields["confidence"].default, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True), help=option_help(AuditSettings, "confidence"))
+@click.option("--min-audits", default=AuditSettings.model_fields["min_audits"].default, show_default=True,
+              type=click.IntRange(1), help=option_help(AuditSettings, "min_audits"))
+@click.option("--force", is_flag=True, help="Publish even if the compare rejects it, or replace a running canary.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key the artifact must be signed with.")
+@click.option("--identity", help="Sigstore signer identity.")
+@click.option("--issuer", help="Sigstore OIDC issuer URL.")
+def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float,
+                audit_rate: float, shadow: bool, audit_tolerance: float, confidence: float, min_audits: int,
+                force: bool, key: str | None, identity: str | None, issuer: str | None) -> None:
+    """Release ARTIFACT to an environment: the first version is stable at once; a later one goes
+    out behind a canary, holds, and is promoted or rolled back by the rollout controller."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.release import check_env
+    from kolm_ray.publish.service import parse_duration, publish_artifact
+
+    from pydantic import ValidationError
+
+    check_env(env)
+    hold_s = parse_duration(hold)
+    try:
+        audit = AuditSettings(rate=audit_rate, shadow=shadow, tolerance=audit_tolerance, confidence=confidence,
+                              min_audits=min_audits)
+    except ValidationError as e:
+        raise InputError(f"invalid audit settings: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    trust = trust_or_default(key, identity, issuer)
+    _, line, comparison = publish_artifact(kolm_home(), env, artifact, trust, weight=canary / 100, hold_s=hold_s,
+                                           min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
+    if comparison is not None:
+        for c in comparison.lines()[:5]:
+            click.echo(c)
+    click.echo(line)
+    _poke(env)
+
+
+@cli.command(name="status")
+@click.option("--env", required=True, help="Environment.")
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(env: str, as_json: bool) -> None:
+    """Each Specialist in ENV: stable and canary versions, weight, phase, online K, samples, hold left."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import env_status
+
+    st = env_status(kolm_home(), env)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+    for e in st["specialists"]:
+        audited = e["audited_calls"]
+        click.echo(f"{e['name']:<16}{e['phase']:<12}stable {e['stable']} (online K {f(e['stable_online_k'])}, "
+                   f"{e['stable_calls']} calls; audited K {f(e['stable_audited_k'])}, {audited['stable']} audits)")
+        if e["canary"]:
+            click.echo(f"{'':<28}canary {e['canary']} at {100 * e['weight']:g}% (online K {f(e['canary_online_k'])}, "
+                       f"{e['canary_calls']}/{e['min_samples']} calls; audited K {f(e['canary_audited_k'])}, "
+                       f"{audited['canary']} audits), hold {e['hold_left_s']:.0f} s left")
+            missing = {k: e["audit_failed"][k] + e["audit_dropped"][k] for k in ("stable", "canary")}
+            if e["audit"]["rate"] > 0 or any(missing.values()):
+                click.echo(f"{'':<28}audits: {audited['canary']} canary + {audited['stable']} stable, "
+                           f"{sum(e['audit_failed'].values())} failed (teacher), "
+                           f"{sum(e['audit_dropped'].values())} dropped (queue full), ${e['audit_cost_usd']:.4f}"
+                           + (f" + {e['audit_uncosted']} uncosted (no price for the teacher)"
+                              if e["audit_uncosted"] else ""))
+            ev = e["evidence"]
+            click.echo(f"{'':<28}evidence ({ev['signal']} K): {ev['action']}: {ev['reason']}")
+        if e["last_decision"]:
+            click.echo(f"{'':<28}controller: {e['last_decision']['action']}: {e['last_decision']['reason']}")
+        elif e["last_transition"]:
+            t = e["last_transition"]
+            click.echo(f"{'':<28}last: {t['phase']} {t['version']}: {t['reason']}")
+
+
+@cli.command(name="promote")
+@click.argument("name")
+@click.option("--env", required=True)
+def promote_cmd(name: str, env: str) -> None:
+    """Give NAME's canary all traffic now."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import manual
+
+    r = manual(kolm_home(), env, name, "promote").releases[name]
+    click.echo(f"promoted    {name}@{r.stable.version} is stable in {env} (previous {r.previous.version} kept)")
+    _poke(env)
+
+
+@cli.command(name="rollback")
+@click.argument("name")
+@click.option("--env", required=True)
+def rollback_cmd(name: str, env: str) -> None:
+    """Send NAME's canary to 0% (or, after a promotion, bring the previous stable back)."""
+    from kolm_ray.home import kolm_home
+    from kolm_ray.publish.service import manual
+
+    r = manual(kolm_home(), env, name, "rollback").releases[name]
+    click.echo(f"rolled back {name}: stable {r.stable.version} in {env}")
+    _poke(env)
+
+

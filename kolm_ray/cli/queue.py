@@ -1,0 +1,154 @@
+"""The operator's commands: `kolm queue`, `kolm cancel`, `kolm teacher-limits`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from kolm_ray.cli.app import cli
+from kolm_ray.cli.common import option_help, parse_pairs
+from kolm_ray.errors import InputError
+from kolm_ray.admission import QueuePolicy
+from kolm_ray.sampling.limits import RateLimits
+
+
+@cli.group(name="queue", invoke_without_command=True)
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--all", "show_all", is_flag=True, help="Also the compiles that ended in the last day.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: bool) -> None:
+    """The cluster's compiles: waiting (in admission order) and running, per tenant."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = address
+        return
+    from kolm_ray.admission import list_tickets
+    from kolm_ray.cluster import connect
+    from kolm_ray.home import kolm_home
+
+    connect(address)
+    order = {"running": 0, "waiting": 1}
+    tickets = sorted((t for t in list_tickets(kolm_home()) if show_all or t["state"] in order),
+                     key=lambda t: (order.get(t["state"], 2), t["position"] or 0, t["submitted_at"]))
+    if as_json:
+        click.echo(json.dumps(tickets, indent=2))
+        return
+    if not tickets:
+        click.echo("no compiles" + ("" if show_all else " waiting or running"))
+        return
+    import time as _time
+
+    click.echo(f"{'ID':<34} {'TENANT':<14} {'STATE':<9} {'POS':>3} {'STAGE':<9} {'PROGRESS':>9} {'SPEND':>9} {'AGE':>7}")
+    for t in tickets:
+        prog = f"{t['done']}/{t['total']}" if t["total"] else ""
+        age = _time.time() - t["submitted_at"]
+        click.echo(f"{t['id']:<34} {t['tenant']:<14} {t['state']:<9} {t['position'] or '':>3} "
+                   f"{t['stage'] if t['state'] == 'running' else '':<9} {prog:>9} ${t['spend_usd']:>8.4f} "
+                   f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and (show_all or t["state"] == "waiting") else ""))
+
+
+@queue_cmd.command(name="limits")
+@click.option("--max-running", default=None, type=click.IntRange(1), help=option_help(QueuePolicy, "max_running"))
+@click.option("--per-tenant", default=None, type=click.IntRange(1), help=option_help(QueuePolicy, "per_tenant"))
+@click.option("--tenant-limit", "tenant_limits", multiple=True, help="TENANT=N: this tenant's limit (repeatable).")
+@click.option("--lease", "lease_s", default=None, type=click.FloatRange(min=1), help=option_help(QueuePolicy, "lease_s"))
+@click.option("--pause/--resume", "paused", default=None, help=option_help(QueuePolicy, "paused"))
+@click.option("--clear", is_flag=True, help="Back to the defaults before applying the other options.")
+def queue_limits(max_running: int | None, per_tenant: int | None, tenant_limits: tuple[str, ...],
+                 lease_s: float | None, paused: bool | None, clear: bool) -> None:
+    """Show or set the queue's admission limits (kept in KOLM_HOME, read at every tick)."""
+    from kolm_ray.admission import load_policy, save_policy
+    from kolm_ray.home import kolm_home
+
+    policy = QueuePolicy() if clear else load_policy(kolm_home())
+    update: dict[str, Any] = {}
+    if max_running is not None:
+        update["max_running"] = max_running
+    if per_tenant is not None:
+        update["per_tenant"] = per_tenant
+    if lease_s is not None:
+        update["lease_s"] = lease_s
+    if paused is not None:
+        update["paused"] = paused
+    if tenant_limits:
+        limits = dict(policy.tenant_limits)
+        for tenant, n in parse_pairs(tenant_limits, "--tenant-limit").items():
+            if not n.isdigit() or int(n) < 1:
+                raise InputError(f"--tenant-limit {tenant}={n}: the limit is a whole number of compiles, at least 1")
+            limits[tenant] = int(n)
+        update["tenant_limits"] = limits
+    if update or clear:
+        policy = QueuePolicy.model_validate({**policy.model_dump(), **update})
+        save_policy(kolm_home(), policy)
+    click.echo(policy.model_dump_json(indent=2))
+
+
+@cli.command(name="cancel")
+@click.argument("ticket")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+def cancel_cmd(ticket: str, address: str | None) -> None:
+    """Cancel a waiting or running compile (ID from `kolm queue`); what it held is freed."""
+    from kolm_ray.admission import cancel
+    from kolm_ray.cluster import connect
+    from kolm_ray.home import kolm_home
+
+    connect(address)
+    res = cancel(kolm_home(), ticket)
+    if res["was"] == "running" and (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL")):
+        from kolm_ray.sampling.quota import release_holder
+
+        # Its teacher slots now, not at its driver's exit or its leases' expiry (the ticket is the holder).
+        release_holder(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"), ticket)
+    if res["was"] in ("waiting", "running"):
+        click.echo(f"cancelled {ticket} (was {res['was']})")
+    else:
+        click.echo(f"{ticket} had already ended ({res['was']})")
+
+
+
+@cli.group(name="teacher-limits")
+def teacher_limits() -> None:
+    """The organization's teacher limits and tenants' budgets (the operator's; compiles only read them)."""
+
+
+@teacher_limits.command(name="set")
+@click.option("--key", default=None, help="The key digest the change is for (`kolm teacher-limits show` lists it) "
+              "[default: the default entry, for every key without its own].")
+@click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL).")
+@click.option("--max-in-flight", type=click.IntRange(1), default=None, help=option_help(RateLimits, "max_in_flight"))
+@click.option("--calls-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "calls_per_minute"))
+@click.option("--tokens-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "tokens_per_minute"))
+@click.option("--tenant", default=None, help="The tenant whose budget --budget-usd / --budget-tokens set.")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None, help="The tenant's budget in US dollars.")
+@click.option("--budget-tokens", type=click.IntRange(0), default=None, help="The tenant's budget in billed tokens.")
+def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | None, calls_per_minute: int | None,
+                       tokens_per_minute: int | None, tenant: str | None, budget_usd: float | None,
+                       budget_tokens: int | None) -> None:
+    """Change the given limits (the rest are kept); running quotas pick them up within a second."""
+    from kolm_ray.sampling.limits import key_digest, set_limits, show_limits
+
+    if this_key:
+        key = key_digest(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+    set_limits(key=key, max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
+               tokens_per_minute=tokens_per_minute, tenant=tenant, budget_usd=budget_usd, budget_tokens=budget_tokens)
+    for line in show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")).lines():
+        click.echo(line)
+
+
+@teacher_limits.command(name="show")
+@click.option("--json", "as_json", is_flag=True, help="Print the file, this key's limits and spend as JSON.")
+def teacher_limits_show(as_json: bool) -> None:
+    """The limits as they apply to this environment's key, and its tenants' budgets and spend."""
+    from kolm_ray.sampling.limits import show_limits
+
+    view = show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+    if as_json:
+        click.echo(view.model_dump_json(indent=2))
+        return
+    for line in view.lines():
+        click.echo(line)
+
+

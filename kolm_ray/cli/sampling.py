@@ -1,0 +1,121 @@
+"""`kolm sample` and `kolm score`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from kolm_ray.cli.app import cli
+from kolm_ray.cli.common import claim_options, option_help, quota_claim, slug, task_text
+from kolm_ray.errors import InputError
+from kolm_ray.sampling.config import SampleConfig, TeacherConfig
+
+
+@cli.command()
+@click.argument("task", required=False)
+@click.option("--examples", "examples", required=True, type=click.Path(dir_okay=False),
+              help="JSONL or Parquet rows {id?, input, output?}.")
+@click.option("--task-file", type=click.Path(dir_okay=False), help="Read the task instruction from this file.")
+@click.option("--teacher", default=TeacherConfig.model_fields["model"].default, show_default=True,
+              help=option_help(TeacherConfig, "model"))
+@click.option("--k", default=4, show_default=True, type=click.IntRange(1, 64), help=option_help(SampleConfig, "k"))
+@click.option("--n", default=None, type=click.IntRange(1), help=option_help(SampleConfig, "n"))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [default: runs/<task>/samples].")
+@click.option("--batch", is_flag=True, help=option_help(SampleConfig, "batch"))
+@click.option("--batch-poll", "batch_poll_s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help=option_help(SampleConfig, "batch_poll_s"))
+@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=option_help(SampleConfig, "concurrency"))
+@click.option("--actors", default=2, show_default=True, type=click.IntRange(1), help=option_help(SampleConfig, "actors"))
+@click.option("--min-agreement", default=SampleConfig.model_fields["min_agreement"].default, show_default=True,
+              type=click.FloatRange(0, 1), help=option_help(SampleConfig, "min_agreement"))
+@click.option("--max-failed-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help=option_help(SampleConfig, "max_failed_fraction"))
+@click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_tokens"))
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help=option_help(TeacherConfig, "timeout_s"))
+@click.option("--max-attempts", default=6, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
+@claim_options
+@click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None,
+           out_dir: str | None, batch: bool, batch_poll_s: float, concurrency: int, actors: int, min_agreement: float,
+           max_failed_fraction: float, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
+           max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
+           max_cost_usd: float | None, prices: str | None, address: str | None, as_json: bool) -> None:
+    """Sample the teacher k times per example row and keep the best sample per row."""
+    from kolm_ray.cluster import connect
+    from kolm_ray.home import teacher_cache_dir
+    from kolm_ray.rows import read_rows
+    from kolm_ray.sampling.fanout import sample_rows, write_samples
+    from kolm_ray.sampling.pricing import load_prices, price_for
+
+    # Everything the user gave is checked before Ray starts or a call is paid for.
+    instruction = task_text(task, task_file)
+    rows = read_rows(examples)
+    price = price_for(teacher, load_prices(prices) if prices else None)
+    if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+        raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
+    teacher_cfg = TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts)
+    sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
+                              max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)
+    quota_cfg = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
+    out = out_dir or str(Path("runs") / slug(instruction) / "samples")  # a folder or s3://bucket/prefix
+
+    connect(address)
+    total = min(rows.num_rows, n or rows.num_rows) * k
+    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
+        outcome = sample_rows(instruction, rows, teacher=teacher_cfg, sample=sample_cfg, quota=quota_cfg,
+                              prices=price, cache_dir=teacher_cache_dir(), progress=bar.update,
+                              on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
+    written = write_samples(out, outcome)
+    if as_json:
+        click.echo(json.dumps({**outcome.summary.model_dump(), "out": str(written)}, indent=2))
+        return
+    click.echo("verifier    " + " · ".join(outcome.verifier.learned()))
+    for note in outcome.verifier.notes:
+        click.echo(f"            {note}")
+    for line in outcome.summary.lines():
+        click.echo(line)
+    click.echo(f"wrote       {written}/samples.parquet")
+
+
+@cli.command()
+@click.argument("outputs", type=click.Path(dir_okay=False))
+@click.option("--verifier", "verifier_path", type=click.Path(dir_okay=False),
+              help="verifier.json from `kolm sample` or an artifact.")
+@click.option("--examples", type=click.Path(dir_okay=False), help="Synthesize the verifier from these rows instead.")
+@click.option("--task", default=None, help="Task instruction (with --examples).")
+@click.option("--json", "as_json", is_flag=True, help="Print per-row scores as JSON.")
+def score(outputs: str, verifier_path: str | None, examples: str | None, task: str | None, as_json: bool) -> None:
+    """Score OUTPUTS (JSONL/Parquet rows {id?, input, output, reference?}) into K, T, C, L."""
+    from kolm_ray.kscore import score_rows
+    from kolm_ray.rows import read_rows
+    from kolm_ray.verifier import Verifier, synthesize
+
+    if bool(verifier_path) == bool(examples):
+        raise InputError("give exactly one of --verifier FILE or --examples FILE (with --task)")
+    if verifier_path:
+        p = Path(verifier_path)
+        if not p.is_file():
+            raise InputError("verifier file not found", path=verifier_path)
+        verifier = Verifier.from_json(p.read_text(), source=verifier_path)
+    else:
+        ex = read_rows(examples, require_output=True)
+        verifier = synthesize(task_text(task, None), ex.column("output").to_pylist(), ex.column("input").to_pylist())
+    rows = read_rows(outputs)
+    ks = score_rows(verifier, rows.column("id").to_pylist(), rows.column("output").to_pylist(),
+                    rows.column("input").to_pylist(), rows.column("reference").to_pylist())
+    if as_json:
+        click.echo(ks.model_dump_json(indent=2))
+        return
+    click.echo(ks.line())
+    click.echo(f"passed {ks.passed}/{ks.n} rows")
+
+
+
+

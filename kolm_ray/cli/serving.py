@@ -1,0 +1,202 @@
+"""`kolm serve` and `kolm receipts`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from kolm_ray.cli.app import cli
+from kolm_ray.cli.common import option_help, parse_pairs, read_api_keys, trust_or_default
+from kolm_ray.errors import InputError
+from kolm_ray.serve.audit import AuditOptions
+from kolm_ray.serve.config import ModelDeploymentOptions
+
+
+@cli.command(name="serve")
+@click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0 to listen on all).")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--app-name", default="kolm", show_default=True, help="Serve application name.")
+@click.option("--route-prefix", default="/", show_default=True, help="Route prefix of the application.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key artifacts must be signed with "
+              "[default: kolm's own key, $KOLM_HOME/keys/signing.pub].")
+@click.option("--identity", help="Sigstore identity artifacts must be signed by.")
+@click.option("--issuer", help="OIDC issuer URL of that identity.")
+@click.option("--api-keys", type=click.Path(dir_okay=False), help='JSON file {"name": "token"}: require bearer auth.')
+@click.option("--base-path", multiple=True, help="BASE_ID_OR_SHA256=DIR: where this host keeps a base model.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replicas per base model.")
+@click.option("--num-gpus", default=None, type=click.FloatRange(0), help="GPU share per replica [default: 1 if the "
+              "cluster has GPUs, else 0].")
+@click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--batch-greedy", is_flag=True, help=option_help(ModelDeploymentOptions, "batch_greedy"))
+@click.option("--max-ongoing", default=16, show_default=True, type=click.IntRange(1),
+              help="Requests one replica works on at once.")
+@click.option("--max-queued", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests queued per base model before 503s.")
+@click.option("--emit-config", type=click.Path(dir_okay=False), help="Write a `serve deploy` config here and exit.")
+@click.option("--detach", is_flag=True, help="Return once deployed; the app keeps running on the cluster.")
+@click.option("--env", default=None, help="Serve an environment's released Specialists (see `kolm publish`), with "
+              "its canary split and rollout controller, instead of ARTIFACTS.")
+@click.option("--rollout-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds between the rollout controller's ticks (with --env).")
+@click.option("--audit-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help=option_help(AuditOptions, "rate") + " The teacher is asked off the request path.")
+@click.option("--audit-teacher", default=AuditOptions.model_fields["teacher"].default, show_default=True,
+              help=option_help(AuditOptions, "teacher"))
+@click.option("--audit-max-pending", default=AuditOptions.model_fields["max_pending"].default, show_default=True,
+              type=click.IntRange(1), help=option_help(AuditOptions, "max_pending"))
+def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | None, app_name: str, route_prefix: str,
+              key: str | None, identity: str | None, issuer: str | None, api_keys: str | None,
+              base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
+              max_batch_size: int, batch_greedy: bool, max_ongoing: int, max_queued: int, emit_config: str | None,
+              detach: bool, env: str | None, rollout_interval: float, audit_rate: float, audit_teacher: str,
+              audit_max_pending: int) -> None:
+    """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
+    every Specialist's adapter on it, a receipt for every call."""
+    from pydantic import ValidationError
+
+    from kolm_ray.home import kolm_home
+    from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
+
+    if env is not None:
+        from kolm_ray.home import kolm_home as _home
+        from kolm_ray.publish.release import ReleaseStore
+
+        if artifacts or emit_config:
+            raise InputError("--env serves the environment's released versions: give no ARTIFACTS or --emit-config")
+        store = ReleaseStore(_home(), env)
+        if not store.exists():
+            raise InputError(f"no environment {env!r}: `kolm publish ART --to {env}` creates it")
+        state = store.load()
+        artifacts = tuple(sorted({v.artifact for r in state.releases.values() for v in r.hosted()}))
+        app_name = f"kolm-{env}"
+        if any(r.canary and r.canary.audit.rate > 0 for r in state.releases.values()):
+            if not os.environ.get("ANTHROPIC_API_KEY"):
+                click.echo("warning: a canary in this environment is audited, but ANTHROPIC_API_KEY is not set "
+                           "here: the ingress uses its node's environment, or records its audits as failed", err=True)
+    if not artifacts:
+        raise InputError("give the .kolm artifacts to serve")
+    from kolm_ray.store import is_remote, location_of
+
+    for a in artifacts:
+        if not is_remote(a) and not Path(a).is_file():
+            raise InputError("artifact not found", path=a)
+    trust = trust_or_default(key, identity, issuer)
+    if audit_rate > 0 and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise InputError("--audit-rate asks the teacher for references: set ANTHROPIC_API_KEY (and "
+                         "ANTHROPIC_BASE_URL for a proxy)")
+    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+        raise InputError("--detach needs a running cluster to leave the app on: give --address or set RAY_ADDRESS")
+    from kolm_ray.serve.catalog import build_catalog
+
+    base_paths = parse_pairs(base_path, "--base-path")
+    key_digests = read_api_keys(api_keys)
+    paths = [location_of(a) for a in artifacts]  # absolute paths, or s3:// URIs each replica downloads
+    catalog = build_catalog(paths, trust, base_paths)  # verified before Ray starts
+    for r in catalog.refused:
+        click.echo(f"refused     {r.artifact}: {r.reason}", err=True)
+    if not catalog.specialists:
+        raise InputError("nothing to serve: every artifact was refused")
+    if emit_config is None:
+        import ray
+
+        from kolm_ray.cluster import connect
+
+        connect(address)
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    try:
+        cfg = ServeConfig(
+            artifacts=paths,
+            trust_key=str(trust.public_key.resolve()) if trust.public_key else None,
+            trust_identity=trust.identity, trust_issuer=trust.issuer, store=str(kolm_home()), app_name=app_name,
+            route_prefix=route_prefix, base_paths=base_paths, api_key_digests=key_digests,
+            model=ModelDeploymentOptions(replicas=replicas, num_gpus=num_gpus or 0.0, num_cpus=num_cpus,
+                                         max_batch_size=max_batch_size, max_ongoing_requests=max_ongoing,
+                                         max_queued_requests=max_queued, batch_greedy=batch_greedy),
+            audit=AuditOptions(rate=audit_rate, teacher=audit_teacher, max_pending=audit_max_pending),
+        )
+    except ValidationError as e:
+        raise InputError(f"invalid serving options: {e.errors()[0]['msg']}") from None
+    if emit_config:
+        from kolm_ray.serve.app import deploy_config
+
+        Path(emit_config).write_text(json.dumps(deploy_config(cfg, host, port), indent=2) + "\n")
+        click.echo(f"wrote {emit_config}: run `serve deploy {emit_config}` against the cluster")
+        return
+    if env is not None:
+        from kolm_ray.publish import controller
+
+        base = cfg.model_dump(exclude={"artifacts", "app_name", "pins", "routes"})
+        controller.start(env, kolm_home(), base, host, port, rollout_interval)
+        click.echo(f"rollout     controller kolm-rollout-{env} ticks every {rollout_interval:g} s")
+    else:
+        from kolm_ray.serve.app import run
+
+        run(cfg, host=host, port=port, catalog=catalog)
+    for s in catalog.specialists:
+        click.echo(f"serving     {s.ref}  ({s.artifact})")
+    prefix = route_prefix.rstrip("/")
+    click.echo(f"endpoint    http://{host}:{port}{prefix}/v1  (receipts under {cfg.receipts_dir})")
+    if audit_rate > 0:
+        click.echo(f"audits      {100 * audit_rate:g}% of calls get a reference from the teacher, off the request "
+                   "path; recorded in the receipts")
+    if detach:
+        return
+    import time
+
+    from ray import serve
+
+    click.echo("Ctrl-C stops serving")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        if env is not None:
+            from kolm_ray.publish import controller
+
+            controller.stop(env)
+        serve.delete(app_name)  # graceful: replicas drain and flush their receipts
+        click.echo("stopped")
+
+
+
+@cli.group()
+def receipts() -> None:
+    """The receipt log of served calls."""
+
+
+@receipts.command(name="verify")
+@click.option("--store", type=click.Path(file_okay=False), help="kolm's store [default: KOLM_HOME].")
+@click.option("--app-name", default=None, help="Only this application's receipts.")
+@click.option("--json", "as_json", is_flag=True)
+def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> None:
+    """Check every receipt's hash and the chain: exits 1 on an edited, dropped or reordered receipt."""
+    from kolm_ray.errors import KolmRuntimeError
+    from kolm_ray.home import kolm_home
+    from kolm_ray.serve.receipts import verify_log
+
+    root = Path(store) if store else kolm_home()
+    directory = root / "receipts" / (app_name or "")
+    if not directory.is_dir():
+        raise InputError("no receipts here", path=str(directory))
+    report = verify_log(directory)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, **report.model_dump()}, indent=2))
+    else:
+        for seg in report.segments:
+            click.echo(f"{'ok' if not seg.problems else 'TAMPERED':<9}{seg.segment}  {seg.receipts} receipts")
+            for p in seg.problems:
+                click.echo(f"         {p}")
+    if not report.ok:
+        raise KolmRuntimeError(f"receipt log under {directory} failed verification"
+                               if report.segments else f"no receipt segments under {directory}")
+    if not as_json:
+        click.echo(f"verified    {report.receipts} receipts in {len(report.segments)} segment(s)")
+
+
