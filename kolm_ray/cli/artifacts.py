@@ -7,7 +7,7 @@ import json
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import trust_from, trust_or_default
+from kolm_ray.cli.options import trust_from, trust_or_default
 
 
 @cli.command()

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import claim_options, fit_options, option_help, quota_claim, task_text
+from kolm_ray.cli.options import claim_options, fit_options, option_help, quota_claim, task_text
 from kolm_ray.errors import InputError
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 from kolm_ray.train.config import FitConfig

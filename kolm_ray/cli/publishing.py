@@ -8,7 +8,7 @@ import os
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import option_help, trust_or_default
+from kolm_ray.cli.options import option_help, trust_or_default
 from kolm_ray.errors import InputError
 from kolm_ray.publish.release import AuditSettings
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import option_help, parse_pairs
+from kolm_ray.cli.options import option_help, parse_pairs
 from kolm_ray.errors import InputError
 from kolm_ray.admission import QueuePolicy
 from kolm_ray.sampling.limits import RateLimits

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import claim_options, option_help, quota_claim, slug, task_text
+from kolm_ray.cli.options import claim_options, option_help, quota_claim, slug, task_text
 from kolm_ray.errors import InputError
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 

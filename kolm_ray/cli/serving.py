@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.common import option_help, parse_pairs, read_api_keys, trust_or_default
+from kolm_ray.cli.options import option_help, parse_pairs, read_api_keys, trust_or_default
 from kolm_ray.errors import InputError
 from kolm_ray.serve.audit import AuditOptions
 from kolm_ray.serve.config import ModelDeploymentOptions

@@ -1,4 +1,4 @@
-"""Helpers the commands share: option sets, task text, trust."""
+"""The options and arguments the commands share: option sets from the typed configs, the task text, trust."""
 
 from __future__ import annotations
 
