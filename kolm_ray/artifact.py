@@ -212,7 +212,9 @@ def _unpacked(p: Path, label: str) -> Iterator[Path]:
                         raise InputError(f"unexpected hidden entry {name!r} in artifact: refusing it", path=label)
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise InputError(f"not a readable .kolm artifact ({e})", path=label) from None
+            why = " ".join(str(e).split())
+            raise InputError(f"not a readable .kolm artifact ({why}): a .kolm file is what `kolm compile` signs",
+                             path=label) from None
         if not (tmp / SIGNATURE).is_file() or not (tmp / CONTENT_DIR / "manifest.json").is_file():
             raise InputError("artifact is missing its signature or manifest", path=label)
         yield tmp
@@ -221,9 +223,14 @@ def _unpacked(p: Path, label: str) -> Iterator[Path]:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    data = json.loads((root / CONTENT_DIR / "manifest.json").read_text())
-    if data.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        raise InputError(f"artifact format_version {data.get('format_version')!r} is not supported")
+    """Raises: InputError for a manifest that is not JSON or of another format version."""
+    try:
+        data = json.loads((root / CONTENT_DIR / "manifest.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"the artifact's {CONTENT_DIR}/manifest.json is not JSON ({e})") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise InputError(f"artifact format_version {version!r} is not supported")
     return data
 
 
@@ -259,9 +266,30 @@ def open_verified_with_digest(artifact: str | Path, trust: Any) -> Iterator[tupl
         InputError: unreadable or malformed artifact.
         ArtifactRejected: a changed, added or removed file, or a different signer.
     """
-    from kolm_ray.signing import verify_signature
+    from kolm_ray.signing import ArtifactRejected, verify_signature
 
     with fetched(artifact) as local, _unpacked(local, str(artifact)) as root:
         digest = file_digest(local)
-        verify_signature(root / CONTENT_DIR, root / SIGNATURE, trust)
+        try:
+            verify_signature(root / CONTENT_DIR, root / SIGNATURE, trust)
+        except ArtifactRejected as e:  # name the artifact: a compare or a serve reads several
+            raise ArtifactRejected(f"{artifact}: {e}") from None
         yield root / CONTENT_DIR, read_manifest(root), digest
+
+
+def read_verified_text(artifact: str | Path, trust: Any, name: str) -> tuple[str, dict[str, Any]]:
+    """The text of ``specialist/NAME`` in ``artifact`` (e.g. ``verifier.json``), read only after
+    the signature verifies under ``trust``; and the manifest.
+
+    Raises:
+        InputError: unreadable artifact, or no such UTF-8 file in it.
+        ArtifactRejected: a changed, added or removed file, or a different signer.
+    """
+    with open_verified(artifact, trust) as (content, manifest):
+        path = content / name
+        if not path.is_file():
+            raise InputError(f"artifact has no {CONTENT_DIR}/{name}", path=str(artifact))
+        try:
+            return path.read_text(encoding="utf-8"), manifest
+        except UnicodeDecodeError:
+            raise InputError(f"{CONTENT_DIR}/{name} in the artifact is not UTF-8 text", path=str(artifact)) from None

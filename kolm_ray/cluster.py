@@ -4,26 +4,44 @@ and sizing a stage's workers to what its nodes have.
 Inside a ``ray job submit`` entrypoint Ray sets ``RAY_ADDRESS`` and the job joins its cluster.
 A worker's request must fit on one node: ``ray.available_resources()`` is the whole cluster's,
 so sizing reads each node's free resources instead.
+
+Ray's own output (its warnings, the driver's C++ log lines, Ray Data's progress lines) goes to
+a log file when the caller names one, so a user sees kolm's stage lines; ``KOLM_VERBOSE=1``
+(``kolm -v``) leaves it on the terminal.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ray
 
 from kolm_ray.errors import KolmRuntimeError
 
 
-def connect(address: str | None = None) -> None:
-    """Join (or start) Ray once per process; quiet Ray Data's own progress bars.
+# Where this process's Ray output goes, once ``connect`` has sent it to a file.
+ray_log: Path | None = None
+
+
+def connect(address: str | None = None, log_file: Path | None = None) -> None:
+    """Join (or start) Ray once per process; quiet Ray Data's own progress bars. With
+    ``log_file`` (default ``$KOLM_HOME/logs/ray.log``), Ray's output from now on goes there
+    (see ``quiet_ray_output``).
 
     Raises:
         KolmRuntimeError: the cluster at ``address`` cannot be reached.
     """
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if log_file is None:
+            from kolm_ray.home import state_dir
+
+            log_file = state_dir() / "logs" / "ray.log"
+        quiet_ray_output(log_file)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                      include_dashboard=False if address is None else None)
@@ -33,6 +51,34 @@ def connect(address: str | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def quiet_ray_output(log_file: Path) -> None:
+    """Send this process's file descriptor 2 to ``log_file`` (appended), and give Python's
+    ``sys.stderr`` a copy of the terminal's: Ray's C++ log lines and the logging handlers it
+    set up at import write to descriptor 2, so they land in the file, while kolm's own messages
+    (``click.echo(err=True)``, tracebacks) still reach the user. Once per process; not when
+    ``KOLM_VERBOSE`` is set, nor when stderr is not the process's own (a test runner's capture).
+    """
+    global ray_log
+    if ray_log is not None or os.environ.get("KOLM_VERBOSE"):
+        return
+    try:
+        if sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return
+    import ray.data  # noqa: F401 - its log handlers bind to the stderr they find at import: descriptor 2
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), encoding=sys.stderr.encoding or "utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    ray_log = log_file
 
 
 def free_per_node() -> dict[str, tuple[float, float]]:

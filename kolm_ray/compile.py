@@ -5,7 +5,9 @@
 ``compile_specialist`` calls the stages in that order; each is a named function below. Every
 stage is resumable: the teacher's answers are cached, the fit resumes from its last checkpoint
 (Ray Train run snapshot), and a finished fit or eval is reused when its inputs have not changed.
-Inputs are validated by the caller (``prepare``) before Ray starts or a call is paid for.
+Inputs are validated by the caller (``prepare``) before Ray starts or a call is paid for, and the
+set-up (base, LoRA targets, chat template, signer, store, cluster) by ``kolm_ray.preflight`` in
+``queued_compile``, before the teacher stage.
 """
 
 from __future__ import annotations
@@ -140,9 +142,74 @@ class CompileResult:
     version: str
     student: KScore
     base: KScore
-    fit: FitResult
-    sampling: SampleOutcome
+    fit: FitResult | None  # None: an artifact of identical inputs was reused (``reused``)
+    sampling: SampleOutcome | None
     size_bytes: int
+    reused: bool = False
+
+
+# ----- identical inputs: one version ---------------------------------------------------------
+
+# Fields that change how a compile runs, never what it makes: left out of its recipe.
+_OPERATIONAL = {"fit": {"cpus_per_worker", "checkpoint_every", "max_failures"},
+                "sample": {"concurrency", "actors", "batch_poll_s", "max_failed_fraction"},
+                "teacher": {"timeout_s", "max_attempts"}}
+
+
+def recipe_digest(p: Prepared, teacher: TeacherConfig, sample: SampleConfig, fit_cfg: FitConfig, signer: Signer) -> str:
+    """What the artifact is made of and signed with: the task, the rows' bytes, the base, the
+    teacher, sampling and fit settings, the signer. Two compiles with the same recipe make the
+    same Specialist, so the second reuses the first's version (unless ``--new-version``)."""
+    parts = {
+        "task": p.cfg.task, "name": p.cfg.name,
+        "examples": file_digest(p.cfg.examples), "holdout": file_digest(p.cfg.holdout),
+        "base": p.base.fingerprint(),
+        "teacher": teacher.model_dump(mode="json", exclude=_OPERATIONAL["teacher"]),
+        "sample": sample.model_dump(mode="json", exclude=_OPERATIONAL["sample"]),
+        "fit": fit_cfg.model_dump(mode="json", exclude=_OPERATIONAL["fit"]),
+        "signer": signer.describe(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _recipe_key(name: str, recipe: str) -> str:
+    return f"recipes/{name}/{recipe[:32]}.json"
+
+
+def stage_reuse(p: Prepared, recipe: str) -> CompileResult | None:
+    """The artifact an earlier compile of the same recipe put in the store, if it is still
+    there and its manifest names this recipe; None otherwise.
+
+    Raises:
+        GateFailed: that artifact's K-score is below this compile's gate (nothing written).
+    """
+    from kolm_ray.artifact import read_manifest, unpacked
+    from kolm_ray.store import fetched
+
+    store = open_store(p.cfg.store)
+    key = _recipe_key(p.cfg.name, recipe)
+    if not store.exists(key):
+        return None
+    entry = json.loads(store.read_bytes(key))
+    if not store.exists(entry["artifact"]):
+        return None  # deleted since: compile it again
+    where = join(p.cfg.store, entry["artifact"]) if is_remote(p.cfg.store) else Path(p.cfg.store) / entry["artifact"]
+    with fetched(str(where)) as local, unpacked(local) as root:
+        manifest = read_manifest(root)
+        size = local.stat().st_size
+    if manifest.get("recipe") != recipe:
+        return None
+    student, base = (KScore.model_validate({**manifest["kscore"][side], "rows": []}) for side in ("student", "base"))
+    if p.cfg.gate is not None and student.k < p.cfg.gate:
+        raise GateFailed(f"{entry['artifact']} was compiled from identical inputs and has K-score {student.k:.1f}, "
+                         f"below the gate K={p.cfg.gate:g}: change the inputs, or pass --new-version to compile again")
+    return CompileResult(artifact=where, name=p.cfg.name, version=manifest["version"], student=student, base=base,
+                         fit=None, sampling=None, size_bytes=size, reused=True)
+
+
+def _record_recipe(p: Prepared, recipe: str, version: tuple[int, int]) -> None:
+    open_store(p.cfg.store).write_bytes(_recipe_key(p.cfg.name, recipe), json_bytes(
+        {"artifact": artifact_name(p.cfg.name, version), "version": f"{version[0]}.{version[1]}"}))
 
 
 # ----- the stages ----------------------------------------------------------------------------
@@ -278,8 +345,12 @@ def compile_specialist(
     say: Progress = lambda s: None,
     teacher_progress: Callable[[int], None] | None = None,
     monitor: StageMonitor | None = None,
+    recipe: str | None = None,
 ) -> CompileResult:
     """verifier -> teacher -> fit -> eval -> gate -> sign.
+
+    ``recipe`` (``recipe_digest``) is recorded in the manifest and the store, so a later compile
+    of identical inputs finds this version (``stage_reuse``).
 
     Raises:
         GateFailed: the student's holdout K-score is below the gate (no artifact written).
@@ -311,8 +382,7 @@ def compile_specialist(
     verifier = outcome.verifier
     s = outcome.summary
     watch.spend(s.cost_usd)
-    say(f"teacher     {s.teacher} k={s.k}: {s.calls} calls paid, {s.cache_hits} cached, {s.retries} retries, "
-        f"{s.failed_rows} rows failed · acceptance {100 * s.acceptance_rate:.1f}% · ${s.cost_usd:.4f}")
+    say(s.headline())
     if s.low_agreement_rows:
         say(f"            {s.low_agreement_rows} rows where under {100 * s.min_agreement:g}% of the samples agree with "
             f"the kept one (the teacher is unsure): {', '.join(s.low_agreement_row_ids[:5])}"
@@ -358,10 +428,12 @@ def compile_specialist(
         "version": vstr,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "task": cfg.task,
+        "recipe": recipe,
         "base": {"name": p.base.name, **p.base.fingerprint()},
         "prompt": {"system": cfg.task, "format": "chat_template"},
         "generation": decoding_for(verifier).manifest(),  # what the eval decoded with; serving reads it
         "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
+                    "recorded": s.recorded, "served_by": s.served_by,
                     "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,
                     "paid_this_run_usd": s.cost_usd},
         "digests": {"examples": file_digest(cfg.examples), "holdout": file_digest(cfg.holdout),
@@ -380,6 +452,8 @@ def compile_specialist(
     files = {"manifest.json": manifest, "verifier.json": verifier.to_json(), "eval.json": eval_report,
              "train.json": train}
     dest = stage_sign(p, version, files, fitted.adapter_dir, signer)
+    if recipe is not None:
+        _record_recipe(p, recipe, version)
     where = join(cfg.store, artifact_name(cfg.name, version)) if is_remote(cfg.store) else dest
     say(f"signed      {where} ({dest.stat().st_size / 1e6:.2f} MB, {signer.describe()})")
     return CompileResult(artifact=where, name=cfg.name, version=vstr, student=student.score, base=base.score,
@@ -392,18 +466,40 @@ def _score_summary(k: KScore) -> dict[str, Any]:
 
 
 def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: QuotaConfig,
-                   say: Progress = lambda s: None, **stages: Any) -> CompileResult:
+                   say: Progress = lambda s: None, new_version: bool = False, address: str | None = None,
+                   **stages: Any) -> CompileResult:
     """``compile_specialist`` behind the cluster's compile queue: wait for admission (holding
     nothing), run with the granted per-worker resources, heartbeat the stage and spend.
 
+    First the preflight (``kolm_ray.preflight.check_setup``): base, LoRA target modules (resolved
+    from the architecture when not given), chat template, signer, store and work dir, before
+    anything is paid. An artifact compiled before from identical inputs is returned as it is,
+    without queueing or any stage running, unless ``new_version``. Otherwise asks the teacher's
+    free token-counting endpoint that it answers the key (``preflight.check_teacher``), joins the Ray cluster
+    at ``address`` (Ray's own log lines go to ``work_dir/ray.log``) and refuses a compile that
+    could never fit on it (``preflight.check_cluster``), then says the preflight line.
+
     Raises:
+        InputError / ServiceUnreachable: the preflight failed (nothing paid, nothing queued).
         CompileCancelled: cancelled (``kolm cancel``) or rejected by the queue.
         plus whatever ``compile_specialist`` raises.
     """
     import ray
 
     from kolm_ray.admission import Demand, admitted
+    from kolm_ray.preflight import check_cluster, check_setup, check_teacher, join_cluster
 
+    setup = check_setup(p.base, fit_cfg, stages["signer"], store=p.cfg.store, work_dir=p.cfg.work_dir,
+                        teacher_cache=teacher_cache_dir())
+    fit_cfg = setup.fit_cfg  # the target modules resolved: the recipe and the run name hash these
+    recipe = recipe_digest(p, stages["teacher"], stages["sample"], fit_cfg, stages["signer"])
+    if not new_version and (same := stage_reuse(p, recipe)) is not None:
+        say(f"unchanged   identical inputs to {p.cfg.name}-{same.version}: reusing it, nothing paid or trained "
+            "(--new-version compiles again)")
+        return same
+    teacher_ok = check_teacher(stages["teacher"].model)  # free: a token count, nothing paid
+    join_cluster(address, log_file=p.cfg.work_dir / "ray.log")
+    say(setup.line(check_cluster(fit_cfg, state_dir), teacher=teacher_ok))
     use_gpu = fit_cfg.use_gpu if fit_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     demand = Demand(workers=fit_cfg.workers, cpus_per_worker=fit_cfg.cpus_per_worker or 1.0,
                     gpus_per_worker=1.0 if use_gpu else 0.0)
@@ -413,7 +509,7 @@ def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: Q
         # The ticket holds the compile's teacher slots too: `kolm cancel` frees both at once.
         claim = quota.model_copy(update={"holder": adm.ticket})
         adm.probe = lambda: _teacher_spend(adm.ticket)
-        return compile_specialist(p, fit_cfg=granted, quota=claim, say=say, monitor=adm, **stages)
+        return compile_specialist(p, fit_cfg=granted, quota=claim, say=say, monitor=adm, recipe=recipe, **stages)
 
 
 def _teacher_spend(holder: str) -> float | None:

@@ -5,6 +5,8 @@ codes. Each class carries the exit code a user sees:
 
 * ``InputError``   -> 2: bad arguments or a bad input file (the message names file and line).
 * ``KolmRuntimeError`` -> 1: a failure while running (teacher outage past its threshold, ...).
+* ``ServiceUnreachable`` -> 1: a service the compile needs (the Hugging Face hub, the Ray cluster,
+  an object store) cannot be reached or refused us; the preflight raises it before anything is paid.
 * ``BudgetExceeded`` -> 1: a tenant's teacher budget or a compile's ``--max-cost`` would be passed.
 * ``GateFailed``   -> 3: the K-score gate was not met.
 """
@@ -40,6 +42,12 @@ class KolmRuntimeError(KolmError):
 
 class TeacherError(KolmRuntimeError):
     """The teacher stage failed past its stated threshold."""
+
+
+class ServiceUnreachable(KolmRuntimeError):
+    """A service the compile needs cannot be reached or refused this client: the Hugging Face hub
+    for a base that is not cached, the Ray cluster (nothing listens, or its token auth), an object
+    store. The message names the service, the address and the fix."""
 
 
 class GateFailed(KolmError):

@@ -48,7 +48,13 @@ def read_rows(path: str | Path, *, require_output: bool = False) -> pa.Table:
         raise InputError("file not found", path=str(p))
     if p.is_dir():
         raise InputError("is a directory, expected a .jsonl or .parquet file", path=str(p))
-    if p.suffix == ".parquet":
+    kind = _file_kind(p)
+    if kind == "kolm":
+        raise InputError("is a .kolm artifact, not rows: give a JSONL or Parquet file of rows", path=str(p))
+    if kind == "binary":
+        raise InputError("is a binary file, not JSONL: give a JSONL (one JSON object per line) or Parquet file",
+                         path=str(p))
+    if kind == "parquet":
         records = _parquet_records(p)
         where = "row"
     else:
@@ -96,6 +102,22 @@ def read_rows(path: str | Path, *, require_output: bool = False) -> pa.Table:
         outputs.append(rec.get("output"))
         references.append(rec.get("reference"))
     return pa.table({"id": ids, "input": inputs, "output": outputs, "reference": references}, schema=ROW_SCHEMA)
+
+
+def _file_kind(p: Path) -> str:
+    """"parquet", "kolm" (a tar: an artifact), "binary" or "jsonl", from the name and first bytes."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise InputError(f"cannot read the file ({e.strerror})", path=str(p)) from None
+    if p.suffix == ".parquet" or head.startswith(b"PAR1"):
+        return "parquet"
+    if p.suffix == ".kolm" or head[257:262] == b"ustar":
+        return "kolm"
+    if b"\0" in head:
+        return "binary"
+    return "jsonl"
 
 
 def _jsonl_records(p: Path) -> list[tuple[int, object]]:

@@ -16,7 +16,19 @@ from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 from kolm_ray.train.config import FitConfig
 
 
-@cli.command(name="compile")
+@cli.command(name="compile", short_help="Compile a task into a signed Specialist.", epilog="""\b
+Examples:
+  kolm compile --task-file task.txt --examples rows.jsonl --eval holdout.jsonl \\
+      --base qwen-2.5-3b-instruct --gate K=88
+  kolm compile "draft a 60-word TLDR of the article" --examples tldr.jsonl \\
+      --eval tldr-holdout.jsonl --base ./tiny-base --name tldr --epochs 8
+
+\b
+Exit codes:
+  0  signed: the artifact is in the store
+  1  a runtime failure (teacher past its threshold, a budget, the fit, signing)
+  2  bad input: a row (named by file:line), the base, an option, ANTHROPIC_API_KEY not set
+  3  below the --gate K-score: no artifact, the report kept under ARTIFACTS/rejected/""")
 @click.argument("task", required=False)
 @click.option("--examples", required=True, type=click.Path(dir_okay=False), help="Rows to distill from (JSONL/Parquet).")
 @click.option("--eval", "holdout", required=True, type=click.Path(dir_okay=False),
@@ -42,15 +54,16 @@ from kolm_ray.train.config import FitConfig
               help=option_help(SampleConfig, "max_failed_fraction"))
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@click.option("--new-version", is_flag=True, help="Compile again even when an artifact of identical inputs exists "
+              "(by default it is reused: same version, nothing paid or trained).")
 @claim_options
 @fit_options
 def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, name, store, work_dir, sign_spec,
-                batch, concurrency, min_agreement, max_failed_fraction, prices, address, tenant, max_in_flight,
+                batch, concurrency, min_agreement, max_failed_fraction, prices, address, new_version, tenant, max_in_flight,
                 calls_per_minute, tokens_per_minute, max_cost_usd, epochs, max_steps, lr,
                 lora_r, lora_alpha, target_modules, workers, cpus_per_worker, batch_size, max_length, zero_stage,
                 checkpoint_every, max_failures, seed) -> Any:
     """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign."""
-    from kolm_ray.cluster import connect
     from kolm_ray.compile import CompileConfig, derive_name, parse_gate, prepare, queued_compile
     from kolm_ray.home import artifacts_uri, kolm_home
     from kolm_ray.sampling.pricing import load_prices, price_for
@@ -69,22 +82,24 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
         raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
     fit_cfg = FitConfig(
         epochs=epochs, max_steps=max_steps, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        # None: from the base's architecture (the preflight resolves and checks them)
+        target_modules=tuple(m.strip() for m in (target_modules or "").split(",") if m.strip()) or None,
         workers=workers, cpus_per_worker=cpus_per_worker, batch_size=batch_size, max_length=max_length,
         zero_stage=zero_stage, checkpoint_every=checkpoint_every, max_failures=max_failures, seed=seed,
     )
     claim = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
     signer = signer_from_spec(sign_spec, say=lambda m: click.echo(m, err=True))
-    connect(address)
     total = min(prepared.rows.num_rows, n or prepared.rows.num_rows) * k
-    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
+    # A bar on a terminal only: in a log or a job's output it would be one stray "teacher" line.
+    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True,
+                           hidden=not sys.stderr.isatty()) as bar:
         result = queued_compile(
             prepared, state_dir=kolm_home(), teacher=TeacherConfig(model=teacher), sample=SampleConfig(
                 k=k, n=n, concurrency=concurrency, min_agreement=min_agreement,
                 max_failed_fraction=max_failed_fraction, batch=batch),
             quota=claim, prices=price, fit_cfg=fit_cfg, signer=signer,
             say=lambda line: click.echo("\n" + line if bar.pos and bar.pos < total else line),
-            teacher_progress=bar.update,
+            teacher_progress=bar.update, new_version=new_version, address=address,
         )
     click.echo(result.student.line())
     click.echo(f"artifact    {result.artifact}")

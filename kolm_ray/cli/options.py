@@ -1,4 +1,5 @@
-"""The options and arguments the commands share: option sets from the typed configs, the task text, trust."""
+"""The options and arguments the commands share: option sets from the typed configs, the task
+text, trust, and the help epilog (examples and exit codes)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from kolm_ray.sampling.config import QuotaConfig
 from kolm_ray.train.config import FitConfig
 
 
+def epilog(*examples: str, codes: dict[int, str]) -> str:
+    """A command's help epilog: its example invocations, then what each exit code means.
+    ``\\b`` keeps click from rewrapping them."""
+    shown = "\n".join(f"  {e}" for e in examples)
+    meaning = "\n".join(f"  {code}  {text}" for code, text in sorted(codes.items()))
+    return f"\b\nExamples:\n{shown}\n\n\b\nExit codes:\n{meaning}"
+
+
 def option_help(model: type, field: str) -> str:
     return model.model_fields[field].description or ""
 
@@ -22,7 +31,10 @@ def task_text(task: str | None, task_file: str | None) -> str:
         p = Path(task_file)
         if not p.is_file():
             raise InputError("task file not found", path=task_file)
-        task = p.read_text(encoding="utf-8")
+        try:
+            task = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"task file is not UTF-8 text ({e.reason} at byte {e.start})", path=task_file) from None
     if not task or not task.strip():
         raise InputError("give the task instruction as TASK or --task-file F")
     return task.strip()
@@ -68,8 +80,8 @@ def fit_options(f):
                      type=click.FloatRange(min=0, min_open=True), help=option_help(FitConfig, "lr")),
         click.option("--lora-r", default=16, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "lora_r")),
         click.option("--lora-alpha", default=32, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "lora_alpha")),
-        click.option("--target-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
-                     help=option_help(FitConfig, "target_modules") + " Comma-separated."),
+        click.option("--target-modules", default=None,
+                     help=option_help(FitConfig, "target_modules") + " Comma-separated, e.g. q_proj,v_proj."),
         click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help=option_help(FitConfig, "workers")),
         click.option("--cpus-per-worker", default=None, type=click.FloatRange(min=0, min_open=True),
                      help=option_help(FitConfig, "cpus_per_worker")),
@@ -86,20 +98,34 @@ def fit_options(f):
 
 
 
+def trust_options(what: str):
+    """--key / --identity / --issuer: whom ``what`` must be signed by (kolm's own key by default)."""
+    def decorate(f):
+        for opt in reversed([
+            click.option("--key", type=click.Path(dir_okay=False), help=f"Public key (PEM) {what} must be signed "
+                         "with [default: kolm's own key, $KOLM_HOME/keys/signing.pub]."),
+            click.option("--identity", help="Sigstore signer identity (e.g. an e-mail or workflow URI), with --issuer."),
+            click.option("--issuer", help="Sigstore OIDC issuer URL of that identity."),
+        ]):
+            f = opt(f)
+        return f
+    return decorate
+
+
 def trust_from(key: str | None, identity: str | None, issuer: str | None):
+    """The trust the flags name. Raises: InputError (no trust named, or an unusable key file)."""
     from kolm_ray.signing import Trust
 
     return Trust(public_key=Path(key) if key else None, identity=identity, issuer=issuer)
 
 
 def trust_or_default(key: str | None, identity: str | None, issuer: str | None):
-    """The trust the flags name, else kolm's own default key (said on stderr)."""
+    """The trust the flags name, else kolm's own default key; either way said on stderr
+    (``trusted     key PATH (kolm's own)``). Raises: InputError."""
     from kolm_ray.signing import default_trust
 
-    if key or identity or issuer:
-        return trust_from(key, identity, issuer)
-    trust = default_trust()
-    click.echo(f"trusting the default key {trust.public_key}", err=True)
+    trust = trust_from(key, identity, issuer) if (key or identity or issuer) else default_trust()
+    click.echo(f"trusted     {trust.describe()}", err=True)
     return trust
 
 
@@ -121,8 +147,8 @@ def read_api_keys(path: str | None) -> dict[str, str]:
     if path is None:
         return {}
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read the API keys file ({e})", path=path) from None
     if not isinstance(data, dict) or not data or not all(isinstance(v, str) and len(v) >= 16 for v in data.values()):
         raise InputError('API keys file must be a JSON object {"name": "token", ...} with tokens of 16+ characters',

@@ -29,7 +29,17 @@ def _poke(env: str) -> None:
                    "it applies the change on its next tick", err=True)
 
 
-@cli.command(name="publish")
+@cli.command(name="publish", short_help="Release an artifact to an environment.", epilog="""\b
+Examples:
+  kolm publish ~/.kolm/artifacts/routing-1.1.kolm --to prod
+  kolm publish routing-1.2.kolm --to prod --canary 10 --hold 2h --audit-rate 0.05
+
+\b
+Exit codes:
+  0  published (stable at once, or behind a canary)
+  1  the signature does not verify
+  2  bad input: a missing artifact, an unusable key, a bad option, a move the release refuses
+  3  the compare with the stable version rejects it (--force publishes anyway)""")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--to", "env", required=True, help="Environment (e.g. prod, marketing-prod).")
 @click.option("--canary", default=5.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
@@ -49,7 +59,8 @@ def _poke(env: str) -> None:
 @click.option("--min-audits", default=AuditSettings.model_fields["min_audits"].default, show_default=True,
               type=click.IntRange(1), help=option_help(AuditSettings, "min_audits"))
 @click.option("--force", is_flag=True, help="Publish even if the compare rejects it, or replace a running canary.")
-@click.option("--key", type=click.Path(dir_okay=False), help="Public key the artifact must be signed with.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Public key (PEM) the artifact must be signed with "
+              "[default: kolm's own key, $KOLM_HOME/keys/signing.pub].")
 @click.option("--identity", help="Sigstore signer identity.")
 @click.option("--issuer", help="Sigstore OIDC issuer URL.")
 def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float,
@@ -80,9 +91,17 @@ def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: 
     _poke(env)
 
 
-@cli.command(name="status")
-@click.option("--env", required=True, help="Environment.")
-@click.option("--json", "as_json", is_flag=True)
+@cli.command(name="status", short_help="An environment's versions, canaries and K.", epilog="""\b
+Examples:
+  kolm status --env prod
+  kolm status --env prod --json
+
+\b
+Exit codes:
+  0  shown
+  2  bad arguments (no such environment)""")
+@click.option("--env", required=True, help="Environment, as given to `kolm publish --to` (e.g. prod).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status_cmd(env: str, as_json: bool) -> None:
     """Each Specialist in ENV: stable and canary versions, weight, phase, online K, samples, hold left."""
     from kolm_ray.home import kolm_home
@@ -117,9 +136,16 @@ def status_cmd(env: str, as_json: bool) -> None:
             click.echo(f"{'':<28}last: {t['phase']} {t['version']}: {t['reason']}")
 
 
-@cli.command(name="promote")
+@cli.command(name="promote", short_help="Give a Specialist's canary all traffic now.", epilog="""\b
+Examples:
+  kolm promote routing --env prod
+
+\b
+Exit codes:
+  0  promoted
+  2  bad arguments (no such environment or Specialist, or no canary to promote)""")
 @click.argument("name")
-@click.option("--env", required=True)
+@click.option("--env", required=True, help="Environment the Specialist is released in (e.g. prod).")
 def promote_cmd(name: str, env: str) -> None:
     """Give NAME's canary all traffic now."""
     from kolm_ray.home import kolm_home
@@ -130,9 +156,16 @@ def promote_cmd(name: str, env: str) -> None:
     _poke(env)
 
 
-@cli.command(name="rollback")
+@cli.command(name="rollback", short_help="Send a canary to 0%, or restore the previous.", epilog="""\b
+Examples:
+  kolm rollback routing --env prod
+
+\b
+Exit codes:
+  0  rolled back
+  2  bad arguments (no such environment or Specialist, or nothing to roll back)""")
 @click.argument("name")
-@click.option("--env", required=True)
+@click.option("--env", required=True, help="Environment the Specialist is released in (e.g. prod).")
 def rollback_cmd(name: str, env: str) -> None:
     """Send NAME's canary to 0% (or, after a promotion, bring the previous stable back)."""
     from kolm_ray.home import kolm_home

@@ -9,16 +9,20 @@ from typing import Any
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.options import option_help, parse_pairs
+from kolm_ray.cli.options import epilog, option_help, parse_pairs
 from kolm_ray.errors import InputError
 from kolm_ray.admission import QueuePolicy
 from kolm_ray.sampling.limits import RateLimits
 
 
-@cli.group(name="queue", invoke_without_command=True)
+@cli.group(name="queue", invoke_without_command=True, short_help="The cluster's compiles, waiting and running.",
+           epilog=epilog("kolm queue", "kolm queue --all --json --address ray://head:10001",
+                         "kolm queue limits --per-tenant 2 --tenant-limit acme=4",
+                         codes={0: "listed", 1: "the cluster or the queue could not be reached",
+                                2: "bad arguments"}))
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 @click.option("--all", "show_all", is_flag=True, help="Also the compiles that ended in the last day.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the tickets as JSON.")
 @click.pass_context
 def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: bool) -> None:
     """The cluster's compiles: waiting (in admission order) and running, per tenant."""
@@ -50,7 +54,11 @@ def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: 
                    f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and (show_all or t["state"] == "waiting") else ""))
 
 
-@queue_cmd.command(name="limits")
+@queue_cmd.command(name="limits", short_help="Show or set the queue's admission limits.", epilog=epilog(
+    "kolm queue limits",
+    "kolm queue limits --per-tenant 2 --tenant-limit acme=4 --max-running 8",
+    "kolm queue limits --pause",
+    codes={0: "shown (and saved)", 2: "bad arguments (a --tenant-limit that is not TENANT=N)"}))
 @click.option("--max-running", default=None, type=click.IntRange(1), help=option_help(QueuePolicy, "max_running"))
 @click.option("--per-tenant", default=None, type=click.IntRange(1), help=option_help(QueuePolicy, "per_tenant"))
 @click.option("--tenant-limit", "tenant_limits", multiple=True, help="TENANT=N: this tenant's limit (repeatable).")
@@ -86,7 +94,10 @@ def queue_limits(max_running: int | None, per_tenant: int | None, tenant_limits:
     click.echo(policy.model_dump_json(indent=2))
 
 
-@cli.command(name="cancel")
+@cli.command(name="cancel", short_help="Cancel a waiting or running compile.", epilog=epilog(
+    "kolm cancel tldr-3f9a1c2e",
+    codes={0: "cancelled, or it had already ended", 1: "the cluster or the queue could not be reached",
+           2: "bad arguments (no such ticket)"}))
 @click.argument("ticket")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 def cancel_cmd(ticket: str, address: str | None) -> None:
@@ -109,12 +120,18 @@ def cancel_cmd(ticket: str, address: str | None) -> None:
 
 
 
-@cli.group(name="teacher-limits")
+@cli.group(name="teacher-limits", short_help="The organization's teacher limits and budgets.", epilog=epilog(
+    "kolm teacher-limits show",
+    "kolm teacher-limits set --max-in-flight 16 --calls-per-minute 1000",
+    codes={0: "done", 2: "bad arguments"}))
 def teacher_limits() -> None:
     """The organization's teacher limits and tenants' budgets (the operator's; compiles only read them)."""
 
 
-@teacher_limits.command(name="set")
+@teacher_limits.command(name="set", short_help="Change the given teacher limits or a budget.", epilog=epilog(
+    "kolm teacher-limits set --max-in-flight 16 --calls-per-minute 1000 --tokens-per-minute 400000",
+    "kolm teacher-limits set --tenant acme --budget-usd 200",
+    codes={0: "saved", 2: "bad arguments (a budget without --tenant, a value out of range)"}))
 @click.option("--key", default=None, help="The key digest the change is for (`kolm teacher-limits show` lists it) "
               "[default: the default entry, for every key without its own].")
 @click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL).")
@@ -138,7 +155,10 @@ def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | Non
         click.echo(line)
 
 
-@teacher_limits.command(name="show")
+@teacher_limits.command(name="show", short_help="Show this key's limits, budgets and spend.", epilog=epilog(
+    "kolm teacher-limits show",
+    "kolm teacher-limits show --json",
+    codes={0: "shown", 2: "an unreadable limits file"}))
 @click.option("--json", "as_json", is_flag=True, help="Print the file, this key's limits and spend as JSON.")
 def teacher_limits_show(as_json: bool) -> None:
     """The limits as they apply to this environment's key, and its tenants' budgets and spend."""

@@ -10,12 +10,18 @@ from pathlib import Path
 import click
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.options import claim_options, option_help, quota_claim, slug, task_text
+from kolm_ray.cli.options import (
+    claim_options, epilog, option_help, quota_claim, slug, task_text, trust_options, trust_or_default,
+)
 from kolm_ray.errors import InputError
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 
 
-@cli.command()
+@cli.command(short_help="Sample the teacher k times per row; keep the best.", epilog=epilog(
+    'kolm sample "Route the message to billing, sales or support" --examples rows.jsonl --k 4',
+    "kolm sample --task-file task.txt --examples rows.jsonl --n 20 --out runs/try/samples --json",
+    codes={0: "sampled and written", 1: "the teacher failed past --max-failed-fraction, or a budget would be passed",
+           2: "bad input: the task, a row (named by file:line), an option, or ANTHROPIC_API_KEY not set"}))
 @click.argument("task", required=False)
 @click.option("--examples", "examples", required=True, type=click.Path(dir_okay=False),
               help="JSONL or Parquet rows {id?, input, output?}.")
@@ -66,9 +72,12 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     quota_cfg = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
     out = out_dir or str(Path("runs") / slug(instruction) / "samples")  # a folder or s3://bucket/prefix
 
-    connect(address)
+    from kolm_ray.store import is_remote
+
+    connect(address, log_file=None if is_remote(out) else Path(out).parent / "ray.log")
     total = min(rows.num_rows, n or rows.num_rows) * k
-    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True) as bar:
+    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True,
+                           hidden=not sys.stderr.isatty()) as bar:
         outcome = sample_rows(instruction, rows, teacher=teacher_cfg, sample=sample_cfg, quota=quota_cfg,
                               prices=price, cache_dir=teacher_cache_dir(), progress=bar.update,
                               on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
@@ -84,26 +93,35 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     click.echo(f"wrote       {written}/samples.parquet")
 
 
-@cli.command()
+@cli.command(short_help="Score outputs into K, T, C, L with a verifier.", epilog=epilog(
+    "kolm score outputs.jsonl --verifier ~/.kolm/artifacts/routing-1.0.kolm   # its signed verifier",
+    "kolm score outputs.jsonl --verifier runs/routing/samples/verifier.json --json",
+    'kolm score outputs.jsonl --examples rows.jsonl --task "Route the message to billing or sales"',
+    codes={0: "scored, whatever the K", 1: "the artifact's signature does not verify",
+           2: "bad input: a row (named by file:line), a verifier that is not one, an unusable key"}))
 @click.argument("outputs", type=click.Path(dir_okay=False))
 @click.option("--verifier", "verifier_path", type=click.Path(dir_okay=False),
-              help="verifier.json from `kolm sample` or an artifact.")
+              help="verifier.json from `kolm sample`, or a .kolm artifact: its verifier, once its signature "
+                   "verifies (--key, --identity, else kolm's own key).")
 @click.option("--examples", type=click.Path(dir_okay=False), help="Synthesize the verifier from these rows instead.")
 @click.option("--task", default=None, help="Task instruction (with --examples).")
 @click.option("--json", "as_json", is_flag=True, help="Print per-row scores as JSON.")
-def score(outputs: str, verifier_path: str | None, examples: str | None, task: str | None, as_json: bool) -> None:
+@trust_options("a --verifier artifact")
+def score(outputs: str, verifier_path: str | None, examples: str | None, task: str | None, as_json: bool,
+          key: str | None, identity: str | None, issuer: str | None) -> None:
     """Score OUTPUTS (JSONL/Parquet rows {id?, input, output, reference?}) into K, T, C, L."""
     from kolm_ray.kscore import score_rows
     from kolm_ray.rows import read_rows
-    from kolm_ray.verifier import Verifier, synthesize
+    from kolm_ray.verifier import synthesize
 
     if bool(verifier_path) == bool(examples):
         raise InputError("give exactly one of --verifier FILE or --examples FILE (with --task)")
+    if examples and not (task and task.strip()):
+        raise InputError("--examples needs --task: the task instruction the verifier is synthesized for")
+    if (key or identity or issuer) and not (verifier_path and _is_artifact(verifier_path)):
+        raise InputError("--key, --identity and --issuer check a --verifier artifact (.kolm): give one")
     if verifier_path:
-        p = Path(verifier_path)
-        if not p.is_file():
-            raise InputError("verifier file not found", path=verifier_path)
-        verifier = Verifier.from_json(p.read_text(), source=verifier_path)
+        verifier = _verifier_from(verifier_path, key, identity, issuer)
     else:
         ex = read_rows(examples, require_output=True)
         verifier = synthesize(task_text(task, None), ex.column("output").to_pylist(), ex.column("input").to_pylist())
@@ -117,5 +135,34 @@ def score(outputs: str, verifier_path: str | None, examples: str | None, task: s
     click.echo(f"passed {ks.passed}/{ks.n} rows")
 
 
+def _is_artifact(path: str) -> bool:
+    import tarfile
+
+    if path.endswith(".kolm"):
+        return True
+    p = Path(path)
+    return p.is_file() and tarfile.is_tarfile(p)
 
 
+def _verifier_from(path: str, key: str | None, identity: str | None, issuer: str | None):
+    """A verifier JSON file, or an artifact's signed one (verified under the flags' trust, else
+    kolm's own key: the rules a Specialist was scored by are only worth its signature).
+
+    Raises: InputError (not a verifier, unreadable), ArtifactRejected (signature)."""
+    from kolm_ray.artifact import CONTENT_DIR, read_verified_text
+    from kolm_ray.verifier import Verifier
+
+    if _is_artifact(path):
+        text, manifest = read_verified_text(path, trust_or_default(key, identity, issuer), "verifier.json")
+        click.echo(f"verifier    of {manifest.get('name')} {manifest.get('version')}, from {path} (signature verified)",
+                   err=True)
+        return Verifier.from_json(text, source=f"{path}:{CONTENT_DIR}/verifier.json")
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("verifier file not found", path=path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not a verifier: give verifier.json (from `kolm sample`) or a .kolm artifact; "
+                         "this is a binary file", path=path) from None
+    return Verifier.from_json(text, source=path)

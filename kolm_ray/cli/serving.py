@@ -15,10 +15,24 @@ from kolm_ray.serve.audit import AuditOptions
 from kolm_ray.serve.config import ModelDeploymentOptions
 
 
-@cli.command(name="serve")
+@cli.command(name="serve", short_help="Serve Specialists over OpenAI-compatible HTTP.", epilog="""\b
+Examples:
+  kolm serve ~/.kolm/artifacts/routing-1.0.kolm ~/.kolm/artifacts/tldr-1.2.kolm --port 8000
+  kolm serve --env prod --address ray://head:10001 --detach
+  kolm serve --stop --env prod --address ray://head:10001
+
+\b
+Exit codes:
+  0  stopped with Ctrl-C, deployed (--detach), the config written (--emit-config), or stopped (--stop)
+  1  a runtime failure (the cluster, Serve), or nothing to stop (--stop)
+  2  bad input: a missing artifact, an unusable key, every artifact refused, a bad option, a --port or
+     --host other than the running Serve's, a route prefix another app holds""")
 @click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0 to listen on all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port. Serve "
+              "keeps the port it first started on: on a cluster where it runs already, the app joins that port "
+              "(a different --port given is refused).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0 to listen on all); fixed "
+              "like --port once Serve runs.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
 @click.option("--app-name", default="kolm", show_default=True, help="Serve application name.")
 @click.option("--route-prefix", default="/", show_default=True, help="Route prefix of the application.")
@@ -32,7 +46,8 @@ from kolm_ray.serve.config import ModelDeploymentOptions
 @click.option("--num-gpus", default=None, type=click.FloatRange(0), help="GPU share per replica [default: 1 if the "
               "cluster has GPUs, else 0].")
 @click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
-@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Most requests one replica generates for in one batch (across adapters).")
 @click.option("--batch-greedy", is_flag=True, help=option_help(ModelDeploymentOptions, "batch_greedy"))
 @click.option("--max-ongoing", default=16, show_default=True, type=click.IntRange(1),
               help="Requests one replica works on at once.")
@@ -40,6 +55,9 @@ from kolm_ray.serve.config import ModelDeploymentOptions
               help="Requests queued per base model before 503s.")
 @click.option("--emit-config", type=click.Path(dir_okay=False), help="Write a `serve deploy` config here and exit.")
 @click.option("--detach", is_flag=True, help="Return once deployed; the app keeps running on the cluster.")
+@click.option("--stop", is_flag=True, help="Stop the app --app-name (or the environment's app and rollout "
+              "controller, --env) on the cluster at --address / RAY_ADDRESS, gracefully: replicas drain and flush "
+              "their receipts. Exits 1 when there is nothing to stop.")
 @click.option("--env", default=None, help="Serve an environment's released Specialists (see `kolm publish`), with "
               "its canary split and rollout controller, instead of ARTIFACTS.")
 @click.option("--rollout-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
@@ -55,7 +73,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
               base_path: tuple[str, ...], replicas: int, num_gpus: float | None, num_cpus: float,
               max_batch_size: int, batch_greedy: bool, max_ongoing: int, max_queued: int, emit_config: str | None,
               detach: bool, env: str | None, rollout_interval: float, audit_rate: float, audit_teacher: str,
-              audit_max_pending: int) -> None:
+              audit_max_pending: int, stop: bool = False) -> None:
     """Serve ARTIFACTS over OpenAI-compatible HTTP on Ray Serve: one deployment per base model,
     every Specialist's adapter on it, a receipt for every call."""
     from pydantic import ValidationError
@@ -63,6 +81,12 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
     from kolm_ray.home import kolm_home
     from kolm_ray.serve.config import ModelDeploymentOptions, ServeConfig
 
+    if stop:
+        if artifacts or emit_config or detach:
+            raise InputError("--stop takes no ARTIFACTS, --emit-config or --detach: name the app (--app-name) "
+                             "or the environment (--env)")
+        _stop_serving(f"kolm-{env}" if env is not None else app_name, env, address)
+        return
     if env is not None:
         from kolm_ray.home import kolm_home as _home
         from kolm_ray.publish.release import ReleaseStore
@@ -110,6 +134,18 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         connect(address)
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        from click.core import ParameterSource
+
+        from kolm_ray.serve.app import check_route_prefix, endpoint, running_serve
+
+        # Serve keeps the HTTP host and port it first started on: join them (and print them), or
+        # refuse a --port / --host the user asked for that Serve would silently ignore.
+        running = running_serve()
+        ctx = click.get_current_context()
+        asked = any(ctx.get_parameter_source(p) != ParameterSource.DEFAULT for p in ("host", "port"))
+        host, port = endpoint(host, port, running, insist=asked)
+        if running is not None:
+            check_route_prefix(running, app_name, route_prefix)
     try:
         cfg = ServeConfig(
             artifacts=paths,
@@ -150,7 +186,7 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
         return
     import time
 
-    from ray import serve
+    from kolm_ray.serve.app import stop as stop_app
 
     click.echo("Ctrl-C stops serving")
     try:
@@ -161,20 +197,68 @@ def serve_cmd(artifacts: tuple[str, ...], port: int, host: str, address: str | N
             from kolm_ray.publish import controller
 
             controller.stop(env)
-        serve.delete(app_name)  # graceful: replicas drain and flush their receipts
+        stop_app(app_name)  # graceful: replicas drain and flush their receipts
         click.echo("stopped")
 
 
+def _stop_serving(app_name: str, env: str | None, address: str | None) -> None:
+    """``kolm serve --stop``: the environment's rollout controller first (so it deploys nothing
+    again), then the app, gracefully. Raises: InputError (no cluster named), KolmRuntimeError
+    (nothing to stop: exit 1, so a mistyped name or address is not taken for success)."""
+    from kolm_ray.cluster import connect
+    from kolm_ray.errors import KolmRuntimeError
+    from kolm_ray.serve.app import running_serve
+    from kolm_ray.serve.app import stop as stop_app
 
-@cli.group()
+    where = address or os.environ.get("RAY_ADDRESS")
+    if not where:
+        raise InputError("--stop needs the cluster the app runs on: give --address or set RAY_ADDRESS")
+    connect(address)
+    stopped = False
+    if env is not None:
+        from kolm_ray.publish import controller
+
+        if controller.stop(env):
+            click.echo(f"stopped     rollout controller {controller.actor_name(env)}")
+            stopped = True
+    if stop_app(app_name):
+        click.echo(f"stopped     app {app_name} (its replicas drained and flushed their receipts)")
+        stopped = True
+    if not stopped:
+        running = running_serve()
+        apps = ", ".join(sorted(running.route_prefixes)) if running and running.route_prefixes else "none"
+        what = f"no app {app_name!r}" + (f" and no rollout controller for {env!r}" if env is not None else "")
+        raise KolmRuntimeError(f"nothing to stop: {what} on the cluster at {where} (apps running there: {apps})")
+
+
+
+@cli.group(short_help="The receipt log of served calls.", epilog="""\b
+Examples:
+  kolm receipts verify
+  kolm receipts verify --app-name kolm-prod --json
+
+\b
+Exit codes:
+  0  done
+  1  a receipt log failed verification
+  2  bad arguments""")
 def receipts() -> None:
     """The receipt log of served calls."""
 
 
-@receipts.command(name="verify")
+@receipts.command(name="verify", short_help="Check every receipt's hash and the chain.", epilog="""\b
+Examples:
+  kolm receipts verify
+  kolm receipts verify --store /mnt/kolm --app-name kolm-prod --json
+
+\b
+Exit codes:
+  0  every receipt and the chain verify
+  1  an edited, dropped or reordered receipt (or no segments)
+  2  no receipts there""")
 @click.option("--store", type=click.Path(file_okay=False), help="kolm's store [default: KOLM_HOME].")
 @click.option("--app-name", default=None, help="Only this application's receipts.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> None:
     """Check every receipt's hash and the chain: exits 1 on an edited, dropped or reordered receipt."""
     from kolm_ray.errors import KolmRuntimeError

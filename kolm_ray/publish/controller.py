@@ -190,16 +190,17 @@ def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int
     return actor
 
 
-def stop(env: str) -> None:
-    """Stop and remove the environment's controller, if one runs."""
+def stop(env: str) -> bool:
+    """Stop and remove the environment's controller; False when none runs."""
     import ray
 
     try:
         actor = ray.get_actor(actor_name(env), namespace="kolm")
     except ValueError:
-        return
+        return False
     ray.get(actor.stop.remote())
     ray.kill(actor)
+    return True
 
 
 def poke(env: str) -> dict[str, Any] | None:

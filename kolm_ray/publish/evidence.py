@@ -1,6 +1,6 @@
 """Evidence for a rollout decision: how sure are we that the canary is no worse than stable?
 
-Per-call scores are in [0, 1] (a receipt's K). For each version we keep running sums
+Per-call scores are in [0, 1] (a receipt's K / 100). For each version we keep running sums
 (``Scores``); ``difference_bound`` turns two of them into an **always-valid** confidence interval
 for ``mean(canary) - mean(stable)``: the mixture sequential probability ratio test's interval
 (Robbins' normal mixture; Johari, Pekelis & Walsh, "Always valid inference: continuous

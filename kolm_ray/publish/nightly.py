@@ -25,7 +25,7 @@ from kolm_ray.errors import InputError, KolmError
 from kolm_ray.publish.release import AuditSettings, check_env
 from kolm_ray.publish.service import parse_duration
 
-Outcome = Literal["published", "first_version", "gate_failed", "not_recommended", "failed"]
+Outcome = Literal["published", "first_version", "unchanged", "gate_failed", "not_recommended", "failed"]
 
 
 class NightlySpec(BaseModel):
@@ -101,6 +101,9 @@ def run_one(spec_path: Path, spec: NightlySpec, home: Path, trust: Any, say: Cal
         return result("failed", f"compile exited {code}: the released version keeps serving")
     artifact = rv.artifact
     stable = ReleaseStore(home, spec.env).load().releases.get(spec.name)
+    released = {v.version for v in (stable.hosted() if stable is not None else [])}
+    if rv.reused and rv.version in released:  # identical inputs to a version already out: nothing to do
+        return result("unchanged", f"{spec.name}@{rv.version} (identical inputs) is already released in {spec.env}")
     if stable is not None:
         old, old_meta = load_side(stable.stable.artifact, trust)
         new, new_meta = load_side(artifact, trust)

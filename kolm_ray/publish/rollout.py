@@ -67,7 +67,8 @@ class Window:
 
 def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: float) -> Window:
     """``name@version``'s figures from receipts newer than ``since``: calls (``kind`` "call", the
-    default) and audits (``kind`` "audit", linked to a call by its request id)."""
+    default) and audits (``kind`` "audit", linked to a call by its request id). Receipts as
+    ``read_receipts`` returns them, in the current format (K 0-100); the evidence works on 0-1."""
     calls = errors = failed = dropped = uncosted = 0
     online, audited, cost = Scores(), Scores(), 0.0
     for r in receipts:
@@ -78,7 +79,7 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
                 uncosted += 1
             cost += r.get("cost_usd") or 0.0
             if r["status"] == "ok" and r.get("k") is not None:
-                audited = audited.add(r["k"])
+                audited = audited.add(r["k"] / 100)
             elif r["status"] == "dropped":
                 dropped += 1
             else:
@@ -90,7 +91,7 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
         if r["status"] != "ok":
             errors += 1
         elif r.get("k") is not None:
-            online = online.add(r["k"])
+            online = online.add(r["k"] / 100)
     return Window(calls=calls, errors=errors, online=online, audited=audited, audit_failed=failed,
                   audit_dropped=dropped, audit_cost_usd=cost, audit_uncosted=uncosted)
 

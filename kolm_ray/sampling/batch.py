@@ -66,7 +66,8 @@ def call_teacher_batch(plan: Any, rows: pa.Table, progress: Callable[[int], None
     for _, key, params in reqs:
         hit = cache.get(key)
         if hit is not None:
-            results[key] = SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+            results[key] = SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True,
+                                         served_model=hit.get("model"))
         else:
             pending[key] = params
     if progress and results:
@@ -92,7 +93,7 @@ def call_teacher_batch(plan: Any, rows: pa.Table, progress: Callable[[int], None
                     cache.put(key, {"text": text, "usage": usage.model_dump(), "model": result.message.model,
                                     "stop_reason": result.message.stop_reason, "at": time.time(), "batch": batch_id})
                     results[key] = SampleResult(text=text, usage=usage, attempts=attempt,
-                                                failures=failures[key])
+                                                failures=failures[key], served_model=result.message.model)
                     del pending[key]
                     if progress:
                         progress(1)

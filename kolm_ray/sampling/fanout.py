@@ -49,7 +49,8 @@ from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
 from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
 
 # 2: selection by self-consistency; every sample row carries its row's ``agreement``.
-SAMPLES_FORMAT_VERSION = 2
+# 3: ``served_model``, the model name each answer came back with (a recorded teacher says so).
+SAMPLES_FORMAT_VERSION = 3
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -67,12 +68,17 @@ SAMPLE_SCHEMA = pa.schema(
         ("output_tokens", pa.int64()),
         ("cache_read_tokens", pa.int64()),
         ("cache_write_tokens", pa.int64()),
+        ("served_model", pa.string()),
     ]
 )
 SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), ("k", pa.float64()), ("passed", pa.bool_())]
 # Added by ``select``: the kept sample of each row, and the row's agreement (None where every
 # sample of the row failed), repeated on each of its k samples.
 SELECT_COLUMNS = [("chosen", pa.bool_()), ("agreement", pa.float64())]
+
+# An endpoint that replays recorded answers (``python -m kolm_ray.testing.messages_api --replay``)
+# names its model ``recorded:<model>``, so what it answered is never reported as paid.
+RECORDED_MODEL_PREFIX = "recorded:"
 
 # Two free texts agree at content-word F1 >= 0.5: the verifier's own bar for a faithful
 # paraphrase (it shares about half its content words with the reference).
@@ -108,14 +114,44 @@ class SampleSummary(BaseModel):
     dataset_cost_usd: float
     elapsed_s: float
     quota: dict[str, Any] | None = None
+    served_by: list[str] = Field(default_factory=list, description="The model names the answers came back with.")
+
+    @property
+    def recorded(self) -> bool:
+        """Every answer came from a stand-in replaying recorded answers (its model is ``recorded:...``)."""
+        return bool(self.served_by) and all(m.startswith(RECORDED_MODEL_PREFIX) for m in self.served_by)
+
+    def source(self) -> str:
+        """Where the answers came from, for every line that states calls or cost."""
+        if self.recorded:
+            return "recorded answers: a stand-in, not a live model; nothing paid"
+        via = os.environ.get("ANTHROPIC_BASE_URL")
+        return f"{self.mode}, via {via}" if via else self.mode
+
+    def _calls(self) -> str:
+        verb = "answered by the stand-in" if self.recorded else "paid now"
+        return f"{self.calls} calls {verb}, {self.cache_hits} from cache"
+
+    def cost_line(self) -> str:
+        """What was paid by this run and what the whole dataset cost at list price: two figures,
+        each saying what it covers."""
+        if self.recorded:
+            return f"$0 paid (recorded) · ${self.dataset_cost_usd:.4f} at list price for the {self.samples} samples"
+        return (f"${self.cost_usd:.4f} paid now for {self.calls} calls · ${self.dataset_cost_usd:.4f} for the "
+                f"{self.samples} samples at list price, cached ones included")
+
+    def headline(self) -> str:
+        """The compile's one teacher line."""
+        return (f"teacher     {self.teacher} k={self.k} ({self.source()}): {self._calls()}, {self.retries} retries, "
+                f"{self.failed_rows} rows failed · acceptance {100 * self.acceptance_rate:.1f}% · {self.cost_line()}")
 
     def lines(self) -> list[str]:
         u = self.usage
         retry_kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.retries_by_kind.items())) or "none"
         unsure = self.low_agreement_row_ids[:5]
         return [
-            f"teacher     {self.teacher} ({self.mode}) · {self.rows} rows x k={self.k} = {self.samples} samples",
-            f"calls       {self.calls} paid, {self.cache_hits} from cache, {self.retries} retries ({retry_kinds}), "
+            f"teacher     {self.teacher} ({self.source()}) · {self.rows} rows x k={self.k} = {self.samples} samples",
+            f"calls       {self._calls()}, {self.retries} retries ({retry_kinds}), "
             f"{self.failed_samples} failed samples",
             f"rows        {self.rows - self.failed_rows} kept, {self.failed_rows} failed · "
             f"acceptance {100 * self.acceptance_rate:.1f}% pass the verifier",
@@ -124,7 +160,7 @@ class SampleSummary(BaseModel):
             + (f": {', '.join(unsure)}{', ...' if self.low_agreement_rows > len(unsure) else ''}" if unsure else ""),
             f"tokens      in {u.input_tokens:,} · out {u.output_tokens:,} · cache read {u.cache_read_tokens:,} · "
             f"cache write {u.cache_write_tokens:,}",
-            f"cost        ${self.cost_usd:.4f} this run · ${self.dataset_cost_usd:.4f} for the whole dataset",
+            f"cost        {self.cost_line()}",
             f"time        {self.elapsed_s:.1f} s",
         ]
 
@@ -168,6 +204,7 @@ def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, A
         "failures": ",".join(res.failures), "attempts": res.attempts, "cached": res.cached,
         "input_tokens": res.usage.input_tokens, "output_tokens": res.usage.output_tokens,
         "cache_read_tokens": res.usage.cache_read_tokens, "cache_write_tokens": res.usage.cache_write_tokens,
+        "served_model": res.served_model,
     }
 
 
@@ -479,6 +516,7 @@ def summarize(
         dataset_usage=dataset_usage,
         dataset_cost_usd=round(cost_usd(dataset_usage, prices, batch=plan.sample.batch), 6),
         elapsed_s=round(elapsed_s, 3), quota=quota_stats,
+        served_by=sorted({r["served_model"] for r in recs if r.get("served_model")}),
     )
 
 

@@ -48,6 +48,7 @@ class SampleResult:
     cached: bool = False
     error: str | None = None
     failures: list[str] = field(default_factory=list)
+    served_model: str | None = None  # the model name the answer came back with
 
     @property
     def retries(self) -> int:
@@ -165,7 +166,7 @@ class AnthropicTeacher:
     async def sample(self, params: dict[str, Any], key: str) -> SampleResult:
         hit = await asyncio.to_thread(self.cache.get, key)  # an object store blocks
         if hit is not None:
-            return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+            return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True, served_model=hit.get("model"))
         if self.quota is None:
             return await self._paid(params, key)
         # One payer per sample across the cluster: another compile already calling for this key
@@ -176,7 +177,7 @@ class AnthropicTeacher:
         while not await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S):
             hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
-                return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True)
+                return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True, served_model=hit.get("model"))
         renewer = asyncio.get_running_loop().create_task(self._keep_claim(key, owner))
         try:
             return await self._paid(params, key)
@@ -220,7 +221,7 @@ class AnthropicTeacher:
                 await asyncio.to_thread(self.cache.put, key, {
                     "text": text, "usage": usage.model_dump(), "model": message.model,
                     "stop_reason": message.stop_reason, "at": time.time()})
-                result.text, result.usage = text, usage
+                result.text, result.usage, result.served_model = text, usage, message.model
                 return result
             except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
                 failure = classify(exc)
@@ -237,3 +238,28 @@ class AnthropicTeacher:
                 result.error = f"{failure.kind}: {failure.message}"[:500]
                 return result
             await asyncio.sleep(wait)
+
+
+def probe(model: str, timeout_s: float = 10.0) -> None:
+    """Check, before anything is paid for, that the teacher answers with this environment's key:
+    one request to the free token-counting endpoint (``ANTHROPIC_BASE_URL``, ``ANTHROPIC_API_KEY``).
+
+    Raises:
+        InputError: the key is refused (401/403) or the model is unknown (404).
+        KolmRuntimeError: the endpoint cannot be reached.
+    """
+    from kolm_ray.errors import InputError, KolmRuntimeError
+
+    where = os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
+    client = anthropic.Anthropic(max_retries=2, timeout=timeout_s)
+    try:
+        client.messages.count_tokens(model=model, messages=[{"role": "user", "content": "ping"}])
+    except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as e:
+        raise InputError(f"the teacher at {where} refused the key ({e.status_code}): check ANTHROPIC_API_KEY") from None
+    except anthropic.NotFoundError:
+        raise InputError(f"the teacher at {where} does not know the model {model!r} (404): check --teacher") from None
+    except anthropic.APIConnectionError as e:
+        raise KolmRuntimeError(f"cannot reach the teacher at {where} ({type(e).__name__}): check ANTHROPIC_BASE_URL "
+                               "and the network; nothing was paid") from None
+    except anthropic.APIStatusError:
+        pass  # 429, 529, 5xx: reachable and the key accepted; the stage retries those itself

@@ -31,7 +31,7 @@ from kolm_ray.sampling.cache import request_key
 from kolm_ray.sampling.pricing import Prices, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.teacher import Teacher
-from kolm_ray.serve.receipts import AuditRecord, digest
+from kolm_ray.serve.receipts import AuditRecord, digest, points
 from kolm_ray.verifier import Verifier
 
 log = logging.getLogger("kolm_ray.serve")
@@ -105,8 +105,7 @@ def records_for(job: AuditJob, reference: str | None, *, status: str, now: float
             artifact_sha256=t.artifact_sha256, route=t.route, status=status,  # type: ignore[arg-type]
             output_sha256=digest(t.output) if t.output is not None else None,
             reference_sha256=digest(reference) if reference is not None else None, judge=job.judge,
-            t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
-            k=checks.k if checks else None, passed=checks.passed if checks else None, teacher=job.teacher,
+            **points(checks), passed=checks.passed if checks else None, teacher=job.teacher,
             cached=cached, input_tokens=input_tokens, output_tokens=output_tokens,
             cost_usd=None if share is None else round(share, 8),
             error=error,

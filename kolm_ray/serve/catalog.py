@@ -192,7 +192,9 @@ def resolve_model(model: str, specialists: Sequence[Specialist], pins: dict[str,
     name, _, version = model.partition("@")
     versions = [s for s in specialists if s.name == name]
     if not versions:
-        raise UnknownModel(f"The model '{model}' does not exist")
+        served = ", ".join(sorted({s.name for s in specialists})) or "none"
+        raise UnknownModel(f"The model '{model}' does not exist (served here: {served}; "
+                           "GET /v1/models lists their versions)")
     want = version or (pins or {}).get(name)
     if want:
         for s in versions:

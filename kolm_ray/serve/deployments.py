@@ -263,7 +263,7 @@ class Ingress:
 
     def _receipt(self, s: Specialist, p: Parsed, rid: str, started: float, status: str, out: dict[str, Any] | None,
                  key: str | None, route: str) -> None:
-        from kolm_ray.serve.receipts import Receipt, digest
+        from kolm_ray.serve.receipts import Receipt, digest, points
 
         checks = None
         if out is not None:
@@ -273,8 +273,7 @@ class Ingress:
             artifact_sha256=s.artifact_sha256, route=route, status=status, input_sha256=digest(p.input),
             output_sha256=digest(out["text"]) if out else None, latency_ms=round(1000 * (time.perf_counter() - started), 3),
             prompt_tokens=out["prompt_tokens"] if out else 0, completion_tokens=out["completion_tokens"] if out else 0,
-            t=checks.t if checks else None, c=checks.c if checks else None, l=checks.l if checks else None,
-            k=checks.k if checks else None, api_key=key,
+            **points(checks), api_key=key,
         ))
 
     async def _dispatch(self, s: Specialist, p: Parsed, route: str, call: Any) -> tuple[Specialist, str, Any]:

@@ -204,23 +204,42 @@ class AdapterHost:
                 eos_token_id=self.tok.eos_token_id, **self._sampling(gens[0]), **kwargs,
             )
         prompt_len = enc["input_ids"].shape[1]
-        results = []
-        for row, g, mask in zip(ids, gens, enc["attention_mask"]):
-            new = row[prompt_len:].tolist()
-            finish = "length"
-            if self.tok.eos_token_id in new:
-                new = new[: new.index(self.tok.eos_token_id)]
-                finish = "stop"
-            if self.tok.pad_token_id in new:
-                new = new[: new.index(self.tok.pad_token_id)]
-                finish = "stop"
-            if len(new) > g.max_new_tokens:
-                new, finish = new[: g.max_new_tokens], "length"
-            text = self.tok.decode(new, skip_special_tokens=True)
-            text, stopped = _apply_stop(text, g.stop)
-            results.append(Completion(text=text.strip(), prompt_tokens=int(mask.sum()), completion_tokens=len(new),
-                                      finish_reason="stop" if stopped else finish))
-        return results
+        return [self._completion(row[prompt_len:].tolist(), g, int(mask.sum()))
+                for row, g, mask in zip(ids, gens, enc["attention_mask"])]
+
+    def _completion(self, new: list[int], g: Generation, prompt_tokens: int) -> Completion:
+        """One answer from the tokens generated for it: the one place that decides its text, its
+        ``completion_tokens`` and why it ended, for plain and streamed requests alike (a stream
+        used to count the eos token and the tokens generated past a stop string before the halt
+        was seen, so its usage differed from the same request's without streaming).
+
+        The answer ends at the first eos or pad token (not counted) or at ``max_new_tokens``; a
+        stop string cuts the text before it, and the tokens counted are those up to the one that
+        completed it (a stream halts there; a plain request's later tokens are not the answer).
+        """
+        finish = "length"
+        for end in (self.tok.eos_token_id, self.tok.pad_token_id):
+            if end is not None and end in new:
+                new, finish = new[: new.index(end)], "stop"
+        if len(new) > g.max_new_tokens:
+            new, finish = new[: g.max_new_tokens], "length"
+        text, stopped = _apply_stop(self.tok.decode(new, skip_special_tokens=True), g.stop)
+        if stopped:
+            new, finish = new[: self._tokens_to_stop(new, g.stop)], "stop"
+        return Completion(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=len(new),
+                          finish_reason=finish)
+
+    def _tokens_to_stop(self, new: list[int], stops: Sequence[str]) -> int:
+        """The fewest leading tokens of ``new`` whose text holds a stop string (binary search: a
+        longer prefix's text extends a shorter one's)."""
+        lo, hi = 1, len(new)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _apply_stop(self.tok.decode(new[:mid], skip_special_tokens=True), stops)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def stream(self, g: Generation) -> Iterator[str | Completion]:
         """Text deltas for one request as the model produces them; the last item is a Completion.
@@ -250,15 +269,18 @@ class AdapterHost:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        text = ""
+        text, sent = "", 0  # the answer so far (cut at a stop string), and how much of it went out
         try:
             for piece in streamer:
                 if not piece:
                     continue
-                cut, stopped = _apply_stop(text + piece, g.stop)
-                if cut[len(text):]:
-                    yield cut[len(text):]
-                text = cut
+                text, stopped = _apply_stop(text + piece, g.stop)
+                # Hold back an ending that may be the start of a stop string: once sent, it could
+                # not be taken back when the stop string completes in the next piece.
+                ready = len(text) if stopped else len(text) - _stop_prefix_len(text, g.stop)
+                if ready > sent:
+                    yield text[sent:ready]
+                    sent = ready
                 if stopped:
                     break
         finally:
@@ -266,9 +288,14 @@ class AdapterHost:
             worker.join()
         if "error" in produced:
             raise produced["error"]
-        n_new = int(produced["ids"].shape[1] - enc["input_ids"].shape[1]) if "ids" in produced else 0
-        yield Completion(text=text.strip(), prompt_tokens=int(enc["attention_mask"].sum()), completion_tokens=n_new,
-                         finish_reason="length" if n_new >= g.max_new_tokens else "stop")
+        if len(text) > sent:
+            yield text[sent:]  # it ended on what only looked like the start of a stop string
+        done = self._completion(produced["ids"][0, enc["input_ids"].shape[1]:].tolist(), g,
+                                int(enc["attention_mask"].sum()))
+        # Token count and finish as a plain request reports them; the text is what was streamed
+        # (the same text: the streamer decodes the same tokens).
+        yield Completion(text=text.strip(), prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                         finish_reason=done.finish_reason)
 
 
 class _Halt:
@@ -281,6 +308,11 @@ class _Halt:
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest ending of ``text`` that begins some stop string (0 for none)."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
 
 
 def _apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -13,6 +13,10 @@ an edited receipt breaks its hash, a dropped or reordered one breaks the chain (
 Writing is off the request path: ``ReceiptWriter.append`` only queues the record; a background
 thread hashes, appends and fsyncs every ``flush_interval_s`` and on ``close()`` (graceful
 shutdown loses none). Must not compute scores or touch models.
+
+Scores (T, C, L, K) are on 0-100, as in the eval report, ``kolm compare`` and ``kolm status``
+(format 3). Logs written before (formats 1 and 2) hold them on 0-1 and are never rewritten (their
+hashes must still verify): ``read_receipts`` hands every record to readers on the current scale.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("kolm_ray.serve")
-RECEIPT_FORMAT_VERSION = 2  # 2: records carry a kind ("call" or "audit"); 1 had calls only
+# 3: T/C/L/K on 0-100 (2 and 1 held them on 0-1); 2: records carry a kind ("call" or "audit"), 1 had calls only.
+RECEIPT_FORMAT_VERSION = 3
+SCORE_FIELDS = ("t", "c", "l", "k")
 GENESIS = "0" * 64
 
 
 class Receipt(BaseModel):
-    """One served call. Inputs and outputs appear only as SHA-256 digests."""
+    """One served call. Inputs and outputs appear only as SHA-256 digests; the verifier's
+    reference-free T, C, L, K of the output on 0-100 (``points``)."""
 
     model_config = ConfigDict(frozen=True)
     kind: Literal["call"] = "call"
@@ -59,8 +66,8 @@ class Receipt(BaseModel):
 
 class AuditRecord(BaseModel):
     """One audit of a served call (``request_id`` links it to the call's receipt): the teacher's
-    reference for the same input, and the call's output scored against it as the holdout is.
-    ``route`` "shadow" marks the canary's unseen answer to a stable call."""
+    reference for the same input, and the call's output scored against it as the holdout is
+    (T, C, L, K on 0-100). ``route`` "shadow" marks the canary's unseen answer to a stable call."""
 
     model_config = ConfigDict(frozen=True)
     kind: Literal["audit"] = "audit"
@@ -91,6 +98,28 @@ class AuditRecord(BaseModel):
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def points(checks: Any) -> dict[str, float | None]:
+    """A verifier's ``Checks`` (0-1) as receipts record them: T, C, L, K on 0-100; all None
+    without checks (an output that was never produced)."""
+    return {f: None if checks is None or getattr(checks, f) is None else 100 * getattr(checks, f)
+            for f in SCORE_FIELDS}
+
+
+def upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A record of any format as the current format reads (pure; the log itself is untouched):
+    formats 1 and 2 held T, C, L, K on 0-1, so they are scaled to 0-100; format 1 had calls only.
+    A record already current is returned as it is, so upgrading twice changes nothing."""
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or version >= RECEIPT_FORMAT_VERSION:
+        return record
+    out = {**record, "format_version": RECEIPT_FORMAT_VERSION, "stored_format_version": version}
+    out.setdefault("kind", "call")
+    for f in SCORE_FIELDS:
+        if isinstance(out.get(f), (int, float)):
+            out[f] = 100 * out[f]
+    return out
 
 
 def chain_hash(prev: str, record: dict[str, Any]) -> str:
@@ -270,9 +299,9 @@ def verify_log(directory: Path) -> LogReport:
 
 
 def read_receipts(directory: Path, since: float | None = None) -> list[dict[str, Any]]:
-    """Every receipt under ``directory`` (newer than ``since``), oldest first. A segment last
-    written before ``since`` holds nothing newer (receipts are written after they are timed), so
-    it is not read."""
+    """Every receipt under ``directory`` (newer than ``since``), oldest first, each in the current
+    format (``upgrade``: scores on 0-100 whichever format wrote it). A segment last written before
+    ``since`` holds nothing newer (receipts are written after they are timed), so it is not read."""
     segments = [seg for seg in sorted(directory.rglob("*.jsonl")) if since is None or seg.stat().st_mtime >= since]
-    out = [r for seg in segments for r in _read_lines(seg) if since is None or r["time"] >= since]
+    out = [upgrade(r) for seg in segments for r in _read_lines(seg) if since is None or r["time"] >= since]
     return sorted(out, key=lambda r: r["time"])

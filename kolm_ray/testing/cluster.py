@@ -74,7 +74,7 @@ class LocalHead:
         return self
 
     def stop(self) -> None:
-        _kill_named(self.temp_dir)
+        kill_by_temp_dir(self.temp_dir)
         self.temp_dir = None
 
 
@@ -99,7 +99,7 @@ class LocalWorker:
 
     def stop(self) -> None:
         """Kill the node's processes at once, as a lost machine would go."""
-        _kill_named(self.temp_dir)
+        kill_by_temp_dir(self.temp_dir)
         self.temp_dir = None
 
 
@@ -113,7 +113,7 @@ def _ray_start(cmd: list[str], env: dict[str, str], cleanup) -> None:
         raise RuntimeError(f"`{' '.join(cmd[1:3])}` failed ({res.returncode}): {res.stderr[-2000:]}")
 
 
-def _kill_named(temp_dir: Path | None) -> None:
+def kill_by_temp_dir(temp_dir: Path | None) -> None:
     """Kill every process whose command line names ``temp_dir`` (a node's), and their children."""
     import psutil
 

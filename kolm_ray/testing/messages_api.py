@@ -55,6 +55,7 @@ class ServerStats:
     concurrency_rejected: int = 0  # of them, requests past ``max_in_flight``
     first_request_at: float | None = None
     last_success_at: float | None = None
+    count_tokens: int = 0  # free /v1/messages/count_tokens requests (not in ``requests``)
 
 
 def user_text(body: dict[str, Any]) -> str:
@@ -122,8 +123,11 @@ class MessagesAPIServer:
         batch_delay_s: float = 0.2,
         batch_error_rate: float = 0.0,
         max_in_flight: int | None = None,
+        port: int = 0,
+        model_prefix: str = "",
     ):
         self.responder = responder
+        self.model_prefix = model_prefix  # "recorded:" when replaying recorded answers
         self.max_in_flight = max_in_flight
         self.latency_s = latency_s
         self.faults = faults or FaultPlan()
@@ -138,7 +142,8 @@ class MessagesAPIServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port  # 0: a free one, known once started
+        self._start_error: OSError | None = None
 
     @property
     def url(self) -> str:
@@ -151,19 +156,25 @@ class MessagesAPIServer:
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._start())
+            try:
+                self._loop.run_until_complete(self._start())
+            except OSError as e:  # the port is taken: say so instead of a thread's traceback
+                self._start_error = e
+                ready.set()
+                return
             ready.set()
             self._loop.run_forever()
 
         self._thread = threading.Thread(target=run, name="messages-api", daemon=True)
         self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("Messages API test server did not start")
+        if not ready.wait(10) or self._start_error is not None:
+            raise RuntimeError(f"the Messages API stand-in did not start on port {self.port}: {self._start_error}")
         return self
 
     async def _start(self) -> None:
         app = web.Application(client_max_size=256 * 1024**2)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/messages/batches", self._batch_create)
         app.router.add_get("/v1/messages/batches/{id}", self._batch_get)
         app.router.add_get("/v1/messages/batches/{id}/results", self._batch_results)
@@ -171,7 +182,7 @@ class MessagesAPIServer:
         app.router.add_post("/_reset", self._reset)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -213,7 +224,7 @@ class MessagesAPIServer:
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",
-            "model": body.get("model", "unknown"),
+            "model": f"{self.model_prefix}{body.get('model', 'unknown')}",
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
@@ -284,6 +295,16 @@ class MessagesAPIServer:
         if body.get("stream"):
             return await self._stream(request, message)
         return web.json_response(message)
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """The free token-counting endpoint: what a preflight asks to check the key and the route."""
+        self.stats.count_tokens += 1
+        try:
+            body = await request.json()
+            assert isinstance(body.get("messages"), list) and body["messages"] and "model" in body
+        except Exception:  # noqa: BLE001
+            return self._error(400, "invalid_request_error", "body must be JSON with model and messages")
+        return web.json_response({"input_tokens": _tokens(_system_text(body) + user_text(body))})
 
     async def _stream(self, request: web.Request, message: dict[str, Any]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -387,15 +408,17 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--replay", help="JSONL rows {input, output}: answer each input with its output.")
+    ap.add_argument("--replay", action="append", default=[],
+                    help="JSONL rows {input, output}: answer each input with its output (repeatable).")
+    ap.add_argument("--port", type=int, default=0, help="Loopback port [default: a free one].")
     ap.add_argument("--latency", type=float, default=0.0, help="Seconds added to every reply.")
     ap.add_argument("--rate-limit", type=float, default=0.0, help="Share of requests answered 429.")
     ap.add_argument("--overloaded", type=float, default=0.0, help="Share of requests answered 529.")
     ap.add_argument("--max-in-flight", type=int, default=None, help="Answer 429 past this many requests at once.")
     args = ap.parse_args()
     answers: dict[str, str] = {}
-    if args.replay:
-        with open(args.replay, encoding="utf-8") as f:
+    for path in args.replay:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     rec = json.loads(line)
@@ -405,7 +428,12 @@ def main() -> None:
         return answers.get(user_text(body), "ok")
 
     srv = MessagesAPIServer(respond, latency_s=args.latency, max_in_flight=args.max_in_flight,
-                            faults=FaultPlan(rate_limit=args.rate_limit, overloaded=args.overloaded)).start()
+                            faults=FaultPlan(rate_limit=args.rate_limit, overloaded=args.overloaded), port=args.port,
+                            model_prefix="recorded:")  # kolm_ray.sampling.fanout.RECORDED_MODEL_PREFIX
+    try:
+        srv.start()
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(srv.url, flush=True)
     try:
         threading.Event().wait()

@@ -1,1 +1,1 @@
-"""LoRA fit under Ray Train with DeepSpeed (not yet built)."""
+"""Base models, training data, the LoRA fit under Ray Train with DeepSpeed, and the eval."""

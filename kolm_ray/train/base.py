@@ -59,8 +59,11 @@ def resolve_base(name: str) -> BaseRef:
         return BaseRef(name=name, path=SHORT_NAMES[key], local=False)
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
         return BaseRef(name=name, path=name, local=False)
+    # A name written as a path: say what is (not) there, not only what a name may be.
+    there = ("is a file, not a model folder; " if p.exists() else
+             "no such folder; " if name.startswith((".", "/", "~")) else "")
     raise InputError(
-        f"unknown base model {name!r}: give a short name ({', '.join(sorted(SHORT_NAMES))}), "
+        f"unknown base model {name!r}: {there}give a short name ({', '.join(sorted(SHORT_NAMES))}), "
         "a Hugging Face hub id like Qwen/Qwen2.5-3B-Instruct, or a local model folder "
         "(`kolm base tiny DIR` writes one)"
     )
@@ -141,6 +144,9 @@ def build_tiny_base(
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small shard: a progress bar is noise
     model.save_pretrained(out)
     (out / "kolm_tiny.json").write_text(json.dumps({"kind": "tiny random-init base", "seed": seed}))
     return out

@@ -16,9 +16,13 @@ class FitConfig(BaseModel):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    # Attention projections: the modules every supported base names the same way.
-    target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj"), description="Module names that get LoRA adapters."
+    # None: the base's attention projections, read from its architecture (kolm_ray/train/targets.py):
+    # q_proj, k_proj, v_proj, o_proj on Qwen2 and Llama, but qkv_proj, o_proj on Phi-3, so no one
+    # fixed list fits every base. The preflight resolves it before the fit, and the fit's run name
+    # hashes the resolved names: the default on Qwen2 resumes runs made with the old fixed list.
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1,
+        description="Module names that get LoRA adapters (default: the base's attention projections).",
     )
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU; CPU workers where there is none).")
     use_gpu: bool | None = Field(None, description="Train on GPUs (default: when the cluster has them).")

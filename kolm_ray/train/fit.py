@@ -67,6 +67,54 @@ def run_name(base: BaseRef, system: str, pairs: Sequence[tuple[str, str]], cfg: 
     return f"fit-{h.hexdigest()[:16]}"
 
 
+def failure_message(e: BaseException, max_failures: int, checkpoints: str) -> str:
+    """One line for a fit that failed: what failed on the workers and, only when re-running can
+    help (a worker or node died, a collective or the cluster failed), that a re-run resumes from
+    the checkpoints. An exception the training code raised on every failed worker (a base that
+    cannot load, a wrong target module) fails the same way again: it says so instead."""
+    causes = _worker_causes(e)
+    what = "; ".join(dict.fromkeys(causes)) or _first_line(e)
+    if resumable(e):
+        return (f"the fit failed after {max_failures} restart(s) ({what}). Its checkpoints are kept under "
+                f"{checkpoints}: re-run the same compile to resume.")
+    return (f"the fit failed on its workers ({what}). Re-running will fail the same way: fix the cause "
+            "(the workers' tracebacks are in the Ray logs).")
+
+
+def resumable(e: BaseException) -> bool:
+    """Whether re-running a failed fit can help: False only when every failed worker raised an
+    exception of the training code that is not a transient one (a connection or a timeout)."""
+    failures = getattr(e, "worker_failures", None)
+    if not failures:
+        return True  # the controller, the worker group's start-up, the cluster: not the config
+    for failure in failures.values():
+        raised = getattr(failure, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
+        if raised is None or isinstance(raised, (ConnectionError, TimeoutError)) or _distributed(raised):
+            return True  # a worker died or hung, or lost its peers: a re-run resumes
+    return False
+
+
+def _distributed(e: BaseException) -> bool:
+    try:
+        from torch.distributed import DistError
+    except ImportError:
+        return False
+    return isinstance(e, DistError)
+
+
+def _worker_causes(e: BaseException) -> list[str]:
+    out = []
+    for failure in (getattr(e, "worker_failures", None) or {}).values():
+        raised = getattr(failure, "_base_exc", None) or failure
+        out.append(f"{type(raised).__name__}: {_first_line(raised)}")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -187,13 +235,19 @@ def fit(
     """Fit a LoRA adapter; copy the final adapter to ``dest``.
 
     Raises:
-        KolmRuntimeError: training failed past ``cfg.max_failures`` (a re-run resumes it).
+        KolmRuntimeError: training failed past ``cfg.max_failures``; the message says whether a
+            re-run resumes it (``failure_message``).
+        InputError: ``cfg.target_modules`` is None and the base's architecture has no attention
+            projections to default to (``train.targets.with_targets``).
     """
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kolm_ray.train.targets import with_targets
+
+    cfg = with_targets(cfg, base.path)  # resolved before the run name: the default resumes as the names do
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     name = run_name(base, system, pairs, cfg)
     # CPU workers take a share of one node's cores each (Ray sets a worker's torch threads to
@@ -227,10 +281,7 @@ def fit(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise KolmRuntimeError(
-            f"the fit failed after {cfg.max_failures} restarts: {e}. Its checkpoints are kept under "
-            f"{join(storage, name)}: re-run the same compile to resume."
-        ) from None
+        raise KolmRuntimeError(failure_message(e, cfg.max_failures, join(storage, name))) from None
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -25,8 +25,10 @@ def _env(compiled, monkeypatch):
 def test_compile_beats_the_base_and_signs_an_artifact(compiled, monkeypatch):
     res = compiled["res"]
     assert res.exit_code == 0, res.output
-    for stage in ("verifier", "teacher", "fit", "eval", "signed"):
+    for stage in ("preflight", "verifier", "teacher", "fit", "eval", "signed"):
         assert any(line.startswith(stage) for line in res.output.splitlines()), res.output
+    checked = next(line for line in res.output.splitlines() if line.startswith("preflight"))
+    assert " (Qwen2, local folder) · LoRA on q_proj,k_proj,v_proj,o_proj · chat template ok · " in checked, checked
     art = compiled["home"] / "artifacts" / "routing-1.0.kolm"
     assert art.is_file()
     assert any(line.startswith("K-score ") for line in res.output.splitlines())
@@ -58,9 +60,26 @@ def test_adapter_loads_with_peft(compiled, tiny_base, tmp_path):
     assert {"output", "k", "passed"} <= set(row["student"]) and {"output", "k"} <= set(row["base"])
 
 
+def test_identical_inputs_reuse_the_version_and_pay_nothing(compiled, monkeypatch):
+    _env(compiled, monkeypatch)
+    store = compiled["home"] / "artifacts"
+    served = compiled["server"].stats.requests
+    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=60"])
+    assert res.exit_code == 0, res.output
+    assert "unchanged   identical inputs to routing-1.0: reusing it" in res.output
+    assert res.output.strip().splitlines()[-1] == f"artifact    {store / 'routing-1.0.kolm'}"
+    assert compiled["server"].stats.requests == served  # no teacher call, not even a cached sample read
+    assert sorted(p.name for p in store.glob("*.kolm")) == ["routing-1.0.kolm"]
+    # The gate still applies to the reused version: a higher one fails it, and nothing is written.
+    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=101"])
+    assert res.exit_code == 3, res.output
+    assert "compiled from identical inputs" in res.output and "below the gate K=101" in res.output
+    assert sorted(p.name for p in store.glob("*.kolm")) == ["routing-1.0.kolm"]
+
+
 def test_gate_101_exits_3_and_leaves_no_promotable_artifact(compiled, monkeypatch):
     _env(compiled, monkeypatch)
-    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=101"])
+    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=101", "--new-version"])
     assert res.exit_code == 3, res.output
     assert "below the gate K=101" in res.output
     assert "(reused)" in res.output  # the finished fit was not redone
@@ -149,7 +168,7 @@ def test_ray_job_submit_runs_a_compile_on_a_head_node(compiled, ray_head):
             [ray, "job", "submit", *address, "--no-wait", "--submission-id", "kolm-compile-test",
              "--working-dir", str(ROOT),
              "--runtime-env-json", json.dumps({"env_vars": job_env, "excludes": [".venv", "runs", ".git"]}),
-             "--", "python", "jobs/compile.py", *args, "--gate", "K=60"],
+             "--", "python", "jobs/compile.py", *args, "--gate", "K=60", "--new-version"],
             env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
         )
         if sub.returncode == 0 or not any(s in sub.stderr for s in ("No available agent", "Connection refused")):
@@ -166,7 +185,32 @@ def test_ray_job_submit_runs_a_compile_on_a_head_node(compiled, ray_head):
         time.sleep(1)
     logs = client.get_job_logs("kolm-compile-test")
     assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-4000:]}"
-    # The job reused the module's finished stages and wrote the next version of the artifact.
+    # The job reused the module's finished stages and wrote the next version of the artifact
+    # (--new-version: the inputs are identical to routing-1.0's).
     assert "K-score" in logs, logs[-4000:]
     art = Path(next(line.split()[1] for line in logs.splitlines() if line.startswith("artifact ")))
     assert art.parent == compiled["home"] / "artifacts" and art.name != "routing-1.0.kolm" and art.is_file()
+
+
+def test_a_driver_without_the_clusters_token_is_refused_in_one_line_before_the_teacher(ray_head, tiny_base, tmp_path):
+    """The preflight asks the head before joining: a missing token is one line saying how to set
+    it, in seconds (Ray itself retries for 20 s and says only "Failed to connect")."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"ANTHROPIC_API_KEY": "unused", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    example = ROOT / "examples" / "routing"
+    t0 = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "kolm_ray.cli", "compile", "--task-file", str(example / "task.txt"),
+         "--examples", str(example / "examples.jsonl"), "--eval", str(example / "holdout.jsonl"),
+         "--base", str(tiny_base), "--name", "routing", "--work-dir", str(tmp_path / "work"),
+         "--address", ray_head.address],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the Ray cluster at {ray_head.address} refused this driver: the head runs with token "
+                      "auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
+                      "(`ray get-auth-token` on the head prints it)"], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not run.stdout.strip()

@@ -29,11 +29,14 @@ def test_nightly_publishes_only_what_passes_its_gate_and_compare(compiled, monke
     (specs / "a-too-strict.json").write_text(json.dumps(
         {"name": "routing", "env": "nightly", "compile": [*args, "--gate", "K=101"]}))
     (specs / "b-good.json").write_text(json.dumps(
-        {"name": "routing", "env": "nightly", "compile": [*args, "--gate", "K=60"], "canary": 10, "hold": "1h",
-         "audit": {"rate": 0.25, "shadow": True}}))
+        {"name": "routing", "env": "nightly", "compile": [*args, "--gate", "K=60", "--new-version"], "canary": 10,
+         "hold": "1h", "audit": {"rate": 0.25, "shadow": True}}))
+    # Inputs identical to the canary just published: nothing new is compiled or published.
+    (specs / "c-same.json").write_text(json.dumps(
+        {"name": "routing", "env": "nightly", "compile": [*args, "--gate", "K=60"]}))
     lines = []
     results = run_nightly(specs, home, trust, say=lines.append)
-    assert [r.outcome for r in results] == ["gate_failed", "published"], lines
+    assert [r.outcome for r in results] == ["gate_failed", "published", "unchanged"], lines
     r = ReleaseStore(home, "nightly").load().releases["routing"]
     assert (r.phase, r.stable.version, r.canary.weight) == ("canary", "1.0", 0.1)
     assert (r.canary.audit.rate, r.canary.audit.shadow) == (0.25, True)

@@ -1,6 +1,7 @@
 """Serving on Ray Serve over loopback: two Specialists on one tiny base behind the
 OpenAI-compatible ingress, reached through the real `openai` client and plain HTTP; a tampered
-artifact refused while the others serve; receipts; 4xx, 404, 401 and 503."""
+artifact refused while the others serve; receipts; 4xx, 404, 401 and 503; what the one Serve
+instance of a cluster fixes (its port, each app's route prefix); `kolm serve --stop`."""
 
 import asyncio
 import json
@@ -89,12 +90,40 @@ def test_streaming_matches_the_plain_answer(client):
     assert chunks[-1].choices[0].finish_reason in {"stop", "length"} and chunks[0].model == "tldr@1.0"
 
 
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_stream_reports_the_same_usage_as_the_same_call_without_streaming(client, kind):
+    """With a stop string the stream halts a few tokens late and used to count them (and the eos
+    token): its final chunk's usage must be the plain response's."""
+    def call(**kw):
+        if kind == "chat":
+            return client.chat.completions.create(model="tldr", messages=[{"role": "user", "content": "please sum "
+                                                  "this up"}], max_tokens=12, temperature=0, **kw)
+        return client.completions.create(model="tldr", prompt="please sum this up", max_tokens=12, temperature=0, **kw)
+
+    def text(r):
+        return r.choices[0].message.content if kind == "chat" else r.choices[0].text
+
+    stop = text(call()).split()[1]
+    plain = call(stop=[stop])
+    chunks = list(call(stop=[stop], stream=True))
+    streamed = "".join((c.choices[0].delta.content or "") if kind == "chat" else c.choices[0].text
+                       for c in chunks if c.choices)
+    assert streamed.strip() == text(plain)
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens < 12
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason == "stop"
+
+
 def test_models_lists_specialists_and_versions_and_unknown_ones_are_404(client):
     ids = {m.id for m in client.models.list()}
     assert {"route", "route@1.0", "tldr", "tldr@1.0"} <= ids and not any(i.startswith("evil") for i in ids)
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="route@9.9", messages=[{"role": "user", "content": "x"}])
     assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as e:  # an unknown name is told what is served, as a version is
+        client.completions.create(model="rout", prompt="x")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert "'rout' does not exist (served here: route, tldr;" in e.value.body["message"]
 
 
 def test_tampered_artifact_is_refused_while_the_others_serve(served, client):
@@ -194,8 +223,9 @@ def test_streams_under_overload_get_a_503_before_any_200(served):
             assert body.rstrip().endswith("data: [DONE]")
 
 
-def test_deleting_the_app_flushes_every_receipt(served):
-    """Graceful shutdown loses no receipt: calls made just before the app goes away are on disk."""
+def test_serve_stop_stops_a_detached_app_and_flushes_every_receipt(served):
+    """`kolm serve --stop` is graceful: calls made just before the app goes away are on disk. A
+    second stop finds nothing and says so (exit 1)."""
     from ray import serve
 
     from kolm_ray.serve.receipts import digest, read_receipts
@@ -204,11 +234,58 @@ def test_deleting_the_app_flushes_every_receipt(served):
     prompts = [f"last call {i}" for i in range(5)]
     for p in prompts:
         c.completions.create(model="route", prompt=p, max_tokens=2)
-    serve.delete("tight")  # well inside the 0.5 s flush interval of the last calls
+    stopped = RUNNER.invoke(cli, ["serve", "--stop", "--app-name", "tight"])  # well inside the 0.5 s flush interval
+    assert stopped.exit_code == 0 and "stopped     app tight" in stopped.output, stopped.output
+    assert "tight" not in serve.status().applications
     logged = {r["input_sha256"] for r in read_receipts(served["home"] / "receipts" / "tight")}
     assert {digest(p) for p in prompts} <= logged
     ok = RUNNER.invoke(cli, ["receipts", "verify", "--store", str(served["home"])])
     assert ok.exit_code == 0, ok.output
+    again = RUNNER.invoke(cli, ["serve", "--stop", "--app-name", "tight"])
+    assert again.exit_code == 1 and "nothing to stop: no app 'tight'" in again.output
+    assert "kolm" in again.output.split("apps running there:")[1]
+
+
+def test_serve_stop_env_stops_its_rollout_controller_and_its_app(served, specialists, kolm_home):
+    import ray
+    from ray import serve
+
+    from kolm_ray.serve.receipts import digest, read_receipts
+
+    key = ["--key", str(specialists["public_key"])]
+    published = RUNNER.invoke(cli, ["publish", str(specialists["route"]), "--to", "edge", *key])
+    assert published.exit_code == 0, published.output
+    up = RUNNER.invoke(cli, ["serve", "--env", "edge", "--route-prefix", "/edge", "--detach", "--num-cpus", "0",
+                             "--rollout-interval", "60", *key])
+    assert up.exit_code == 0, up.output
+    _wait_healthy(f"{served['url']}/edge")
+    c = openai.OpenAI(base_url=f"{served['url']}/edge/v1", api_key="unused", max_retries=0)
+    c.completions.create(model="route", prompt="the last call before the stop", max_tokens=2)
+    stopped = RUNNER.invoke(cli, ["serve", "--stop", "--env", "edge"])
+    assert stopped.exit_code == 0, stopped.output
+    assert stopped.output.splitlines() == ["stopped     rollout controller kolm-rollout-edge",
+                                           "stopped     app kolm-edge (its replicas drained and flushed their receipts)"]
+    with pytest.raises(ValueError):  # the controller is gone, so nothing deploys the app again
+        ray.get_actor("kolm-rollout-edge", namespace="kolm")
+    assert "kolm-edge" not in serve.status().applications
+    logged = {r["input_sha256"] for r in read_receipts(kolm_home / "receipts" / "kolm-edge")}
+    assert digest("the last call before the stop") in logged
+
+
+def test_a_port_or_route_prefix_serve_cannot_give_is_refused_before_deploying(served, specialists, serve_port):
+    """Serve keeps the port it first started on, and one app per route prefix: `kolm serve` says
+    so (exit 2, one line) instead of printing an endpoint nothing answers, or a traceback."""
+    from kolm_ray.testing.cluster import free_port
+
+    common = [str(specialists["route"]), "--detach", "--num-cpus", "0", "--key", str(specialists["public_key"])]
+    other = free_port()
+    moved = RUNNER.invoke(cli, ["serve", *common, "--port", str(other), "--app-name", "moved", "--route-prefix", "/m"])
+    assert moved.exit_code == 2, moved.output
+    assert (f"error: Serve on this cluster already listens on 127.0.0.1:{serve_port} (fixed when it first started): "
+            f"use --port {serve_port}, or stop Serve first") in moved.output
+    taken = RUNNER.invoke(cli, ["serve", *common, "--app-name", "second"])
+    assert taken.exit_code == 2 and "error: the route prefix / is held by the app 'kolm' on this cluster" in taken.output
+    assert "--route-prefix /other --app-name other" in taken.output and "Traceback" not in taken.output
 
 
 def test_serve_audit_rate_audits_calls_through_the_teacher_off_the_request_path(served, specialists, messages_api,
@@ -220,7 +297,8 @@ def test_serve_audit_rate_audits_calls_through_the_teacher_off_the_request_path(
 
     monkeypatch.setenv("KOLM_HOME", str(served["home"]))
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    args = ["serve", str(specialists["route"]), "--port", str(serve_port), "--detach", "--num-cpus", "0", "--key",
+    # No --port: the app joins the running Serve's port, and the endpoint printed is the one that answers.
+    args = ["serve", str(specialists["route"]), "--detach", "--num-cpus", "0", "--key",
             str(specialists["public_key"]), "--app-name", "audited", "--route-prefix", "/audited", "--audit-rate", "1"]
     refused = RUNNER.invoke(cli, args)
     assert refused.exit_code == 2 and "ANTHROPIC_API_KEY" in refused.output  # checked before anything starts
@@ -228,6 +306,7 @@ def test_serve_audit_rate_audits_calls_through_the_teacher_off_the_request_path(
     teacher = messages_api(replay_responder({p: "billing" for p in prompts}))
     res = RUNNER.invoke(cli, args)
     assert res.exit_code == 0 and "audits      100% of calls" in res.output, res.output
+    assert f"endpoint    http://127.0.0.1:{serve_port}/audited/v1" in res.output
     try:
         _wait_healthy(f"{served['url']}/audited")
         c = openai.OpenAI(base_url=f"{served['url']}/audited/v1", api_key="unused", max_retries=0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, CONTENT_DIR, SIGNATURE, artifact_path, next_version, open_verified, pack, unpacked,
+    ARTIFACT_FORMAT_VERSION, CONTENT_DIR, SIGNATURE, artifact_path, file_digest, next_version, open_verified, pack,
+    read_verified_text, unpacked,
 )
 from kolm_ray.errors import InputError
 from kolm_ray.signing import ArtifactRejected, KeySigner, Trust, ensure_default_key, signer_from_spec
@@ -81,7 +82,7 @@ def test_packing_is_deterministic(signed, tmp_path):
 
 
 def test_flipped_byte_is_rejected(signed, tmp_path):
-    art, pub, _ = signed
+    art, pub, d = signed
 
     def flip(name, data):
         if name.endswith("adapter_model.safetensors"):
@@ -91,15 +92,22 @@ def test_flipped_byte_is_rejected(signed, tmp_path):
         return data
 
     bad = _rewrite(art, tmp_path / "flipped.kolm", flip)
-    with pytest.raises(ArtifactRejected):
+    with pytest.raises(ArtifactRejected) as e:
         with open_verified(bad, Trust(public_key=pub)):
             pass
+    # Readable: the artifact, the file inside that changed, its signed and actual SHA-256 in hex.
+    signed_digest = file_digest(d / "content" / "adapter" / "adapter_model.safetensors")
+    with unpacked(bad) as root:
+        now = file_digest(root / CONTENT_DIR / "adapter" / "adapter_model.safetensors")
+    assert str(e.value) == (f"{bad}: signature verification failed: {CONTENT_DIR}/adapter/adapter_model.safetensors "
+                            f"changed after signing (sha256 {signed_digest} when signed, {now} now)")
+    assert "\\x" not in str(e.value)
 
 
 def test_added_file_is_rejected(signed, tmp_path):
     art, pub, _ = signed
     bad = _add_member(art, tmp_path / "added.kolm", f"{CONTENT_DIR}/adapter/extra.bin", b"payload")
-    with pytest.raises(ArtifactRejected):
+    with pytest.raises(ArtifactRejected, match=f"{CONTENT_DIR}/adapter/extra.bin was added after signing"):
         with open_verified(bad, Trust(public_key=pub)):
             pass
 
@@ -107,7 +115,7 @@ def test_added_file_is_rejected(signed, tmp_path):
 def test_removed_file_is_rejected(signed, tmp_path):
     art, pub, _ = signed
     bad = _rewrite(art, tmp_path / "removed.kolm", lambda n, d: None if n.endswith("adapter_config.json") else d)
-    with pytest.raises(ArtifactRejected):
+    with pytest.raises(ArtifactRejected, match=f"{CONTENT_DIR}/adapter/adapter_config.json was removed after signing"):
         with open_verified(bad, Trust(public_key=pub)):
             pass
 
@@ -115,9 +123,46 @@ def test_removed_file_is_rejected(signed, tmp_path):
 def test_wrong_key_is_rejected(signed, tmp_path):
     art, _, _ = signed
     _, other_pub = _key_pair(tmp_path)
-    with pytest.raises(ArtifactRejected):
+    with pytest.raises(ArtifactRejected, match=f"signed with another key, not the trusted key {other_pub}"):
         with open_verified(art, Trust(public_key=other_pub)):
             pass
+
+
+def test_private_key_given_as_the_public_one_is_named_with_the_fix(signed):
+    _, _, d = signed
+    with pytest.raises(InputError) as e:
+        Trust(public_key=d / "k.pem")
+    assert str(e.value) == f"{d / 'k.pem'} is a private key: give the public key (k.pub beside it)"
+
+
+def test_a_key_file_that_is_not_pem_is_an_input_error(tmp_path):
+    junk = tmp_path / "key.txt"
+    junk.write_text("hello")
+    with pytest.raises(InputError, match="is not a PEM file: give a PEM public key"):
+        Trust(public_key=junk)
+
+
+def test_an_rsa_public_key_is_refused_before_verifying(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "rsa.pub").write_bytes(pem)
+    with pytest.raises(InputError, match="RSAPublicKey public key: kolm verifies elliptic-curve keys"):
+        Trust(public_key=tmp_path / "rsa.pub")
+
+
+def test_a_file_is_read_only_after_the_signature_verifies(signed, tmp_path):
+    art, pub, _ = signed
+    text, manifest = read_verified_text(art, Trust(public_key=pub), "adapter/adapter_config.json")
+    assert text == '{"r": 8}' and manifest["name"] == "t"
+    with pytest.raises(InputError, match="has no specialist/verifier.json"):
+        read_verified_text(art, Trust(public_key=pub), "verifier.json")
+    bad = _rewrite(art, tmp_path / "edited.kolm",
+                   lambda n, d: b'{"r": 64}' if n.endswith("adapter_config.json") else d)
+    with pytest.raises(ArtifactRejected, match="adapter_config.json changed after signing"):
+        read_verified_text(bad, Trust(public_key=pub), "adapter/adapter_config.json")
 
 
 def test_entry_outside_the_content_is_refused(signed, tmp_path):

@@ -184,7 +184,7 @@ def test_cli_compare_prints_the_report_with_the_default_key(pair):
     old, new = pair
     res = RUNNER.invoke(cli, ["compare", str(old), str(new)])
     assert res.exit_code == 0, res.output
-    assert "trusting the default key" in res.stderr
+    assert "trusted     key " in res.stderr and "(kolm's own)" in res.stderr
     out = res.stdout.splitlines()
     assert out[0] == "K-score          80.0 ↑ from 70.0 (+10.0)"
     assert out[2:4] == ["regressions      1", "improvements     1"]

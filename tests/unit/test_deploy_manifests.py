@@ -132,7 +132,7 @@ _CLICK_INVOKE = click.Command.invoke
 _ARGPARSE_PARSE = argparse.ArgumentParser.parse_args
 
 
-class _Parsed(Exception):
+class _Parsed(BaseException):  # not an Exception: the CLI turns those into error lines
     """Raised where the entrypoint's arguments have parsed and its work would begin."""
 
 

@@ -71,10 +71,10 @@ def test_status_shows_the_audited_evidence_behind_the_decision(kolm_home, monkey
         w.append(Receipt(time=started + 1 + i * 0.1, request_id=f"r{i}", specialist="tldr", version=version,
                          artifact_sha256="0" * 64, route="canary" if i % 2 else "stable", status="ok",
                          input_sha256="i", output_sha256="o", latency_ms=1, prompt_tokens=1, completion_tokens=1,
-                         t=None, c=1.0, l=None, k=1.0))
+                         t=None, c=100.0, l=None, k=100.0))
         w.append(AuditRecord(time=started + 2 + i * 0.1, request_id=f"r{i}", specialist="tldr", version=version,
                              artifact_sha256="0" * 64, route="canary" if i % 2 else "stable", status="ok",
-                             k=1.0 if right else 0.0, passed=right, cost_usd=0.001))
+                             k=100.0 if right else 0.0, passed=right, cost_usd=0.001))
     w.append(AuditRecord(time=started + 9, request_id="r99", specialist="tldr", version="1.1",
                          artifact_sha256="0" * 64, route="canary", status="failed", error="server: 500"))
     w.close()
@@ -88,6 +88,38 @@ def test_status_shows_the_audited_evidence_behind_the_decision(kolm_home, monkey
     shown = RUNNER.invoke(cli, ["status", "--env", "prod"]).output
     assert "audited K 50.0, 20 audits" in shown and "1 failed (teacher)" in shown
     assert "evidence (audited K): rollback: audited K 50.0 is below stable's 100.0" in shown
+
+
+def test_status_reads_a_format_2_receipt_log_on_the_0_to_100_scale(kolm_home, monkeypatch):
+    """Receipts written before format 3 hold K on 0-1; status (and the controller) read them on
+    0-100 beside new ones, not as K 1.0."""
+    import shutil
+    from pathlib import Path
+
+    from kolm_ray.publish.release import AuditSettings
+    from kolm_ray.serve.receipts import Receipt, ReceiptWriter
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def v(ver):
+        return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64)
+
+    started = 1_780_000_000.0 - 60  # the asset's receipts start at 1_780_000_000
+    r = publish(publish(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=4,
+                        tolerance=0.5), "tldr", v("1.1"), now=started, weight=0.5, hold_s=0, min_samples=4,
+                tolerance=0.5, audit=AuditSettings(rate=1.0, min_audits=4))
+    ReleaseStore(kolm_home, "prod").update(lambda s: EnvState(env="prod", releases={"tldr": r}))
+    logs = kolm_home / "receipts" / "kolm-prod"
+    shutil.copytree(Path(__file__).parents[2] / "assets" / "receipts-format-2", logs)
+    w = ReceiptWriter(logs, "format-3")  # a replica of the new format beside the old one
+    w.append(Receipt(time=started + 100, request_id="new", specialist="tldr", version="1.1", artifact_sha256="0" * 64,
+                     route="canary", status="ok", input_sha256="i", output_sha256="o", latency_ms=1, prompt_tokens=1,
+                     completion_tokens=1, t=None, c=50.0, l=None, k=50.0))
+    w.close()
+    [e] = json.loads(RUNNER.invoke(cli, ["status", "--env", "prod", "--json"]).stdout)["specialists"]
+    assert (e["stable_online_k"], e["canary_online_k"]) == (100.0, 50.0)
+    assert (e["stable_audited_k"], e["canary_audited_k"]) == (100.0, 25.0)
+    assert (e["stable_calls"], e["canary_calls"]) == (4, 5)
 
 
 def test_a_release_state_written_before_audits_still_loads(kolm_home):
@@ -121,3 +153,12 @@ def test_a_nightly_spec_carries_the_canarys_audit_settings_and_refuses_bad_ones(
     assert spec.audit.rate == 0.2 and not spec.audit.shadow
     with pytest.raises(ValidationError, match="audit rate"):
         NightlySpec.model_validate({"name": "r", "env": "prod", "compile": [], "audit": {"shadow": True}})
+
+
+def test_publish_says_which_key_it_trusts_when_one_is_given(specialists, kolm_home, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    res = RUNNER.invoke(cli, ["publish", str(specialists["route"]), "--to", "prod", "--key",
+                              str(specialists["public_key"])])
+    assert res.exit_code == 0 and "first version in prod" in res.stdout, res.output
+    [line] = [x for x in res.stderr.splitlines() if "trust" in x]
+    assert str(specialists["public_key"]) in line

@@ -107,9 +107,9 @@ def test_never_promotes_on_no_data():
 
 
 def test_window_counts_calls_and_audits_of_one_version_since_the_start():
-    receipts = [
-        {"specialist": "a", "version": "1.1", "time": 5, "status": "ok", "k": 0.5},
-        {"specialist": "a", "version": "1.1", "time": 15, "status": "ok", "k": 1.0},
+    receipts = [  # K on 0-100, as read_receipts hands them over (format 3)
+        {"specialist": "a", "version": "1.1", "time": 5, "status": "ok", "k": 50.0},
+        {"specialist": "a", "version": "1.1", "time": 15, "status": "ok", "k": 100.0},
         {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None},
         {"specialist": "a", "version": "1.1", "time": 16, "status": "cancelled", "k": None},
         {"kind": "audit", "specialist": "a", "version": "1.1", "time": 17, "status": "ok", "k": 0.0,

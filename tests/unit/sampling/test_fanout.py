@@ -168,7 +168,7 @@ def test_summary_flags_rows_below_min_agreement():
     # 0.5 (two of four) is at the bar, not below it; a row with no sample has no agreement.
     assert summary.low_agreement_rows == 1 and summary.low_agreement_row_ids == ["unsure"]
     assert summary.mean_agreement == pytest.approx((1.0 + 0.5 + 0.25) / 3, abs=1e-4)
-    assert summary.failed_rows == 1 and summary.format_version == SAMPLES_FORMAT_VERSION == 2
+    assert summary.failed_rows == 1 and summary.format_version == SAMPLES_FORMAT_VERSION == 3
     assert any("1 rows below 50% (teacher unsure): unsure" in line for line in summary.lines())
 
     strict = SamplingPlan(**{**plan.__dict__, "sample": SampleConfig(k=4, min_agreement=0.75)})

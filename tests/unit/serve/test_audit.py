@@ -51,7 +51,7 @@ def test_each_output_is_scored_against_one_teacher_reference(teacher_at):
     a = auditor(teacher_at(srv), records)
     got = asyncio.run(a.audit(job("r1", "I was charged twice", ("1.0", "billing"), ("1.1", "account"))))
     assert [(r.version, r.route, r.status, r.k, r.passed) for r in got] == [
-        ("1.0", "stable", "ok", 1.0, True), ("1.1", "shadow", "ok", 0.0, False)]
+        ("1.0", "stable", "ok", 100.0, True), ("1.1", "shadow", "ok", 0.0, False)]  # K on 0-100
     assert all(r.request_id == "r1" and r.reference_sha256 and r.teacher == "claude-opus-4-7" for r in got)
     assert sum(r.cost_usd for r in got) > 0 and srv.stats.succeeded == 1  # one paid call for both outputs
 

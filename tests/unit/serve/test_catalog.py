@@ -40,7 +40,7 @@ def test_resolve_model_by_name_pin_and_version(specialists):
     assert resolve_model("route", cat.specialists).version == "1.1"  # newest by default
     assert resolve_model("route", cat.specialists, {"route": "1.0"}).version == "1.0"
     assert resolve_model("route@1.0", cat.specialists, {"route": "1.1"}).version == "1.0"
-    with pytest.raises(UnknownModel, match="does not exist"):
-        resolve_model("nope", cat.specialists)
+    with pytest.raises(UnknownModel, match=r"'nope' does not exist \(served here: route; GET /v1/models"):
+        resolve_model("nope", cat.specialists)  # the 404 names what is served, as an unknown version's does
     with pytest.raises(UnknownModel, match="no version '2.0'"):
         resolve_model("route@2.0", cat.specialists)

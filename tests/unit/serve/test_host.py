@@ -54,6 +54,32 @@ def test_stop_strings_cut_the_output(host):
     assert stop not in cut.text and cut.finish_reason == "stop"
 
 
+def test_a_stream_reports_the_same_usage_and_text_as_the_plain_request_with_a_stop_string(host):
+    """A stream halts at a stop string a few tokens late (its halt is seen after the streamer
+    decodes), and used to count those tokens: 3 to 9 where the plain request counted 40. And a
+    stop string split across two streamed pieces ("contain" then "\x18") must not leak its start."""
+    h, sp = host
+    for key, text in (("route", "hello"), ("route", "I was charged twice"), ("tldr", "please sum this up")):
+        words = h.generate([_gen(sp[key], text, n=40)])[0].text.split()
+        g = _gen(sp[key], text, n=40, stop=(words[1],))
+        plain, items = h.generate([g])[0], list(h.stream(g))
+        streamed = items[-1]
+        assert (streamed.text, streamed.completion_tokens, streamed.finish_reason) == \
+            (plain.text, plain.completion_tokens, "stop")
+        assert "".join(items[:-1]).strip() == plain.text == words[0]  # what the client saw
+        assert 1 <= plain.completion_tokens < 40
+
+
+def test_the_end_of_sequence_token_is_not_counted_as_a_completion_token(host):
+    h, sp = host
+    g = _gen(sp["route"], "hi", n=10)
+    a, b = h.tok.convert_tokens_to_ids(["a", "b"])
+    eos = h.tok.eos_token_id
+    ended = h._completion([a, b, eos, a], g, prompt_tokens=5)
+    assert (ended.completion_tokens, ended.finish_reason, ended.text) == (2, "stop", "ab")
+    assert h._completion([a] * 10, g, prompt_tokens=5).finish_reason == "length"
+
+
 def test_unknown_adapter_is_a_key_error_or_a_gap_in_a_lenient_batch(host):
     h, sp = host
     with pytest.raises(KeyError, match="not loaded"):

@@ -155,3 +155,32 @@ def test_a_failed_write_keeps_the_receipts_queued_and_the_chain_intact(tmp_path,
     monkeypatch.setattr(Path, "open", real_open)
     w.close()  # the disk is back: the queued receipt is written on the same chain
     assert verify_log(tmp_path).ok and verify_log(tmp_path).receipts == 2
+
+
+FORMAT_2_LOG = Path(__file__).parents[2] / "assets" / "receipts-format-2"  # written by the format-2 writer: K 0-1
+
+
+def test_a_format_2_log_still_verifies_and_is_read_on_the_0_to_100_scale(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kolm_ray.cli import cli
+    from kolm_ray.serve.receipts import RECEIPT_FORMAT_VERSION
+
+    logs = tmp_path / "receipts" / "kolm"
+    shutil.copytree(FORMAT_2_LOG, logs)
+    new = ReceiptWriter(logs, "after-upgrade", flush_interval_s=60)  # a format-3 replica beside the old one
+    new.append(_receipt(99).model_copy(update={"t": 90.0, "c": 100.0, "l": 80.0, "k": 90.0, "time": 1_790_000_000.0}))
+    new.close()
+    res = CliRunner().invoke(cli, ["receipts", "verify", "--store", str(tmp_path)])
+    assert res.exit_code == 0 and "verified    17 receipts in 2 segment(s)" in res.output, res.output
+    stored = [json.loads(x) for x in (logs / "20260528T000000-format2.jsonl").read_text().splitlines()]
+    assert {r["format_version"] for r in stored} == {2} and stored[2]["k"] == 0.5  # the old log is untouched
+    got = read_receipts(logs)
+    assert {r["format_version"] for r in got} == {RECEIPT_FORMAT_VERSION}
+    old_canary_call = next(r for r in got if r["request_id"] == "r1" and r["kind"] == "call")
+    assert [old_canary_call[f] for f in "tclk"] == [90.0, 50.0, 80.0, 50.0]
+    old_audit = next(r for r in got if r["request_id"] == "r1" and r["kind"] == "audit")
+    assert (old_audit["t"], old_audit["c"], old_audit["k"]) == (None, 25.0, 25.0)
+    assert [got[-1][f] for f in "tclk"] == [90.0, 100.0, 80.0, 90.0]  # the new segment's, not scaled again

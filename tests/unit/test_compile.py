@@ -1,0 +1,108 @@
+"""compile.py's recipe: what makes two compiles the same Specialist, and finding the version an
+earlier one made (the end-to-end reuse is in tests/integration/test_compile.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kolm_ray.compile import CompileConfig, prepare, recipe_digest, stage_reuse
+from kolm_ray.errors import GateFailed
+from kolm_ray.sampling.config import SampleConfig, TeacherConfig
+from kolm_ray.signing import KeySigner, ensure_default_key
+from kolm_ray.testing.artifacts import make_artifact
+from kolm_ray.train.config import FitConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "routing"
+
+
+@pytest.fixture
+def prepared(tiny_base, tmp_path):
+    def make(**changes):
+        cfg = dict(task="Route the message.", examples=EXAMPLE / "examples.jsonl", holdout=EXAMPLE / "holdout.jsonl",
+                   base=str(tiny_base), name="routing", store=str(tmp_path / "store"), work_dir=tmp_path / "work")
+        return prepare(CompileConfig(**{**cfg, **changes}))
+    return make
+
+
+def _recipe(p, teacher=None, sample=None, fit=None):
+    return recipe_digest(p, teacher or TeacherConfig(), sample or SampleConfig(), fit or FitConfig(),
+                         KeySigner(ensure_default_key()))
+
+
+def test_how_a_compile_runs_does_not_change_its_recipe(prepared):
+    p = prepared()
+    same = _recipe(p)
+    assert _recipe(p, fit=FitConfig(cpus_per_worker=0.5, checkpoint_every=7, max_failures=0)) == same
+    assert _recipe(p, sample=SampleConfig(concurrency=3, actors=1, max_failed_fraction=0.5)) == same
+    assert _recipe(p, teacher=TeacherConfig(timeout_s=5, max_attempts=2)) == same
+    assert _recipe(prepared(gate=99.0)) == same  # the gate judges the result; it does not make it
+
+
+@pytest.mark.parametrize("change", [
+    {"fit": FitConfig(epochs=9)}, {"fit": FitConfig(lr=1e-3)}, {"fit": FitConfig(seed=1)},
+    {"sample": SampleConfig(k=2)}, {"teacher": TeacherConfig(model="claude-sonnet-4-5")},
+])
+def test_what_makes_the_specialist_changes_its_recipe(prepared, change):
+    p = prepared()
+    assert _recipe(p, **change) != _recipe(p)
+
+
+def test_other_rows_or_task_change_the_recipe(prepared, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text((EXAMPLE / "examples.jsonl").read_text().replace("billing", "Billing", 1))
+    assert _recipe(prepared(examples=rows)) != _recipe(prepared())
+    assert _recipe(prepared(task="Route it.")) != _recipe(prepared())
+
+
+def _recorded(p, recipe: str, k: float, tiny_base: Path) -> Path:
+    """An artifact in p's store that a compile of ``recipe`` made, with student K ``k``."""
+    from kolm_ray.artifact import CONTENT_DIR, pack, unpacked, write_json
+
+    store = Path(p.cfg.store)
+    art = make_artifact(store, tiny_base, "routing", (1, 0), task=p.cfg.task,
+                        references=[("I was charged twice", "billing")], row_k=[k / 100])
+    with unpacked(art) as root:  # add the recipe to the manifest and sign it again
+        content = root / CONTENT_DIR
+        manifest = json.loads((content / "manifest.json").read_text())
+        write_json(content / "manifest.json", {**manifest, "recipe": recipe})
+        sig = root / "specialist.sig"
+        KeySigner(ensure_default_key()).sign(content, sig)
+        art.unlink()
+        pack(content, sig, art)
+    (store / "recipes" / "routing").mkdir(parents=True)
+    (store / "recipes" / "routing" / f"{recipe[:32]}.json").write_text(
+        json.dumps({"artifact": art.name, "version": "1.0"}))
+    return art
+
+
+def test_stage_reuse_finds_the_version_of_the_same_recipe(prepared, tiny_base):
+    p = prepared(gate=60.0)
+    recipe = _recipe(p)
+    assert stage_reuse(p, recipe) is None  # nothing compiled yet
+    art = _recorded(p, recipe, 100.0, tiny_base)
+    found = stage_reuse(p, recipe)
+    assert found is not None and found.reused and found.version == "1.0" and Path(found.artifact) == art
+    assert found.student.k == 100.0
+    assert stage_reuse(p, "0" * 64) is None  # another recipe
+    art.unlink()
+    assert stage_reuse(p, recipe) is None  # the artifact is gone: compile again
+
+
+def test_a_reused_version_below_the_gate_fails_it(prepared, tiny_base):
+    p = prepared(gate=90.0)
+    recipe = _recipe(p)
+    _recorded(p, recipe, 50.0, tiny_base)
+    with pytest.raises(GateFailed, match="identical inputs"):
+        stage_reuse(p, recipe)
+
+
+def test_a_record_naming_another_recipe_is_not_trusted(prepared, tiny_base):
+    p = prepared()
+    recipe = _recipe(p)
+    _recorded(p, "f" * 64, 100.0, tiny_base)  # the manifest says another recipe
+    rec = Path(p.cfg.store) / "recipes" / "routing"
+    (rec / f"{'f' * 32}.json").rename(rec / f"{recipe[:32]}.json")
+    assert stage_reuse(p, recipe) is None

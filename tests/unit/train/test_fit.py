@@ -1,0 +1,44 @@
+"""What a failed fit tells the user: "re-run to resume" only where a re-run can help."""
+
+from __future__ import annotations
+
+from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+from kolm_ray.train.fit import failure_message, resumable
+
+RESUME = "re-run the same compile to resume"
+
+
+def _raised(e: BaseException) -> UserExceptionWithTraceback:
+    return UserExceptionWithTraceback(e, f"Traceback (most recent call last):\n  ...\n{type(e).__name__}: {e}")
+
+
+def test_a_base_that_cannot_load_is_not_worth_a_rerun():
+    err = WorkerGroupError("worker errors", {0: _raised(OSError("We couldn't connect to 'https://huggingface.co'\n"
+                                                                 "to load the files")),
+                                             1: _raised(OSError("We couldn't connect to 'https://huggingface.co'"))})
+    assert not resumable(err)
+    text = failure_message(err, 2, "/runs/x/train/fit-1")
+    assert RESUME not in text and "Re-running will fail the same way" in text
+    assert "OSError: We couldn't connect to 'https://huggingface.co'" in text and "\n" not in text
+    assert text.count("OSError") == 1  # the same cause on every worker is said once
+
+
+def test_a_wrong_target_module_is_not_worth_a_rerun():
+    err = WorkerGroupError("worker errors", {0: _raised(ValueError("Target modules {'qkv_proj'} not found"))})
+    assert RESUME not in failure_message(err, 2, "/ckpt")
+
+
+def test_a_dead_worker_resumes_from_the_checkpoints():
+    died = WorkerHealthCheckFailedError("A worker health check failed.", RuntimeError("actor died"))
+    peer = _raised(RuntimeError("Connection closed by peer"))  # its gloo peer: a symptom of the death
+    err = WorkerGroupError("worker errors", {0: died, 1: peer})
+    assert resumable(err)
+    text = failure_message(err, 0, "/runs/x/train/fit-1")
+    assert text.endswith(f"Its checkpoints are kept under /runs/x/train/fit-1: {RESUME}.") and "\n" not in text
+
+
+def test_a_lost_connection_or_the_controller_resumes():
+    assert resumable(WorkerGroupError("worker errors", {0: _raised(ConnectionResetError("reset by peer"))}))
+    assert resumable(ControllerError(RuntimeError("the controller lost its placement group")))
