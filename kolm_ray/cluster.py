@@ -78,7 +78,40 @@ def quiet_ray_output(log_file: Path) -> None:
     os.close(fd)
     sys.stderr = io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), encoding=sys.stderr.encoding or "utf-8",
                                   errors="backslashreplace", line_buffering=True)
+    # Ray Serve sets its driver-side logger up later, on the stderr it finds then (the terminal):
+    # its INFO lines ("Started Serve", "Deleting app") go to the log file instead.
+    logging.getLogger("ray.serve").addFilter(_ToLogFile(logging.INFO))
+    # The driver prints the cluster's error messages ("(raylet) WARNING: 8 PYTHON worker processes
+    # have been started...") to stdout, among the stage lines: to the log file too.
+    try:
+        from ray._private import worker as ray_worker
+
+        ray_worker.print_to_stdstream = _raylet_lines_to_log_file
+    except (ImportError, AttributeError):  # another Ray: its messages stay on the terminal
+        pass
     ray_log = log_file
+
+
+def _raylet_lines_to_log_file(data: dict, ignore_prefix: bool = False) -> None:
+    prefix = "" if ignore_prefix else f"({data.get('pid', 'ray')}) "
+    text = "".join(f"{prefix}{line}\n" for line in data.get("lines", []))
+    os.write(2, text.encode("utf-8", "backslashreplace"))
+
+
+class _ToLogFile(logging.Filter):
+    """Writes a logger's records up to ``level`` to descriptor 2 (the log file) and drops them
+    from its own handlers; records above ``level`` (warnings, errors) still reach the user."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self._format = logging.Formatter("%(asctime)s\t%(levelname)s %(name)s -- %(message)s").format
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > self.level:
+            return True
+        os.write(2, (self._format(record) + "\n").encode("utf-8", "backslashreplace"))
+        return False
 
 
 def free_per_node() -> dict[str, tuple[float, float]]:

@@ -163,7 +163,8 @@ def recipe_digest(p: Prepared, teacher: TeacherConfig, sample: SampleConfig, fit
     parts = {
         "task": p.cfg.task, "name": p.cfg.name,
         "examples": file_digest(p.cfg.examples), "holdout": file_digest(p.cfg.holdout),
-        "base": p.base.fingerprint(),
+        # A local base by its content only: `./tiny-base` and `examples/../tiny-base` are one base.
+        "base": {k: v for k, v in p.base.fingerprint().items() if not (p.base.local and k == "id")},
         "teacher": teacher.model_dump(mode="json", exclude=_OPERATIONAL["teacher"]),
         "sample": sample.model_dump(mode="json", exclude=_OPERATIONAL["sample"]),
         "fit": fit_cfg.model_dump(mode="json", exclude=_OPERATIONAL["fit"]),

@@ -72,9 +72,13 @@ def load_prices(path: str | Path) -> dict[str, Prices]:
     """Raises: InputError for a missing file, bad JSON or a malformed entry."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("price file not found", path=str(p)) from None
+    except IsADirectoryError:
+        raise InputError("a folder, not a price file", path=str(p)) from None
+    except UnicodeDecodeError:
+        raise InputError("not a JSON price file (not UTF-8 text)", path=str(p)) from None
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON ({e.msg})", path=str(p), line=e.lineno) from None
     if not isinstance(data, dict):

@@ -169,8 +169,8 @@ def build_catalog(artifacts: Sequence[str | Path], trust: Any, base_paths: dict[
             s = open_specialist(a, trust, base_paths=base_paths,
                                 expected_sha256=(expected_sha256 or {}).get(str(a)))
         except KolmError as e:
-            reason = str(e)
-            log.error("refusing artifact %s: %s", a, reason)
+            reason = str(e).removeprefix(f"{a}: ")  # said once: the refusal names the artifact
+            log.info("refusing artifact %s: %s", a, reason)  # the caller reports ``refused``
             refused.append(Refusal(artifact=str(a), reason=reason))
             continue
         if s.ref in good and good[s.ref].artifact_sha256 != s.artifact_sha256:

@@ -17,6 +17,13 @@ from kolm_ray.cluster import quiet_ray_output
 quiet_ray_output(Path(sys.argv[1]))
 os.write(2, b"[E core_worker.cc:2465] C++ noise\n")    # the driver's C++ log lines
 noisy.warning("Progress bars disabled")                 # a Python logger of Ray's
+serve_logger = logging.getLogger("ray.serve")            # set up after the swap, as Serve does
+serve_logger.addHandler(logging.StreamHandler()); serve_logger.setLevel(logging.INFO)
+serve_logger.info("Started Serve in namespace")
+serve_logger.warning("a replica died")                   # a warning still reaches the user
+from ray._private import worker                        # the driver's error listener prints with it
+worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes"], "pid": "raylet", "is_err": False},
+                          ignore_prefix=False)
 click.echo("error: kolm's own message", err=True)        # what the user must see
 print("stage line on stdout")
 """
@@ -38,8 +45,10 @@ def _base_env() -> dict[str, str]:
 def test_ray_output_goes_to_the_log_and_kolm_messages_to_the_terminal(tmp_path):
     res, log = _run(tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stderr == "error: kolm's own message\n"
-    assert "C++ noise" in log and "Progress bars disabled" in log and "kolm's own" not in log
+    assert res.stderr == "a replica died\nerror: kolm's own message\n"
+    assert "C++ noise" in log and "Progress bars disabled" in log and "Started Serve" in log
+    assert "(raylet) WARNING: 8 PYTHON worker processes" in log
+    assert "kolm's own" not in log
     assert res.stdout == "stage line on stdout\n"
 
 
@@ -47,4 +56,5 @@ def test_verbose_leaves_everything_on_the_terminal(tmp_path):
     res, log = _run(tmp_path, KOLM_VERBOSE="1")
     assert res.returncode == 0
     assert "C++ noise" in res.stderr and "Progress bars disabled" in res.stderr and "kolm's own" in res.stderr
+    assert "8 PYTHON worker processes" in res.stdout
     assert log == ""

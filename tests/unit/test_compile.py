@@ -106,3 +106,13 @@ def test_a_record_naming_another_recipe_is_not_trusted(prepared, tiny_base):
     rec = Path(p.cfg.store) / "recipes" / "routing"
     (rec / f"{'f' * 32}.json").rename(rec / f"{recipe[:32]}.json")
     assert stage_reuse(p, recipe) is None
+
+
+def test_a_local_base_counts_by_its_content_not_the_path_written(prepared, tiny_base, tmp_path, monkeypatch):
+    import os
+
+    same = _recipe(prepared())
+    elsewhere = tmp_path / "sub"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _recipe(prepared(base=os.path.relpath(tiny_base, elsewhere))) == same  # another way to write it
