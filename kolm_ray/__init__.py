@@ -13,3 +13,15 @@ def _not_accelerator_guess(record: _logging.LogRecord) -> bool:
 # The logger DeepSpeed creates at import is this one (logging returns the same object by name),
 # so the filter holds whoever imports DeepSpeed first.
 _logging.getLogger("DeepSpeed").addFilter(_not_accelerator_guess)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kolm_ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()

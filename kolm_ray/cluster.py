@@ -78,6 +78,9 @@ def quiet_ray_output(log_file: Path) -> None:
     os.close(fd)
     sys.stderr = io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), encoding=sys.stderr.encoding or "utf-8",
                                   errors="backslashreplace", line_buffering=True)
+    import faulthandler
+
+    faulthandler.enable(file=sys.stderr)  # a fatal crash in Ray's C++ still shows on the terminal
     # Ray Serve sets its driver-side logger up later, on the stderr it finds then (the terminal):
     # its INFO lines ("Started Serve", "Deleting app") go to the log file instead.
     logging.getLogger("ray.serve").addFilter(_ToLogFile(logging.INFO))

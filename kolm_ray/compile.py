@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -156,11 +157,23 @@ _OPERATIONAL = {"fit": {"cpus_per_worker", "checkpoint_every", "max_failures"},
                 "teacher": {"timeout_s", "max_attempts"}}
 
 
-def recipe_digest(p: Prepared, teacher: TeacherConfig, sample: SampleConfig, fit_cfg: FitConfig, signer: Signer) -> str:
+def recipe_digest(p: Prepared, teacher: TeacherConfig, sample: SampleConfig, fit_cfg: FitConfig,
+                  signer: Signer) -> str | None:
     """What the artifact is made of and signed with: the task, the rows' bytes, the base, the
-    teacher, sampling and fit settings, the signer. Two compiles with the same recipe make the
-    same Specialist, so the second reuses the first's version (unless ``--new-version``)."""
+    teacher (its model, settings and endpoint), sampling and fit settings, the signer's public
+    key, and the versions of the code and formats that score it. Two compiles with the same
+    recipe make the same Specialist, so the second reuses the first's version (unless
+    ``--new-version``). None for a keyless signer, whose identity is only known once it signs."""
+    from kolm_ray import __version__
+    from kolm_ray.sampling.fanout import SAMPLES_FORMAT_VERSION
+
+    public = signer.public_pem()
+    if public is None:
+        return None
     parts = {
+        "kolm_ray": __version__, "formats": [SAMPLES_FORMAT_VERSION, EVAL_PATH_VERSION, ARTIFACT_FORMAT_VERSION],
+        # The endpoint answers: a recorded stand-in and the live API are different teachers.
+        "endpoint": (os.environ.get("ANTHROPIC_BASE_URL") or "").rstrip("/") or None,
         "task": p.cfg.task, "name": p.cfg.name,
         "examples": file_digest(p.cfg.examples), "holdout": file_digest(p.cfg.holdout),
         # A local base by its content only: `./tiny-base` and `examples/../tiny-base` are one base.
@@ -168,7 +181,7 @@ def recipe_digest(p: Prepared, teacher: TeacherConfig, sample: SampleConfig, fit
         "teacher": teacher.model_dump(mode="json", exclude=_OPERATIONAL["teacher"]),
         "sample": sample.model_dump(mode="json", exclude=_OPERATIONAL["sample"]),
         "fit": fit_cfg.model_dump(mode="json", exclude=_OPERATIONAL["fit"]),
-        "signer": signer.describe(),
+        "signer": hashlib.sha256(public).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -177,33 +190,44 @@ def _recipe_key(name: str, recipe: str) -> str:
     return f"recipes/{name}/{recipe[:32]}.json"
 
 
-def stage_reuse(p: Prepared, recipe: str) -> CompileResult | None:
+def stage_reuse(p: Prepared, recipe: str, signer: Signer, say: Progress = lambda s: None) -> CompileResult | None:
     """The artifact an earlier compile of the same recipe put in the store, if it is still
-    there and its manifest names this recipe; None otherwise.
+    there, verifies under ``signer``'s public key, and its signed manifest names this recipe;
+    None otherwise (a record or artifact that cannot be used is said and ignored).
 
     Raises:
         GateFailed: that artifact's K-score is below this compile's gate (nothing written).
     """
-    from kolm_ray.artifact import read_manifest, unpacked
-    from kolm_ray.store import fetched
+    import tempfile
+
+    from kolm_ray.artifact import open_verified
+    from kolm_ray.errors import KolmError
+    from kolm_ray.signing import Trust
 
     store = open_store(p.cfg.store)
     key = _recipe_key(p.cfg.name, recipe)
     if not store.exists(key):
         return None
-    entry = json.loads(store.read_bytes(key))
-    if not store.exists(entry["artifact"]):
-        return None  # deleted since: compile it again
-    where = join(p.cfg.store, entry["artifact"]) if is_remote(p.cfg.store) else Path(p.cfg.store) / entry["artifact"]
-    with fetched(str(where)) as local, unpacked(local) as root:
-        manifest = read_manifest(root)
-        size = local.stat().st_size
+    try:
+        entry = json.loads(store.read_bytes(key))
+        fname = entry["artifact"]
+        if not store.exists(fname):
+            return None  # deleted since: compile it again
+        with tempfile.TemporaryDirectory() as td:
+            pub = Path(td) / "signer.pub"
+            pub.write_bytes(signer.public_pem() or b"")
+            with open_verified(store.url(fname), Trust(public_key=pub)) as (_, manifest):
+                size = store.size(fname)
+    except (KolmError, KeyError, TypeError, ValueError, OSError) as e:
+        say(f"recompile   {fname if 'fname' in locals() else key} cannot be reused ({type(e).__name__}: {e})")
+        return None
     if manifest.get("recipe") != recipe:
         return None
     student, base = (KScore.model_validate({**manifest["kscore"][side], "rows": []}) for side in ("student", "base"))
     if p.cfg.gate is not None and student.k < p.cfg.gate:
-        raise GateFailed(f"{entry['artifact']} was compiled from identical inputs and has K-score {student.k:.1f}, "
+        raise GateFailed(f"{fname} was compiled from identical inputs and has K-score {student.k:.1f}, "
                          f"below the gate K={p.cfg.gate:g}: change the inputs, or pass --new-version to compile again")
+    where = store.url(fname) if is_remote(p.cfg.store) else Path(store.url(fname))
     return CompileResult(artifact=where, name=p.cfg.name, version=manifest["version"], student=student, base=base,
                          fit=None, sampling=None, size_bytes=size, reused=True)
 
@@ -494,7 +518,7 @@ def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: Q
                         teacher_cache=teacher_cache_dir())
     fit_cfg = setup.fit_cfg  # the target modules resolved: the recipe and the run name hash these
     recipe = recipe_digest(p, stages["teacher"], stages["sample"], fit_cfg, stages["signer"])
-    if not new_version and (same := stage_reuse(p, recipe)) is not None:
+    if recipe is not None and not new_version and (same := stage_reuse(p, recipe, stages["signer"], say)) is not None:
         say(f"unchanged   identical inputs to {p.cfg.name}-{same.version}: reusing it, nothing paid or trained "
             "(--new-version compiles again)")
         return same

@@ -36,6 +36,11 @@ class Signer(Protocol):
 
     def describe(self) -> str: ...
 
+    def public_pem(self) -> bytes | None:
+        """The public key that verifies what this signer signs; None when that is not known
+        before signing (keyless sigstore: the identity comes with the OIDC token)."""
+        ...
+
 
 def default_key_paths() -> tuple[Path, Path]:
     keys = state_dir() / "keys"
@@ -63,11 +68,7 @@ def ensure_default_key(say: Callable[[str], None] = lambda s: None) -> Path:
 
 
 def write_public_key(private_key: Path, dest: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
-    dest.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+    dest.write_bytes(KeySigner(private_key).public_pem())
     return dest
 
 
@@ -85,6 +86,12 @@ class KeySigner:
 
     def describe(self) -> str:
         return f"signed with key {self.private_key}"
+
+    def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(self.private_key.read_bytes(), password=None)
+        return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,9 @@ class SigstoreSigner:
 
     def describe(self) -> str:
         return "signed keyless with sigstore"
+
+    def public_pem(self) -> None:
+        return None
 
 
 def signer_from_spec(spec: str | None, say: Callable[[str], None] = lambda s: None) -> Signer:

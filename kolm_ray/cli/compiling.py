@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from kolm_ray.cli.app import cli
+from kolm_ray.cli.progress import TeacherBar
 from kolm_ray.cli.options import claim_options, fit_options, option_help, quota_claim, task_text
 from kolm_ray.errors import InputError
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
@@ -90,16 +90,13 @@ def compile_cmd(task, examples, holdout, base, gate, task_file, teacher, k, n, n
     claim = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
     signer = signer_from_spec(sign_spec, say=lambda m: click.echo(m, err=True))
     total = min(prepared.rows.num_rows, n or prepared.rows.num_rows) * k
-    # A bar on a terminal only: in a log or a job's output it would be one stray "teacher" line.
-    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True,
-                           hidden=not sys.stderr.isatty()) as bar:
+    with TeacherBar(total) as bar:
         result = queued_compile(
             prepared, state_dir=kolm_home(), teacher=TeacherConfig(model=teacher), sample=SampleConfig(
                 k=k, n=n, concurrency=concurrency, min_agreement=min_agreement,
                 max_failed_fraction=max_failed_fraction, batch=batch),
             quota=claim, prices=price, fit_cfg=fit_cfg, signer=signer,
-            say=lambda line: click.echo("\n" + line if bar.pos and bar.pos < total else line),
-            teacher_progress=bar.update, new_version=new_version, address=address,
+            say=bar.say, teacher_progress=bar.update, new_version=new_version, address=address,
         )
     click.echo(result.student.line())
     click.echo(f"artifact    {result.artifact}")

@@ -16,7 +16,7 @@ from kolm_ray.sampling.limits import RateLimits
 
 
 @cli.group(name="queue", invoke_without_command=True, short_help="The cluster's compiles, waiting and running.",
-           epilog=epilog("kolm queue", "kolm queue --all --json --address ray://head:10001",
+           epilog=epilog("kolm queue", "kolm queue --all --json --address 10.0.0.5:6379",
                          "kolm queue limits --per-tenant 2 --tenant-limit acme=4",
                          codes={0: "listed", 1: "the cluster or the queue could not be reached",
                                 2: "bad arguments"}))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
 from kolm_ray.cli.app import cli
+from kolm_ray.cli.progress import TeacherBar
 from kolm_ray.cli.options import (
     claim_options, epilog, option_help, quota_claim, slug, task_text, trust_options, trust_or_default,
 )
@@ -76,8 +76,7 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
 
     connect(address, log_file=None if is_remote(out) else Path(out).parent / "ray.log")
     total = min(rows.num_rows, n or rows.num_rows) * k
-    with click.progressbar(length=total, label="teacher", file=sys.stderr, show_pos=True,
-                           hidden=not sys.stderr.isatty()) as bar:
+    with TeacherBar(total) as bar:
         outcome = sample_rows(instruction, rows, teacher=teacher_cfg, sample=sample_cfg, quota=quota_cfg,
                               prices=price, cache_dir=teacher_cache_dir(), progress=bar.update,
                               on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])

@@ -18,8 +18,8 @@ from kolm_ray.serve.config import ModelDeploymentOptions
 @cli.command(name="serve", short_help="Serve Specialists over OpenAI-compatible HTTP.", epilog="""\b
 Examples:
   kolm serve ~/.kolm/artifacts/routing-1.0.kolm ~/.kolm/artifacts/tldr-1.2.kolm --port 8000
-  kolm serve --env prod --address ray://head:10001 --detach
-  kolm serve --stop --env prod --address ray://head:10001
+  kolm serve --env prod --address 10.0.0.5:6379 --detach
+  kolm serve --stop --env prod --address 10.0.0.5:6379
 
 \b
 Exit codes:

@@ -38,6 +38,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import BudgetExceeded, TeacherError
+from kolm_ray.sampling.prompt import RECORDED_MODEL_PREFIX
 from kolm_ray.measures import content_words, normalize_label, parse_json_object
 from kolm_ray.sampling.budget import BudgetCheck, budget_check
 from kolm_ray.sampling.cache import ResponseCache, request_key
@@ -75,10 +76,6 @@ SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), 
 # Added by ``select``: the kept sample of each row, and the row's agreement (None where every
 # sample of the row failed), repeated on each of its k samples.
 SELECT_COLUMNS = [("chosen", pa.bool_()), ("agreement", pa.float64())]
-
-# An endpoint that replays recorded answers (``python -m kolm_ray.testing.messages_api --replay``)
-# names its model ``recorded:<model>``, so what it answered is never reported as paid.
-RECORDED_MODEL_PREFIX = "recorded:"
 
 # Two free texts agree at content-word F1 >= 0.5: the verifier's own bar for a faithful
 # paraphrase (it shares about half its content words with the reference).

@@ -9,6 +9,10 @@ from typing import Any, Sequence
 
 from kolm_ray.verifier import Verifier
 
+# An endpoint that replays recorded answers (``python -m kolm_ray.testing.messages_api --replay``)
+# names its model ``recorded:<model>``, so what it answered is never reported as paid.
+RECORDED_MODEL_PREFIX = "recorded:"
+
 
 def system_blocks(
     task: str, verifier: Verifier | None, examples: Sequence[tuple[str, str]]

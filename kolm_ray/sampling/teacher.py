@@ -256,8 +256,10 @@ def probe(model: str, timeout_s: float = 10.0) -> None:
         client.messages.count_tokens(model=model, messages=[{"role": "user", "content": "ping"}])
     except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as e:
         raise InputError(f"the teacher at {where} refused the key ({e.status_code}): check ANTHROPIC_API_KEY") from None
-    except anthropic.NotFoundError:
-        raise InputError(f"the teacher at {where} does not know the model {model!r} (404): check --teacher") from None
+    except anthropic.NotFoundError as e:
+        if "model" in str(e.message).lower():  # Anthropic's own: "model: claude-..."
+            raise InputError(f"the teacher at {where} does not know the model {model!r} (404): check --teacher") from None
+        # A proxy without the token-counting route: reachable, and the paid calls will tell.
     except anthropic.APIConnectionError as e:
         raise KolmRuntimeError(f"cannot reach the teacher at {where} ({type(e).__name__}): check ANTHROPIC_BASE_URL "
                                "and the network; nothing was paid") from None

@@ -407,6 +407,8 @@ def main() -> None:
     """
     import argparse
 
+    from kolm_ray.sampling.prompt import RECORDED_MODEL_PREFIX  # how kolm knows recorded answers
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replay", action="append", default=[],
                     help="JSONL rows {input, output}: answer each input with its output (repeatable).")
@@ -429,7 +431,7 @@ def main() -> None:
 
     srv = MessagesAPIServer(respond, latency_s=args.latency, max_in_flight=args.max_in_flight,
                             faults=FaultPlan(rate_limit=args.rate_limit, overloaded=args.overloaded), port=args.port,
-                            model_prefix="recorded:")  # kolm_ray.sampling.fanout.RECORDED_MODEL_PREFIX
+                            model_prefix=RECORDED_MODEL_PREFIX)
     try:
         srv.start()
     except (RuntimeError, OSError) as e:

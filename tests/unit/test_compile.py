@@ -27,9 +27,23 @@ def prepared(tiny_base, tmp_path):
     return make
 
 
-def _recipe(p, teacher=None, sample=None, fit=None):
+def _signer():
+    return KeySigner(ensure_default_key())
+
+
+def _other_key(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = tmp_path / "other.pem"
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path
+
+
+def _recipe(p, teacher=None, sample=None, fit=None, signer=None):
     return recipe_digest(p, teacher or TeacherConfig(), sample or SampleConfig(), fit or FitConfig(),
-                         KeySigner(ensure_default_key()))
+                         signer or _signer())
 
 
 def test_how_a_compile_runs_does_not_change_its_recipe(prepared):
@@ -81,14 +95,14 @@ def _recorded(p, recipe: str, k: float, tiny_base: Path) -> Path:
 def test_stage_reuse_finds_the_version_of_the_same_recipe(prepared, tiny_base):
     p = prepared(gate=60.0)
     recipe = _recipe(p)
-    assert stage_reuse(p, recipe) is None  # nothing compiled yet
+    assert stage_reuse(p, recipe, _signer()) is None  # nothing compiled yet
     art = _recorded(p, recipe, 100.0, tiny_base)
-    found = stage_reuse(p, recipe)
+    found = stage_reuse(p, recipe, _signer())
     assert found is not None and found.reused and found.version == "1.0" and Path(found.artifact) == art
     assert found.student.k == 100.0
-    assert stage_reuse(p, "0" * 64) is None  # another recipe
+    assert stage_reuse(p, "0" * 64, _signer()) is None  # another recipe
     art.unlink()
-    assert stage_reuse(p, recipe) is None  # the artifact is gone: compile again
+    assert stage_reuse(p, recipe, _signer()) is None  # the artifact is gone: compile again
 
 
 def test_a_reused_version_below_the_gate_fails_it(prepared, tiny_base):
@@ -96,7 +110,7 @@ def test_a_reused_version_below_the_gate_fails_it(prepared, tiny_base):
     recipe = _recipe(p)
     _recorded(p, recipe, 50.0, tiny_base)
     with pytest.raises(GateFailed, match="identical inputs"):
-        stage_reuse(p, recipe)
+        stage_reuse(p, recipe, _signer())
 
 
 def test_a_record_naming_another_recipe_is_not_trusted(prepared, tiny_base):
@@ -105,7 +119,7 @@ def test_a_record_naming_another_recipe_is_not_trusted(prepared, tiny_base):
     _recorded(p, "f" * 64, 100.0, tiny_base)  # the manifest says another recipe
     rec = Path(p.cfg.store) / "recipes" / "routing"
     (rec / f"{'f' * 32}.json").rename(rec / f"{recipe[:32]}.json")
-    assert stage_reuse(p, recipe) is None
+    assert stage_reuse(p, recipe, _signer()) is None
 
 
 def test_a_local_base_counts_by_its_content_not_the_path_written(prepared, tiny_base, tmp_path, monkeypatch):
@@ -116,3 +130,46 @@ def test_a_local_base_counts_by_its_content_not_the_path_written(prepared, tiny_
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert _recipe(prepared(base=os.path.relpath(tiny_base, elsewhere))) == same  # another way to write it
+
+
+def test_the_signer_is_in_the_recipe_by_its_public_key(prepared, tmp_path):
+    from kolm_ray.signing import SigstoreSigner
+
+    other = _other_key(tmp_path)
+    assert _recipe(prepared(), signer=KeySigner(other)) != _recipe(prepared())
+    assert _recipe(prepared(), signer=SigstoreSigner()) is None  # keyless: the identity is known only once it signs
+
+
+def test_the_teachers_endpoint_is_in_the_recipe(prepared, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:8765")
+    recorded = _recipe(prepared())
+    monkeypatch.delenv("ANTHROPIC_BASE_URL")
+    assert _recipe(prepared()) != recorded  # the live API is another teacher than a recorded stand-in
+
+
+def test_a_version_signed_with_another_key_is_not_reused(prepared, tiny_base, tmp_path):
+    p = prepared()
+    other = _other_key(tmp_path)
+    recipe = _recipe(p, signer=KeySigner(other))
+    _recorded(p, recipe, 100.0, tiny_base)  # signed with kolm's own key, not ``other``
+    said = []
+    assert stage_reuse(p, recipe, KeySigner(other), say=said.append) is None
+    assert said and "cannot be reused" in said[0]
+
+
+def test_a_tampered_version_is_not_reused(prepared, tiny_base):
+    import tarfile
+
+    p = prepared()
+    recipe = _recipe(p)
+    art = _recorded(p, recipe, 100.0, tiny_base)
+    with tarfile.open(art) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]
+    with tarfile.open(art, "w") as t:  # one byte of the adapter flipped, the signature kept
+        for m, data in members:
+            if data is not None and m.name.endswith("adapter_model.safetensors"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            t.addfile(m, None if data is None else __import__("io").BytesIO(data))
+    said = []
+    assert stage_reuse(p, recipe, _signer(), say=said.append) is None
+    assert "cannot be reused" in said[0]
