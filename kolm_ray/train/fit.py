@@ -59,6 +59,12 @@ class FitResult:
 
 
 def run_name(base: BaseRef, system: str, pairs: Sequence[tuple[str, str]], cfg: FitConfig) -> str:
+    """The fit's name, which its checkpoints and its finished result are kept under. Target
+    modules left to the architecture are resolved first, as ``fit`` does, so both agree."""
+    if cfg.target_modules is None:
+        from kolm_ray.train.targets import with_targets
+
+        cfg = with_targets(cfg, base.path)
     h = hashlib.sha256()
     # Where the fit runs (how many CPUs a worker was granted) is not what it computes: a re-run
     # granted other resources resumes the same run.

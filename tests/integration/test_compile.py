@@ -192,15 +192,17 @@ def test_ray_job_submit_runs_a_compile_on_a_head_node(compiled, ray_head):
     assert art.parent == compiled["home"] / "artifacts" and art.name != "routing-1.0.kolm" and art.is_file()
 
 
-def test_a_driver_without_the_clusters_token_is_refused_in_one_line_before_the_teacher(ray_head, tiny_base, tmp_path):
+def test_a_driver_without_the_clusters_token_is_refused_in_one_line_before_the_teacher(ray_head, tiny_base, tmp_path,
+                                                                                         messages_api):
     """The preflight asks the head before joining: a missing token is one line saying how to set
     it, in seconds (Ray itself retries for 20 s and says only "Failed to connect")."""
     import sys
 
+    from kolm_ray.testing.messages_api import replay_responder
+
+    teacher = messages_api(replay_responder({}))  # reachable: the teacher's own preflight passes
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"ANTHROPIC_API_KEY": "unused", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
     example = ROOT / "examples" / "routing"
-    t0 = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "kolm_ray.cli", "compile", "--task-file", str(example / "task.txt"),
          "--examples", str(example / "examples.jsonl"), "--eval", str(example / "holdout.jsonl"),
@@ -208,9 +210,9 @@ def test_a_driver_without_the_clusters_token_is_refused_in_one_line_before_the_t
          "--address", ray_head.address],
         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 1, run.stderr[-3000:]
-    assert time.monotonic() - t0 < 60
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: the Ray cluster at {ray_head.address} refused this driver: the head runs with token "
                       "auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
                       "(`ray get-auth-token` on the head prints it)"], run.stderr[-3000:]
     assert "Traceback" not in run.stderr and not run.stdout.strip()
+    assert teacher.stats.requests == 0  # nothing paid

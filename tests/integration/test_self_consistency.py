@@ -88,7 +88,7 @@ def check_selection(outcome: SampleOutcome, samples: list[dict], rows: list[Task
     flagged = set(s.low_agreement_row_ids)
     assert unsure <= flagged and flagged - unsure <= wrong, (sorted(flagged), sorted(unsure), sorted(wrong))
     assert s.low_agreement_rows == len(flagged) and s.min_agreement == 0.5
-    assert s.format_version == 2
+    assert s.format_version == 3
     expected_mean = sum(c["agreement"] for c in chosen.values()) / len(chosen)
     assert abs(s.mean_agreement - expected_mean) < 1e-3
     assert any("teacher unsure" in line for line in s.lines())
