@@ -97,7 +97,11 @@ def quiet_ray_output(log_file: Path) -> None:
 
 def _raylet_lines_to_log_file(data: dict, ignore_prefix: bool = False) -> None:
     prefix = "" if ignore_prefix else f"({data.get('pid', 'ray')}) "
-    text = "".join(f"{prefix}{line}\n" for line in data.get("lines", []))
+    _to_log_file("".join(f"{prefix}{line}\n" for line in data.get("lines", [])))
+
+
+def _to_log_file(text: str) -> None:
+    """Descriptor 2 is the log file once ``quiet_ray_output`` ran."""
     os.write(2, text.encode("utf-8", "backslashreplace"))
 
 
@@ -113,7 +117,7 @@ class _ToLogFile(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > self.level:
             return True
-        os.write(2, (self._format(record) + "\n").encode("utf-8", "backslashreplace"))
+        _to_log_file(self._format(record) + "\n")
         return False
 
 
