@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kolm_ray.durable import write_atomic
 from kolm_ray.errors import InputError, KolmRuntimeError
 
 NAMESPACE = "kolm"
@@ -351,20 +352,13 @@ def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
         log.debug("request_resources: %s", e)
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
-
-
 def load_policy(state_dir: Path) -> QueuePolicy:
     p = state_dir / "queue" / "policy.json"
     return QueuePolicy.model_validate_json(p.read_text()) if p.is_file() else QueuePolicy()
 
 
 def save_policy(state_dir: Path, policy: QueuePolicy) -> None:
-    _atomic_write(state_dir / "queue" / "policy.json", policy.model_dump_json(indent=2))
+    write_atomic(state_dir / "queue" / "policy.json", policy.model_dump_json(indent=2))
 
 
 class CompileQueueActor:
@@ -450,7 +444,7 @@ class CompileQueueActor:
         # Finished tickets are kept for `kolm queue` for a day, then forgotten.
         cutoff = time.time() - 86_400
         self.tickets = {i: t for i, t in self.tickets.items() if t.state in ACTIVE or (t.finished_at or 0) > cutoff}
-        _atomic_write(self.path, json.dumps({"format_version": STATE_FORMAT_VERSION,
+        write_atomic(self.path, json.dumps({"format_version": STATE_FORMAT_VERSION,
                                              "tickets": [t.model_dump(mode="json") for t in self.tickets.values()]}))
 
     def _poke(self) -> None:

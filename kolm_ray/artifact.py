@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from kolm_ray.durable import json_bytes
 from kolm_ray.errors import InputError, KolmRuntimeError
 from kolm_ray.store import Store, fetched, open_store
 
@@ -77,12 +78,6 @@ def artifact_name(name: str, version: tuple[int, int]) -> str:
     return f"{name}-{version[0]}.{version[1]}.kolm"
 
 
-def json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode()
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_bytes(json_bytes(data))
 
 
 # ----- versions in a store -----------------------------------------------------------------------

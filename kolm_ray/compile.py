@@ -26,9 +26,10 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, file_digest, json_bytes, pack, put_artifact,
-    release_version, reserve_version, write_json,
+    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, file_digest, pack, put_artifact,
+    release_version, reserve_version,
 )
+from kolm_ray.durable import json_bytes, write_json
 from kolm_ray.errors import GateFailed, InputError
 from kolm_ray.home import store_uri, teacher_cache_dir
 from kolm_ray.kscore import KScore

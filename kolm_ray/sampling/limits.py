@@ -25,16 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kolm_ray.home import state_dir
+from kolm_ray.durable import write_atomic
 from kolm_ray.errors import InputError
+from kolm_ray.home import state_dir
 
 log = logging.getLogger("kolm_ray.sampling.limits")
 
@@ -260,27 +259,10 @@ def set_limits(
         entry = KeyLimits(org=org, tenants=tenants)
         new = (current.model_copy(update={"default": entry}) if key is None
                else current.model_copy(update={"keys": {**current.keys, key: entry}}))
-        write_atomic(p, new.model_dump_json(indent=2))
+        write_atomic(p, new.model_dump_json(indent=2) + "\n")
     if notify:
         _tell_quotas(key)
     return new
-
-
-def write_atomic(path: Path, text: str, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``text`` at once (temp file + rename): a reader sees the old file or
-    the new one. Also the quota actor's state file (written often, so without ``fsync``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tell_quotas(key: str | None) -> list[str]:

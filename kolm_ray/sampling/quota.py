@@ -38,11 +38,12 @@ from typing import Any, Literal
 
 import ray
 
+from kolm_ray.durable import write_atomic
 from kolm_ray.errors import BudgetExceeded
 from kolm_ray.sampling.config import QuotaConfig
 from kolm_ray.sampling.limits import (
     NAMESPACE, RateLimits, ResolvedLimits, Spend, TenantBudget, key_digest, limits_path, load_limits,
-    quota_name, quota_state_path, write_atomic,
+    quota_name, quota_state_path,
 )
 
 log = logging.getLogger("kolm_ray.sampling.quota")

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from kolm_ray.artifact import ARTIFACT_FORMAT_VERSION, artifact_path, pack, write_json
+from kolm_ray.artifact import ARTIFACT_FORMAT_VERSION, artifact_path, pack
+from kolm_ray.durable import write_json
 from kolm_ray.signing import KeySigner, ensure_default_key
 from kolm_ray.train.base import resolve_base
 

@@ -73,7 +73,8 @@ def test_other_rows_or_task_change_the_recipe(prepared, tmp_path):
 
 def _recorded(p, recipe: str, k: float, tiny_base: Path) -> Path:
     """An artifact in p's store that a compile of ``recipe`` made, with student K ``k``."""
-    from kolm_ray.artifact import CONTENT_DIR, pack, unpacked, write_json
+    from kolm_ray.artifact import CONTENT_DIR, pack, unpacked
+    from kolm_ray.durable import write_json
 
     store = Path(p.cfg.store)
     art = make_artifact(store, tiny_base, "routing", (1, 0), task=p.cfg.task,
