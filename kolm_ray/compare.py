@@ -41,6 +41,7 @@ class SideMeta(BaseModel):
     version: str
     source: str = Field("", description="Where the report was read from (artifact path), for error messages.")
     verifier_sha256: str | None = Field(None, description="Digest of the verifier.json that scored the report.")
+    artifact_sha256: str | None = Field(None, description="SHA-256 of the artifact bytes that were verified.")
 
 
 class SideFigures(BaseModel):
@@ -194,9 +195,9 @@ def load_side(artifact: str | Path, trust: Any) -> tuple[dict[str, Any], SideMet
         InputError: unreadable artifact, or no readable ``eval.json`` in it.
         ArtifactRejected: the signature does not verify.
     """
-    from kolm_ray.artifact import file_digest, open_verified
+    from kolm_ray.artifact import file_digest, open_verified_with_digest
 
-    with open_verified(artifact, trust) as (content, manifest):
+    with open_verified_with_digest(artifact, trust) as (content, manifest, artifact_sha256):
         report_path = content / "eval.json"
         if not report_path.is_file():
             raise InputError("artifact has no specialist/eval.json: nothing to compare", path=str(artifact))
@@ -207,7 +208,7 @@ def load_side(artifact: str | Path, trust: Any) -> tuple[dict[str, Any], SideMet
         verifier = content / "verifier.json"
         meta = SideMeta(
             name=str(manifest.get("name", "?")), version=str(manifest.get("version", "?")), source=str(artifact),
-            verifier_sha256=file_digest(verifier) if verifier.is_file() else None,
+            verifier_sha256=file_digest(verifier) if verifier.is_file() else None, artifact_sha256=artifact_sha256,
         )
     return report, meta
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from kolm_ray.durable import write_atomic
 from kolm_ray.errors import InputError, KolmError, KolmRuntimeError
 from kolm_ray.home import state_dir
 
@@ -48,23 +49,40 @@ def default_key_paths() -> tuple[Path, Path]:
 
 
 def ensure_default_key(say: Callable[[str], None] = lambda s: None) -> Path:
-    """The default private key, created (P-256) on first use; returns its path."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    """The default private key, created (P-256) on first use; returns its path.
+
+    Safe for first runs at once (several compiles or processes on one ``KOLM_HOME``): the
+    pair is made under a file lock, by one of them, and the others use it. The public half is
+    published before the private one, each by an atomic, fsynced rename, so whoever finds the
+    private key finds its public key beside it, and no reader sees half a file.
+    """
+    from filelock import FileLock
 
     priv, pub = default_key_paths()
-    if priv.is_file():
+    if priv.is_file() and pub.is_file():
         return priv
     priv.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    with FileLock(priv.parent / ".signing.lock"):
+        if priv.is_file():  # another run made it meanwhile, or an older kolm left no public half
+            if not pub.is_file():
+                _publish_public_key(pub, KeySigner(priv).public_pem())
+            return priv
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        _publish_public_key(pub, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+        # write_atomic's temp file is made by mkstemp, mode 0600: the key is never readable by others.
+        write_atomic(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
     say(f"created a signing key pair: {priv} (private) and {pub} (public; give it to `kolm verify --key`)")
     return priv
+
+
+def _publish_public_key(pub: Path, pem: bytes) -> None:
+    write_atomic(pub, pem)
+    os.chmod(pub, 0o644)  # a public key: others verify with it
 
 
 def write_public_key(private_key: Path, dest: Path) -> Path:

@@ -3,10 +3,11 @@
 
 A ``Store`` is one root and the few operations kolm needs over it, by key (a relative POSIX
 path, ``artifacts/routing-1.0.kolm``): whole-file reads and writes (atomic: temp + rename in a
-folder, one object appearing whole in object storage), **create-if-absent** (``put_if_absent``: a hard link in a
-folder, a conditional PUT ``If-None-Match: *`` on S3), listing by prefix, copying folders in and
-out, and the ``(storage_path, storage_filesystem)`` pair Ray Train's ``RunConfig`` takes.
-``fetched`` gives a local path for a file at a location of either kind.
+folder, one object appearing whole in object storage), **create-if-absent** (``put_if_absent``:
+a hard link in a folder, fsynced with its folder before it returns; a conditional PUT
+``If-None-Match: *`` on S3), listing by prefix, copying folders in and out, and the
+``(storage_path, storage_filesystem)`` pair Ray Train's ``RunConfig`` takes. ``fetched`` gives
+a local path for a file at a location of either kind.
 
 Object stores take their endpoint and credentials from the standard variables of the node that
 uses them (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for another S3 server such as MinIO,
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 from urllib.parse import urlsplit
 
+from kolm_ray.durable import fsync_dir
 from kolm_ray.errors import InputError, KolmRuntimeError
 
 if TYPE_CHECKING:
@@ -257,9 +259,11 @@ class LocalStore:
             self._replace(self._path(key), lambda f: shutil.copyfileobj(src, f, _CHUNK))
 
     def put_if_absent(self, key: str, source: bytes | Path) -> bool:
+        # Durable when it returns True: the file's bytes, its name in its folder, and any folder
+        # created for it are fsynced (an artifact or a version reservation is a record of truth).
         dest = self._path(key)
         with self._errors(key):
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(dest.parent)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -270,6 +274,7 @@ class LocalStore:
                     # link(2) fails with EEXIST if dest exists, and dest appears whole: the
                     # complete file is in place before anyone can see its name.
                     os.link(tmp, dest)
+                    fsync_dir(dest.parent)
                     return True
                 except FileExistsError:
                     return False
@@ -282,8 +287,16 @@ class LocalStore:
                     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
                     return False
-                with os.fdopen(out, "wb") as f:
-                    _write_source(f, source)
+                try:
+                    with os.fdopen(out, "wb") as f:
+                        _write_source(f, source)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(dest)  # ours (O_EXCL): no half file stays under the name
+                    raise
+                fsync_dir(dest.parent)
                 return True
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -353,6 +366,18 @@ class LocalStore:
             raise
         except OSError as e:
             raise KolmRuntimeError(f"{self.url(key)}: {e.strerror or e}") from None
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p path``, each folder it creates made durable in its parent."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+        fsync_dir(folder.parent)
 
 
 def _write_source(f, source: bytes | Path) -> None:

@@ -43,7 +43,7 @@ from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_tokens"))
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help=option_help(TeacherConfig, "timeout_s"))
-@click.option("--max-attempts", default=6, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
+@click.option("--max-attempts", default=TeacherConfig.model_fields["max_attempts"].default, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
 @claim_options
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")

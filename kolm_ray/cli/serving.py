@@ -249,17 +249,21 @@ def receipts() -> None:
 @receipts.command(name="verify", short_help="Check every receipt's hash and the chain.", epilog="""\b
 Examples:
   kolm receipts verify
-  kolm receipts verify --store /mnt/kolm --app-name kolm-prod --json
+  kolm receipts verify --store /mnt/kolm --app-name kolm-prod --json > tips.json
+  kolm receipts verify --anchors tips.json   # also catches the newest segments deleted since
 
 \b
 Exit codes:
-  0  every receipt and the chain verify
-  1  an edited, dropped or reordered receipt (or no segments)
-  2  no receipts there""")
+  0  every receipt and the chain verify (a torn tail a crash left is a note)
+  1  an edited, dropped or reordered receipt, a missing segment (or no segments)
+  2  no receipts there, or an unreadable --anchors file""")
 @click.option("--store", type=click.Path(file_okay=False), help="kolm's store [default: KOLM_HOME].")
 @click.option("--app-name", default=None, help="Only this application's receipts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> None:
+@click.option("--anchors", "anchors_file", type=click.Path(dir_okay=False), default=None,
+              help="A report saved earlier with --json: its `tips` (where the newest segments ended) are checked "
+                   "too, so deleting the newest segments with their heads is caught.")
+def receipts_verify(store: str | None, app_name: str | None, as_json: bool, anchors_file: str | None) -> None:
     """Check every receipt's hash and the chain: exits 1 on an edited, dropped or reordered receipt."""
     from kolm_ray.errors import KolmRuntimeError
     from kolm_ray.home import kolm_home
@@ -269,7 +273,7 @@ def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> N
     directory = root / "receipts" / (app_name or "")
     if not directory.is_dir():
         raise InputError("no receipts here", path=str(directory))
-    report = verify_log(directory)
+    report = verify_log(directory, _saved_tips(anchors_file) if anchors_file else ())
     if as_json:
         click.echo(json.dumps({"ok": report.ok, **report.model_dump()}, indent=2))
     else:
@@ -277,10 +281,29 @@ def receipts_verify(store: str | None, app_name: str | None, as_json: bool) -> N
             click.echo(f"{'ok' if not seg.problems else 'TAMPERED':<9}{seg.segment}  {seg.receipts} receipts")
             for p in seg.problems:
                 click.echo(f"         {p}")
+            for w in seg.warnings:
+                click.echo(f"         note: {w}")
     if not report.ok:
         raise KolmRuntimeError(f"receipt log under {directory} failed verification"
                                if report.segments else f"no receipt segments under {directory}")
     if not as_json:
         click.echo(f"verified    {report.receipts} receipts in {len(report.segments)} segment(s)")
+        if report.tips:
+            click.echo(f"tips        {len(report.tips)} newest segment(s) no other segment anchors: keep this "
+                       "report (--json) outside the store and pass it back with --anchors")
+
+
+def _saved_tips(path: str) -> list[dict]:
+    """The ``tips`` of a report saved with ``--json``. Raises: InputError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        tips = data["tips"] if isinstance(data, dict) else data
+        if not isinstance(tips, list) or not all(isinstance(t, dict) and {"segment", "seq", "hash"} <= t.keys()
+                                                 for t in tips):
+            raise ValueError("no list of {segment, seq, hash} under `tips`")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, ValueError) as e:
+        raise InputError(f"not a saved receipts report ({e}); write one with `kolm receipts verify --json`",
+                         path=path) from None
+    return tips
 
 

@@ -1,12 +1,13 @@
 """Release state: per environment and Specialist, the stable version, the canary and its weight,
 the phase, and every transition with its reason.
 
-Durable in ``$KOLM_HOME/envs/ENV/release.json`` (atomic replace), so a restart of Serve, of the
-cluster or of the CLI restores the same routing. One writer at a time: every change goes through
-``ReleaseStore.update``, which holds an exclusive lock on ``release.lock`` for the whole
-read-modify-write, so concurrent publishes are serialized, never interleaved. The transitions
-(``publish``, ``promote``, ``rollback``) are pure functions of a ``Release``; they raise
-``InputError`` where the move is not allowed.
+Durable in ``$KOLM_HOME/envs/ENV/release.json`` (``durable.write_atomic``: a temp file fsynced,
+renamed over the state, its folder fsynced; a crash leaves the old state or the new, whole), so a
+restart of Serve, of the cluster or of the CLI restores the same routing. One writer at a time:
+every change goes through ``ReleaseStore.update``, which holds an exclusive lock on
+``release.lock`` for the whole read-modify-write, so concurrent publishes are serialized, never
+interleaved. The transitions (``publish``, ``promote``, ``rollback``) are pure functions of a
+``Release``; they raise ``InputError`` where the move is not allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kolm_ray.durable import write_atomic
 from kolm_ray.errors import InputError, KolmRuntimeError
 
 RELEASE_FORMAT_VERSION = 2  # 2: canaries carry audit settings, decisions their evidence
@@ -243,14 +244,22 @@ class ReleaseStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def update(self, change: Callable[[EnvState], EnvState], timeout_s: float = 30.0) -> EnvState:
-        """Apply ``change`` to the current state under the lock and write the result atomically."""
+        """Apply ``change`` to the current state under the lock and write the result atomically
+        and durably.
+
+        Raises:
+            KolmRuntimeError: the lock stayed held past ``timeout_s``, or the state could not be
+                written (a full disk: the message names the file; the previous state stays).
+        """
         with self._locked(timeout_s):
             before = self.load()
             after = change(before)
             if after == before:
                 return before
             after = after.model_copy(update={"revision": before.revision + 1})
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(after.model_dump_json(indent=2))
-            os.replace(tmp, self.path)
+            try:
+                write_atomic(self.path, after.model_dump_json(indent=2))
+            except OSError as e:  # a full disk: the previous state stays, whole
+                raise KolmRuntimeError(f"cannot write the release state {self.path}: {e.strerror or e}; "
+                                       f"{self.env!r} keeps its previous state (revision {before.revision})") from None
             return after

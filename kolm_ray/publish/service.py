@@ -38,15 +38,16 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
         ArtifactRejected: the signature does not verify.
         GateFailed: the compare with stable says reject (without ``force``).
     """
-    from kolm_ray.artifact import file_digest
     from kolm_ray.compare import compare, load_side
     from kolm_ray.store import fetched, location_of
 
     store = ReleaseStore(home, env)
     where = location_of(artifact)  # an absolute path, or the s3:// / gs:// URI serving reads it from
-    with fetched(artifact) as local:  # one download: the bytes verified are the bytes digested
-        report, meta = load_side(local, trust)  # verified; the base model is not needed to publish
-        digest = file_digest(local)
+    with fetched(artifact) as local:  # one download
+        # Verified, and digested from the very bytes verified (a file swapped in meanwhile changes
+        # neither); the base model is not needed to publish.
+        report, meta = load_side(local, trust)
+    digest = meta.artifact_sha256
     meta = meta.model_copy(update={"source": where})
     # Serving refuses the artifact if its bytes ever differ from this digest.
     new = Version(version=meta.version, artifact=where, artifact_sha256=digest,

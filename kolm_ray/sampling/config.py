@@ -6,7 +6,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TeacherConfig(BaseModel):
-    """How one teacher call is made. The SDK itself reads ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL."""
+    """How one teacher call is made. The SDK itself reads ANTHROPIC_API_KEY (or
+    ANTHROPIC_AUTH_TOKEN) and ANTHROPIC_BASE_URL.
+
+    The retry defaults ride out a provider outage (529 overloaded, 5xx, unreachable) of about
+    four minutes: 10 attempts, waits of 1, 2, 4, 8, 16 and 32 s and then 60 s (243 s in all, each
+    wait spread up to half again by jitter) before a sample counts as failed. A compile that
+    died in the first minute of a provider's brown-out would cost its user a re-run, and a
+    nightly job its night; a teacher down for longer fails the stage, and every answer received
+    is cached for the re-run. (``max_attempts`` is operational: changing it changes no
+    compile's recipe.)
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     model: str = Field("claude-opus-4-7", description="Teacher model id.")
@@ -15,9 +25,9 @@ class TeacherConfig(BaseModel):
     # choose among anything). Current SDKs have no parameter for it; it goes in extra_body.
     temperature: float | None = Field(None, ge=0.0, le=1.0, description="Sampling temperature (default: the model's).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds before one call is abandoned and retried.")
-    max_attempts: int = Field(6, ge=1, description="Attempts per sample before it counts as failed.")
+    max_attempts: int = Field(10, ge=1, description="Attempts per sample before it counts as failed.")
     backoff_base_s: float = Field(1.0, ge=0, description="First retry wait without retry-after; doubles per attempt.")
-    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between attempts.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between attempts without retry-after.")
     few_shot: int = Field(4, ge=0, description="Labeled rows shown to the teacher as examples.")
 
 

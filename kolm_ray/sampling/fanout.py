@@ -16,15 +16,20 @@
    the chosen one; ``summarize`` flags the rows below ``SampleConfig.min_agreement``, where the
    teacher is unsure.
 
-Writing the dataset is ``write_samples`` (all or nothing). Must not train or sign anything.
+Writing the dataset is ``write_samples`` (all or nothing, and the folder never missing). Must
+not train or sign anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import Counter
@@ -37,6 +42,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from kolm_ray.durable import fsync_dir
 from kolm_ray.errors import BudgetExceeded, TeacherError
 from kolm_ray.sampling.prompt import RECORDED_MODEL_PREFIX
 from kolm_ray.measures import content_words, normalize_label, parse_json_object
@@ -46,7 +52,7 @@ from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, quota_name, release_holder, teacher_quota
-from kolm_ray.sampling.teacher import AnthropicTeacher, SampleResult, sdk_env
+from kolm_ray.sampling.teacher import UNAVAILABLE, AnthropicTeacher, SampleResult, sdk_env
 from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
 
 # 2: selection by self-consistency; every sample row carries its row's ``agreement``.
@@ -72,6 +78,10 @@ SAMPLE_SCHEMA = pa.schema(
         ("served_model", pa.string()),
     ]
 )
+# What the calls add for the stage's own report and never write: when the teacher was seen
+# unavailable for each sample, and when it answered (epoch seconds).
+TIMING_COLUMNS = [("unavailable_at", pa.list_(pa.float64())), ("answered_at", pa.float64())]
+CALL_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [pa.field(n, t) for n, t in TIMING_COLUMNS])
 SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), ("k", pa.float64()), ("passed", pa.bool_())]
 # Added by ``select``: the kept sample of each row, and the row's agreement (None where every
 # sample of the row failed), repeated on each of its k samples.
@@ -80,6 +90,59 @@ SELECT_COLUMNS = [("chosen", pa.bool_()), ("agreement", pa.float64())]
 # Two free texts agree at content-word F1 >= 0.5: the verifier's own bar for a faithful
 # paraphrase (it shares about half its content words with the reference).
 TEXT_AGREEMENT_F1 = 0.5
+
+
+class Outage(BaseModel):
+    """When the teacher did not answer: the longest stretch from a failure (529 overloaded, 5xx,
+    timeout, unreachable) to the next answer, with no answer in between."""
+
+    model_config = ConfigDict(frozen=True)
+    failures: int = Field(description="Calls that failed because the teacher was unavailable.")
+    by_kind: dict[str, int] = Field(description="Those failures by kind (overloaded: 529).")
+    longest_s: float = Field(description="Seconds of the longest stretch without an answer.")
+    started_at: float = Field(description="When that stretch began (epoch seconds): its first failure.")
+    ended_at: float | None = Field(description="When it ended: the next answer (None: never answered again).")
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{v} {_KIND_NAMES.get(k, k)}" for k, v in sorted(self.by_kind.items()))
+        at = time.strftime("%H:%M:%S", time.localtime(self.started_at))
+        end = (f"to {time.strftime('%H:%M:%S', time.localtime(self.ended_at))}" if self.ended_at is not None
+               else "and did not come back")
+        return (f"outage      teacher unavailable for {_duration(self.longest_s)} (no answer from {at} {end}) · "
+                f"{self.failures} failed calls: {kinds}")
+
+
+_KIND_NAMES = {"overloaded": "overloaded (529)", "server": "server errors (5xx)", "timeout": "timeouts",
+               "connection": "unreachable"}
+
+
+def _duration(s: float) -> str:
+    return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
+
+
+def outage_of(unavailable_at: Sequence[Sequence[float]], answered_at: Sequence[float | None],
+              kinds: Counter | None = None) -> Outage | None:
+    """The longest stretch without an answer that began with an unavailable failure, from each
+    sample's unavailable failures' times and answer time; None when nothing failed so."""
+    fails = sorted(t for ts in unavailable_at for t in (ts or ()))
+    if not fails:
+        return None
+    answers = sorted(t for t in answered_at if t is not None)
+    best: tuple[float, float, float | None] | None = None
+    i = 0
+    while i < len(fails):
+        start = fails[i]
+        j = bisect.bisect_right(answers, start)
+        nxt = answers[j] if j < len(answers) else None  # the stretch ends at the next answer
+        end = nxt if nxt is not None else fails[-1]
+        length = end - start
+        if best is None or length > best[0]:
+            best = (length, start, nxt)
+        while i < len(fails) and (nxt is None or fails[i] <= nxt):
+            i += 1
+    by_kind = {k: v for k, v in (kinds or Counter()).items() if k in UNAVAILABLE}
+    length, start, nxt = best
+    return Outage(failures=len(fails), by_kind=by_kind, longest_s=round(length, 3), started_at=start, ended_at=nxt)
 
 
 class SampleSummary(BaseModel):
@@ -112,6 +175,7 @@ class SampleSummary(BaseModel):
     elapsed_s: float
     quota: dict[str, Any] | None = None
     served_by: list[str] = Field(default_factory=list, description="The model names the answers came back with.")
+    outage: Outage | None = Field(None, description="When the teacher did not answer (None: it always did).")
 
     @property
     def recorded(self) -> bool:
@@ -139,8 +203,11 @@ class SampleSummary(BaseModel):
 
     def headline(self) -> str:
         """The compile's one teacher line."""
+        down = (f" · teacher unavailable for {_duration(self.outage.longest_s)} ({self.outage.failures} failed calls)"
+                if self.outage else "")
         return (f"teacher     {self.teacher} k={self.k} ({self.source()}): {self._calls()}, {self.retries} retries, "
-                f"{self.failed_rows} rows failed · acceptance {100 * self.acceptance_rate:.1f}% · {self.cost_line()}")
+                f"{self.failed_rows} rows failed · acceptance {100 * self.acceptance_rate:.1f}% · {self.cost_line()}"
+                f"{down}")
 
     def lines(self) -> list[str]:
         u = self.usage
@@ -157,6 +224,7 @@ class SampleSummary(BaseModel):
             + (f": {', '.join(unsure)}{', ...' if self.low_agreement_rows > len(unsure) else ''}" if unsure else ""),
             f"tokens      in {u.input_tokens:,} · out {u.output_tokens:,} · cache read {u.cache_read_tokens:,} · "
             f"cache write {u.cache_write_tokens:,}",
+            *([self.outage.line()] if self.outage else []),
             f"cost        {self.cost_line()}",
             f"time        {self.elapsed_s:.1f} s",
         ]
@@ -202,6 +270,7 @@ def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, A
         "input_tokens": res.usage.input_tokens, "output_tokens": res.usage.output_tokens,
         "cache_read_tokens": res.usage.cache_read_tokens, "cache_write_tokens": res.usage.cache_write_tokens,
         "served_model": res.served_model,
+        "unavailable_at": list(res.unavailable_at), "answered_at": res.answered_at,
     }
 
 
@@ -234,12 +303,13 @@ class _TeacherCall:
             return _result_row(req, key, res)
 
         out = await asyncio.gather(*(one(r) for r in reqs))
-        return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
+        return pa.Table.from_pylist(out, schema=CALL_SCHEMA)
 
 
 def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None,
                  prices: Prices | None = None) -> pa.Table:
-    """Every (row, sample) through the teacher; one output row per sample, failed ones included.
+    """Every (row, sample) through the teacher; one output row per sample, failed ones included
+    (``CALL_SCHEMA``: the written columns and the calls' timing).
 
     Online calls hold leases from the key's shared quota as ``plan.quota`` (holder, tenant,
     caps), booking each call's cost at ``prices`` against the tenant's budget."""
@@ -282,10 +352,10 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
     )
     tables = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        tables.append(batch.cast(SAMPLE_SCHEMA) if batch.num_rows else batch)
+        tables.append(batch.cast(CALL_SCHEMA) if batch.num_rows else batch)
         if progress:
             progress(batch.num_rows)
-    table = pa.concat_tables([t for t in tables if t.num_rows]) if tables else SAMPLE_SCHEMA.empty_table()
+    table = pa.concat_tables([t for t in tables if t.num_rows]) if tables else CALL_SCHEMA.empty_table()
     if table.num_rows != n_samples:
         raise TeacherError(f"fan-out returned {table.num_rows} samples, expected {n_samples}: data was lost")
     return table.sort_by([("id", "ascending"), ("sample_index", "ascending")])
@@ -468,10 +538,12 @@ def select(scored: pa.Table, kind: str, text_fields: Sequence[str] = ()) -> pa.T
 
 
 def summarize(
-    table: pa.Table, plan: SamplingPlan, prices: Prices, elapsed_s: float, quota_stats: dict | None
+    table: pa.Table, plan: SamplingPlan, prices: Prices, elapsed_s: float, quota_stats: dict | None,
+    outage: Outage | None = None,
 ) -> SampleSummary:
     """Counts, cost and agreement of a selected table (``select``'s output); rows whose
-    agreement is below ``plan.sample.min_agreement`` are flagged."""
+    agreement is below ``plan.sample.min_agreement`` are flagged. ``outage``: ``outage_of``
+    the calls."""
     recs = table.to_pylist()
     paid = [r for r in recs if not r["cached"] and r["text"] is not None]
     usage = Usage()
@@ -514,6 +586,7 @@ def summarize(
         dataset_cost_usd=round(cost_usd(dataset_usage, prices, batch=plan.sample.batch), 6),
         elapsed_s=round(elapsed_s, 3), quota=quota_stats,
         served_by=sorted({r["served_model"] for r in recs if r.get("served_model")}),
+        outage=outage,
     )
 
 
@@ -584,10 +657,14 @@ def sample_rows(
     if not check.decision.ok:
         raise BudgetExceeded(check.decision.message)
     try:
-        raw = call_teacher(p, rows, progress, prices)
+        calls = call_teacher(p, rows, progress, prices)
         quota_stats = None if sample.batch else ray.get(handle.stats.remote(quota.holder))
     finally:  # a failed or cancelled run leaves no slot taken
         release_holder(api_key, base_url, quota.holder)
+    kinds: Counter = Counter(f for fs in calls.column("failures").to_pylist() for f in (fs or "").split(",") if f)
+    outage = outage_of(calls.column("unavailable_at").to_pylist(), calls.column("answered_at").to_pylist(), kinds) \
+        if "unavailable_at" in calls.column_names else None
+    raw = calls.select(SAMPLE_SCHEMA.names)
     refused = [e for e in raw.column("error").to_pylist() if e and e.startswith("budget:")]
     if refused:
         raise BudgetExceeded(f"{len(refused)} of {raw.num_rows} samples were refused once the budget was spent "
@@ -599,12 +676,14 @@ def sample_rows(
         if _LEARNED_NOTE not in verifier.notes:
             verifier = verifier.model_copy(update={"notes": [*verifier.notes, _LEARNED_NOTE]})
     scored = select(score_samples(raw, verifier), verifier.kind, verifier.json_text_fields or ())
-    summary = summarize(scored, p, prices, time.perf_counter() - start, quota_stats)
+    summary = summarize(scored, p, prices, time.perf_counter() - start, quota_stats, outage)
     if summary.failed_rows > sample.max_failed_fraction * summary.rows:
         raise TeacherError(
             f"{summary.failed_rows} of {summary.rows} rows got no teacher sample "
             f"({100 * summary.failed_rows / summary.rows:.1f}% > max {100 * sample.max_failed_fraction:.1f}%); "
-            f"retries by kind: {summary.retries_by_kind}. Every answer received is cached: re-run to resume."
+            f"retries by kind: {summary.retries_by_kind}"
+            + (f"; {summary.outage.line().removeprefix('outage').strip()}" if summary.outage else "")
+            + ". Every answer received is cached: re-run to resume."
         )
     return SampleOutcome(samples=scored, verifier=verifier, summary=summary)
 
@@ -613,11 +692,18 @@ def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> str | Path:
     """Write ``samples.parquet``, ``verifier.json`` and ``summary.json`` into ``out_dir`` at once;
     returns where they went (the folder's ``Path``, or the URI).
 
-    A folder: written into a sibling temporary folder and renamed into place, so a crash leaves
-    either the previous dataset or the new one, never half of one. An object-storage prefix
-    (``s3://``, ``gs://``) has no rename: each file is one object (never seen half-written), and
-    ``summary.json`` goes last, so it marks a complete dataset; a crash between the uploads can
-    leave the new samples beside the previous summary.
+    A folder: ``out_dir`` is a symbolic link to a sibling version folder
+    (``.NAME.v-<time>-<id>``). The new dataset is written and fsynced into a new version folder,
+    then a new link is put over ``out_dir`` in one rename, and fsynced: at every instant
+    ``out_dir`` is the previous dataset or the new one, never missing and never half of one,
+    and a reader who opened the previous files keeps reading them. The replaced version is
+    then removed. A real folder at ``out_dir`` (written before this layout) is swapped for the
+    link in one ``renameat2(RENAME_EXCHANGE)`` where the system has it (Linux); elsewhere that
+    one conversion renames it aside first, and for that instant ``out_dir`` is missing.
+
+    An object-storage prefix (``s3://``, ``gs://``) has no rename: each file is one object
+    (never seen half-written), and ``summary.json`` goes last, so it marks a complete dataset; a
+    crash between the uploads can leave the new samples beside the previous summary.
     """
     import tempfile
 
@@ -632,21 +718,113 @@ def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> str | Path:
         store.write_bytes("summary.json", outcome.summary.model_dump_json(indent=2).encode())
         return store.uri
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    version = parent / f".{out.name}.v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    version.mkdir()
+    switched = False
     try:
-        pq.write_table(outcome.samples, tmp / "samples.parquet")
-        (tmp / "verifier.json").write_text(outcome.verifier.to_json())
-        (tmp / "summary.json").write_text(outcome.summary.model_dump_json(indent=2))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        pq.write_table(outcome.samples, version / "samples.parquet")
+        _fsync_file(version / "samples.parquet")
+        _write_synced(version / "verifier.json", outcome.verifier.to_json().encode())
+        _write_synced(version / "summary.json", outcome.summary.model_dump_json(indent=2).encode())
+        fsync_dir(version)
+        previous = _point(out, version)
+        switched = True
+    finally:
+        if not switched:  # never the folder `out` points to: only one that was never pointed to
+            shutil.rmtree(version, ignore_errors=True)
+    fsync_dir(parent)  # the switch itself on disk
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    _sweep(out, keep=version)
     return out
+
+
+# Versions and links left by a writer that crashed are removed by a later write after this long
+# (a concurrent writer's own are younger).
+_STALE_S = 3600.0
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _point(out: Path, version: Path) -> Path | None:
+    """Make ``out`` a link to ``version`` in one step (see ``write_samples``). Returns the
+    folder ``out`` held before (to remove), or None."""
+    parent = out.parent
+    link = parent / f".{out.name}.link-{uuid.uuid4().hex[:8]}"
+    os.symlink(version.name, link)  # relative: the folder can move with its versions
+    try:
+        if out.is_symlink():
+            previous: Path | None = parent / os.readlink(out)
+            os.replace(link, out)  # a link over a link: one rename
+        elif out.exists():
+            if _exchange(link, out):  # the old folder is now at `link`'s name
+                previous = link
+            else:
+                previous = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(out, previous)
+                try:
+                    os.replace(link, out)
+                except BaseException:
+                    os.rename(previous, out)  # put the old one back
+                    raise
+        else:
+            previous = None
+            os.replace(link, out)
+    except BaseException:
+        if link.is_symlink():
+            link.unlink()
+        raise
+    return previous
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or the file system has no such call (nothing was changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _sweep(out: Path, keep: Path) -> None:
+    """Remove what crashed writers left beside ``out`` (versions no link names, temporary
+    links, renamed-aside folders), once older than ``_STALE_S``."""
+    now = time.time()
+    current = out.parent / os.readlink(out) if out.is_symlink() else None
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p in (keep, current) or not p.name[len(out.name) + 2:].startswith(("v-", "link-", "old-", "tmp-")):
+            continue
+        try:
+            if now - p.lstat().st_mtime < _STALE_S:
+                continue
+            if p.is_symlink():
+                p.unlink()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass

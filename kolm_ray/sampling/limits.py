@@ -39,9 +39,10 @@ log = logging.getLogger("kolm_ray.sampling.limits")
 
 LIMITS_FORMAT_VERSION = 1
 NAMESPACE = "kolm"
-# v2: leases, holders, AIMD and budgets. A new name, so a cluster still running the previous
-# actor (whose methods differ) is not joined by mistake.
-QUOTA_PREFIX = "kolm-teacher-quota-v2-"
+# v2: leases, holders, AIMD and budgets; v3: callers' liveness tokens (``alive``). A new name
+# each time, so a cluster still running the previous actor (whose methods differ) is not joined
+# by mistake.
+QUOTA_PREFIX = "kolm-teacher-quota-v3-"
 
 
 def key_digest(api_key: str | None, base_url: str | None) -> str:

@@ -2,13 +2,17 @@
 
 An API key's rate limit belongs to the organization, not to one job, so calls in flight, calls
 per minute and tokens per minute are admitted by one named, detached Ray actor per key
-(``kolm-teacher-quota-v2-<key digest>`` in namespace ``kolm``), under the limits the operator
+(``kolm-teacher-quota-v3-<key digest>`` in namespace ``kolm``), under the limits the operator
 stated (``sampling/limits.py``; defaults where none are stated). A compile never changes them:
 its own caps (``QuotaConfig``) narrow only its own share, min(org, cap).
 
 * **Leases.** ``acquire`` grants a lease that expires after the teacher's timeout plus a margin;
-  ``release(lease)`` ends it. A holder that dies or is cancelled without releasing loses its
-  slots at its leases' expiry (or at once with ``release_holder``), so no count is kept forever.
+  ``release(lease)`` ends it. A caller may name its process by a liveness token (``alive``: an
+  object reference its process owns): when that process dies (a killed actor, a killed driver)
+  the actor sees the owner gone within seconds and ends its leases and sample claims at once,
+  so a killed compile's slots come back before the next run starts. Without a token (or after
+  the actor's own restart, which loses the references) a lease ends at its expiry;
+  ``release_holder`` ends a cancelled compile's at once. No count is kept forever.
 * **AIMD.** A 429 halves the effective in-flight limit (not below 1; once per burst: 429s of
   calls admitted before the cut do not cut again) and pauses admission for its ``retry-after``;
   every window of successes (as many as the limit) adds one, up to the organization's limit.
@@ -56,6 +60,7 @@ HOLDER_IDLE_S = 3600.0  # a holder with nothing in flight for this long is forgo
 RECENT_EXPIRED = 4096  # expired leases remembered so a late release still books its spend
 PERSIST_EVERY_S = 0.5  # the durable state is written at most this often (and at once when asked)
 RELOAD_EVERY_S = 1.0  # how often the actor looks for a changed limits file
+OWNER_CHECK_S = 1.0  # how often the actor asks whether the processes holding leases are alive
 ANONYMOUS = "anonymous"
 
 Outcome = Literal["ok", "rate_limited", "failed"]
@@ -161,6 +166,7 @@ class Lease:
     epoch: int
     granted_at: float
     expires_at: float
+    owner: str | None = None  # the liveness token of the process making the call (None: unknown)
 
 
 @dataclass
@@ -187,7 +193,7 @@ class QuotaBook:
         self.holders: dict[str, _Holder] = {}
         self.spend: dict[str, Spend] = {}
         self.counts: Counter = Counter({k: 0 for k in ("admitted", "waited", "rate_limited", "expired_leases",
-                                                       "late_releases", "refused_budget")})
+                                                       "late_releases", "refused_budget", "dead_owner_leases")})
         self.max_in_flight_seen = 0
         self._expired: OrderedDict[str, Lease] = OrderedDict()
 
@@ -262,9 +268,10 @@ class QuotaBook:
                                  f"${claim.max_cost_usd:.4f}")
 
     def try_acquire(self, now: float, tokens: int, claim: QuotaConfig | None = None,
-                    lease_s: float = DEFAULT_LEASE_S) -> Grant | float:
+                    lease_s: float = DEFAULT_LEASE_S, owner: str | None = None) -> Grant | float:
         """A lease for a call of ``tokens`` estimated tokens, or the seconds to wait before
-        asking again (at most until the next lease expires).
+        asking again (at most until the next lease expires). ``owner``: the liveness token of
+        the calling process (``release_owner`` ends its leases when it dies).
 
         Raises:
             BudgetExceeded: the claim's tenant has spent its budget, or its holder its max cost.
@@ -281,7 +288,7 @@ class QuotaBook:
             nxt = self.next_expiry()
             return wait if nxt is None else min(wait, max(0.0, nxt - now))
         lease = Lease(id=uuid.uuid4().hex, holder=claim.holder or ANONYMOUS, tenant=claim.tenant, tokens=tokens,
-                      epoch=self.aimd.epoch, granted_at=now, expires_at=now + lease_s)
+                      epoch=self.aimd.epoch, granted_at=now, expires_at=now + lease_s, owner=owner)
         self.leases[lease.id] = lease
         self.state = replace(self.state, in_flight=self.state.in_flight + 1, call_tokens=self.state.call_tokens - 1.0,
                              token_tokens=self.state.token_tokens - min(float(tokens), float(org.tokens_per_minute)))
@@ -335,6 +342,20 @@ class QuotaBook:
             self._end(lease)
         self.holders.pop(holder, None)
         return len(mine)
+
+    def release_owner(self, now: float, owner: str) -> int:
+        """End every lease of the process known by the liveness token ``owner``: it died
+        mid-call, and its calls will never be released. Its holder's other leases (its other
+        processes) stand."""
+        mine = [lease for lease in self.leases.values() if lease.owner == owner]
+        for lease in mine:
+            del self.leases[lease.id]
+            self._end(lease)
+        self.counts["dead_owner_leases"] += len(mine)
+        return len(mine)
+
+    def owners(self) -> set[str]:
+        return {lease.owner for lease in self.leases.values() if lease.owner is not None}
 
     # ----- views ----------------------------------------------------------------------------
     def tenant_view(self, tenant: str | None) -> tuple[TenantBudget | None, Spend]:
@@ -415,10 +436,12 @@ class TeacherQuota:
         self._dirty = False
         self._persist_errors = 0
         self._housekeeper: asyncio.Task | None = None
-        # Sample keys being paid for right now, and by whom (owner, expiry): two compiles of one
-        # task ask for the same samples, and only one of them may pay for each.
-        self._calling: dict[str, tuple[str, float]] = {}
-        self._keys = {"claimed": 0, "deduplicated": 0}
+        # Sample keys being paid for right now, and by whom (owner, expiry, liveness token): two
+        # compiles of one task ask for the same samples, and only one of them may pay for each.
+        self._calling: dict[str, tuple[str, float, str | None]] = {}
+        self._keys = {"claimed": 0, "deduplicated": 0, "freed_dead_owner": 0, "freed_holder": 0}
+        # Liveness tokens of the processes holding leases or claims: their hex -> the reference.
+        self._alive: dict[str, Any] = {}
 
     # ----- the operator's limits and the durable state --------------------------------------
     def _mtime(self) -> int | None:
@@ -454,10 +477,16 @@ class TeacherQuota:
             log.warning("could not write the teacher quota state to %s: %s", self._state_file, e)
 
     async def _housekeeping(self) -> None:
-        next_reload = 0.0
+        next_reload = next_owner_check = 0.0
         while True:
             await asyncio.sleep(PERSIST_EVERY_S)
+            if time.monotonic() >= next_owner_check:
+                next_owner_check = time.monotonic() + OWNER_CHECK_S
+                await self._free_dead_owners()
             async with self._cond:
+                if self._book.reclaim(time.time()):  # expired leases: free them now, not at the next acquire
+                    self._dirty = True
+                    self._cond.notify_all()
                 if time.monotonic() >= next_reload:
                     next_reload = time.monotonic() + RELOAD_EVERY_S
                     if self._mtime() != self._limits_mtime:
@@ -465,18 +494,57 @@ class TeacherQuota:
                 if self._dirty:
                     self._persist()
 
+    def _watch(self, alive: list | None) -> str | None:
+        """The hex of a caller's liveness token, kept to be checked (None: the caller sent none)."""
+        if not alive:
+            return None
+        ref = alive[0]
+        token = ref.hex()
+        self._alive.setdefault(token, ref)
+        return token
+
+    async def _free_dead_owners(self) -> None:
+        """End the leases and sample claims of every process that died holding them; forget the
+        tokens nothing holds any more."""
+        in_use = self._book.owners() | {c[2] for c in self._calling.values() if c[2] is not None}
+        for token in [t for t in self._alive if t not in in_use]:
+            del self._alive[token]
+        if not self._alive:
+            return
+        tokens = list(self._alive)
+        dead = await asyncio.gather(*(asyncio.to_thread(_owner_died, self._alive[t]) for t in tokens))
+        gone = [t for t, d in zip(tokens, dead) if d]
+        if not gone:
+            return
+        async with self._cond:
+            now = time.time()
+            for token in gone:
+                n = self._book.release_owner(now, token)
+                keys = [k for k, c in self._calling.items() if c[2] == token]
+                for k in keys:
+                    del self._calling[k]
+                self._keys["freed_dead_owner"] += len(keys)
+                self._alive.pop(token, None)
+                log.warning("a teacher process died holding %d leases and %d sample claims: freed", n, len(keys))
+            self._dirty = True
+            self._cond.notify_all()
+
     def _start(self) -> None:
         if self._housekeeper is None:  # on the actor's event loop, at its first call
             self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
 
     # ----- the API --------------------------------------------------------------------------
-    async def acquire(self, tokens: int, claim: QuotaConfig | None = None, lease_s: float = DEFAULT_LEASE_S) -> Grant:
-        """Wait for room and grant a lease. Raises BudgetExceeded (see ``QuotaBook.try_acquire``)."""
+    async def acquire(self, tokens: int, claim: QuotaConfig | None = None, lease_s: float = DEFAULT_LEASE_S,
+                      alive: list | None = None) -> Grant:
+        """Wait for room and grant a lease. ``alive``: ``[ref]``, an object the calling process
+        owns (its lease ends when that process dies). Raises BudgetExceeded (see
+        ``QuotaBook.try_acquire``)."""
         self._start()
+        owner = self._watch(alive)
         async with self._cond:
             waited = False
             while True:
-                got = self._book.try_acquire(time.time(), tokens, claim, lease_s)
+                got = self._book.try_acquire(time.time(), tokens, claim, lease_s, owner)
                 if isinstance(got, Grant):
                     break
                 waited = True
@@ -485,6 +553,7 @@ class TeacherQuota:
                 except asyncio.TimeoutError:
                     pass
             self._book.counts["waited"] += waited
+            self._watch(alive)  # again: a token unused while this call waited may have been forgotten
             self._dirty = True
             return got
 
@@ -498,10 +567,11 @@ class TeacherQuota:
             self._cond.notify_all()
             return live
 
-    async def claim_key(self, key: str, owner: str, ttl_s: float) -> bool:
+    async def claim_key(self, key: str, owner: str, ttl_s: float, alive: list | None = None) -> bool:
         """True: ``owner`` may pay for sample ``key`` (claimed, or its claim renewed, until
         ``ttl_s`` from now). False once another owner's call for it has ended: the answer is in
-        the response cache (or that call failed: claim again). A claim whose owner died expires."""
+        the response cache (or that call failed: claim again). A claim whose owner died ends
+        when its process is seen dead (``alive``, as for ``acquire``), else at its expiry."""
         self._start()
         async with self._cond:
             waited = False
@@ -512,7 +582,7 @@ class TeacherQuota:
                     if waited:
                         self._keys["deduplicated"] += 1
                         return False
-                    self._calling[key] = (owner, now + ttl_s)
+                    self._calling[key] = (owner, now + ttl_s, self._watch(alive))
                     self._keys["claimed"] += held is None or held[0] != owner
                     return True
                 waited = True
@@ -532,6 +602,10 @@ class TeacherQuota:
         self._start()
         async with self._cond:
             n = self._book.release_holder(time.time(), holder)
+            keys = [k for k, c in self._calling.items() if c[0].startswith(f"{holder}/")]
+            for k in keys:  # its sample claims too: a re-run does not wait for them to expire
+                del self._calling[k]
+            self._keys["freed_holder"] += len(keys)
             self._persist()
             self._cond.notify_all()
             return n
@@ -553,6 +627,17 @@ class TeacherQuota:
     async def stats(self, holder: str | None = None) -> dict[str, Any]:
         return {**self._book.stats(holder), "limits_error": self._limits_error,
                 "persist_errors": self._persist_errors, "keys": dict(self._keys)}
+
+
+def _owner_died(ref: Any) -> bool:
+    """Whether the process owning ``ref`` is gone (blocks up to a few seconds: call off the loop)."""
+    try:
+        ray.get(ref, timeout=5)
+    except ray.exceptions.ObjectLostError:  # OwnerDiedError among them: its owner, or its node, died
+        return True
+    except Exception:  # noqa: BLE001 - a timeout or a hiccup says nothing: ask again next time
+        return False
+    return False
 
 
 def teacher_quota(api_key: str | None, base_url: str | None):

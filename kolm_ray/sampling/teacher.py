@@ -1,9 +1,15 @@
 """The teacher: the Anthropic Messages API through the official SDK.
 
-The SDK is configured its own way (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``). Its built-in
+The SDK is configured its own way (``ANTHROPIC_API_KEY`` or ``ANTHROPIC_AUTH_TOKEN``,
+``ANTHROPIC_BASE_URL``); ``sdk_env`` carries those settings to Ray workers. Its built-in
 retries are off (``max_retries=0``) because the retry decision (``decide_retry``, a pure function
 of the attempt and the failure) must also count each retry and tell the cluster-wide quota about
-429s. Every answer goes into the response cache before it is returned.
+429s. Every answer goes into the response cache, scoped to the endpoint the client calls, before
+it is returned.
+
+While a call holds a quota lease, the process making it is known to the quota by a liveness
+token (an object this process owns): when the process dies (a killed actor, a killed driver),
+the quota frees its leases and sample claims at once rather than at their expiry.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from kolm_ray.sampling.prompt import estimate_tokens, sdk_kwargs
 FailureKind = Literal["rate_limited", "overloaded", "server", "timeout", "connection", "malformed", "client", "budget"]
 log = logging.getLogger(__name__)
 RETRYABLE: frozenset[str] = frozenset({"rate_limited", "overloaded", "server", "timeout", "connection", "malformed"})
+# Failures that mean the teacher itself is not answering (overloaded, erroring, unreachable), as
+# opposed to our own rate limit or a bad request: the outage the summary reports.
+UNAVAILABLE: frozenset[str] = frozenset({"overloaded", "server", "timeout", "connection"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,10 @@ class SampleResult:
     error: str | None = None
     failures: list[str] = field(default_factory=list)
     served_model: str | None = None  # the model name the answer came back with
+    # When the teacher was seen unavailable for this sample (its ``UNAVAILABLE`` failures, epoch
+    # seconds) and when it answered: the stage's outage report is built from these.
+    unavailable_at: list[float] = field(default_factory=list)
+    answered_at: float | None = None
 
     @property
     def retries(self) -> int:
@@ -121,13 +134,27 @@ def usage_of(u: Any) -> Usage:
     )
 
 
-SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+SDK_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")
 # A quota lease outlives the call it covers by this much past the timeout: the SDK gives up at
 # the timeout, and the release then needs a moment to reach the quota actor.
 LEASE_MARGIN_S = 30.0
 # A claim on a sample key (one payer per sample across the cluster) lasts this long unless its
 # owner renews it (every third of it): a dead owner's sample is free again within a minute.
 KEY_CLAIM_S = 60.0
+
+
+def _liveness_token() -> Any | None:
+    """An object owned by this process, or None outside Ray: the quota actor holds a reference
+    to it, and Ray tells the holder of a reference when its owner dies."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.put(f"kolm teacher {os.getpid()}")
+    except Exception as e:  # noqa: BLE001 - without it, leases still expire on their own
+        log.warning("no liveness token for the quota (leases will only expire): %s", e)
+        return None
 
 
 def sdk_env() -> dict[str, str]:
@@ -159,9 +186,13 @@ class AnthropicTeacher:
         self.client = anthropic.AsyncAnthropic(
             max_retries=0, timeout=cfg.timeout_s,
             **({"api_key": env["ANTHROPIC_API_KEY"]} if "ANTHROPIC_API_KEY" in env else {}),
+            **({"auth_token": env["ANTHROPIC_AUTH_TOKEN"]} if "ANTHROPIC_AUTH_TOKEN" in env else {}),
             **({"base_url": env["ANTHROPIC_BASE_URL"]} if "ANTHROPIC_BASE_URL" in env else {}),
         )
+        # Answers are cached for the endpoint this client calls, whatever the cache was built for.
+        self.cache = cache.for_endpoint(str(self.client.base_url))
         self._rng = random.Random()
+        self._alive = _liveness_token() if quota is not None else None
 
     async def sample(self, params: dict[str, Any], key: str) -> SampleResult:
         hit = await asyncio.to_thread(self.cache.get, key)  # an object store blocks
@@ -174,7 +205,7 @@ class AnthropicTeacher:
         # call (its quota wait, its attempts and their backoff) lasts, and expires soon after
         # a dead owner's last renewal.
         owner = f"{self.claim.holder}/{uuid.uuid4().hex[:8]}"
-        while not await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S):
+        while not await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S, **self._alive_kw()):
             hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
                 return SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True, served_model=hit.get("model"))
@@ -188,11 +219,15 @@ class AnthropicTeacher:
             except Exception as e:  # noqa: BLE001 - the claim expires by itself; the result stands
                 log.warning("could not release the claim on sample %s: %s", key[:12], e)
 
+    def _alive_kw(self) -> dict[str, Any]:
+        # In a list, so Ray hands the quota the reference itself (it watches its owner), not the value.
+        return {"alive": [self._alive]} if self._alive is not None else {}
+
     async def _keep_claim(self, key: str, owner: str) -> None:
         while True:
             await asyncio.sleep(KEY_CLAIM_S / 3)
             try:
-                await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S)
+                await self.quota.claim_key.remote(key, owner, KEY_CLAIM_S, **self._alive_kw())
             except Exception as e:  # noqa: BLE001 - one missed renewal leaves two more before expiry
                 log.warning("could not renew the claim on sample %s: %s", key[:12], e)
 
@@ -205,7 +240,7 @@ class AnthropicTeacher:
             grant = None
             if self.quota is not None:
                 try:
-                    grant = await self.quota.acquire.remote(estimated, self.claim, lease_s)
+                    grant = await self.quota.acquire.remote(estimated, self.claim, lease_s, **self._alive_kw())
                 except BudgetExceeded as exc:  # not paid for; the stage counts and reports these
                     result.failures.append("budget")
                     result.error = f"budget: {exc}"[:500]
@@ -222,10 +257,13 @@ class AnthropicTeacher:
                     "text": text, "usage": usage.model_dump(), "model": message.model,
                     "stop_reason": message.stop_reason, "at": time.time()})
                 result.text, result.usage, result.served_model = text, usage, message.model
+                result.answered_at = time.time()
                 return result
             except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
                 failure = classify(exc)
                 result.failures.append(failure.kind)
+                if failure.kind in UNAVAILABLE:
+                    result.unavailable_at.append(time.time())
                 if failure.kind == "rate_limited":
                     outcome, actual = "rate_limited", 0  # a rejected call spends none of the token budget
                     retry_after_429 = failure.retry_after_s or self.cfg.backoff_base_s

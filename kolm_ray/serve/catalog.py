@@ -97,9 +97,11 @@ def _base_path(manifest_base: dict[str, Any], base_paths: dict[str, str]) -> str
 def open_specialist(artifact: str | Path, trust: Any, dest: Path | None = None,
                     base_paths: dict[str, str] | None = None, expected_sha256: str | None = None) -> Specialist:
     """Verify ``artifact`` (a path or an object-storage URI) under ``trust`` and read it; with
-    ``dest``, extract the adapter there. With ``expected_sha256`` (the digest recorded when it was
-    published) the file must still be those bytes. A local base must still hash to what the
-    artifact was compiled on.
+    ``dest``, extract the adapter there. Its ``artifact_sha256`` is the digest of the very bytes
+    verified and extracted (``open_verified_with_digest`` reads the file once, into a private
+    copy): a file swapped in meanwhile can't lend its digest. With ``expected_sha256`` (the digest
+    recorded when it was published) those bytes must be the published ones. A local base must
+    still hash to what the artifact was compiled on.
 
     Raises:
         InputError: unreadable or malformed artifact; base folder missing or changed.

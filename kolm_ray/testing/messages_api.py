@@ -1,6 +1,12 @@
 """A local HTTP server speaking the Anthropic Messages API, for tests, benchmarks and offline
 examples: ``POST /v1/messages`` (plain and streaming), and the Message Batches API
-(``POST /v1/messages/batches``, ``GET .../{id}``, ``GET .../{id}/results``).
+(``POST /v1/messages/batches``, ``GET /v1/messages/batches`` (newest first, paged by
+``limit``/``after_id``/``before_id`` as the real API), ``GET .../{id}``, ``GET .../{id}/results``).
+
+With ``api_key`` or ``auth_token`` set it checks credentials as the real API does
+(``x-api-key``, or ``Authorization: Bearer``) and answers 401 otherwise; ``stats.auth`` counts
+which scheme each request used. ``outage(seconds)`` answers every message 529 (overloaded)
+until it has passed, then recovers.
 
 Answers come from a ``responder`` (a function of the request body and how many times this
 exact prompt was seen, so k samples of one prompt can differ). Faults are injected from a
@@ -13,6 +19,7 @@ sample was paid for twice. Runs aiohttp on its own thread and event loop; binds 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import random
@@ -56,6 +63,12 @@ class ServerStats:
     first_request_at: float | None = None
     last_success_at: float | None = None
     count_tokens: int = 0  # free /v1/messages/count_tokens requests (not in ``requests``)
+    # Batch requests answered (so paid for), by custom_id: more than 1 for one id is paying twice.
+    batch_paid: Counter = field(default_factory=Counter)
+    batches_created: int = 0
+    auth: Counter = field(default_factory=Counter)  # "x-api-key" / "bearer" / "none", per /v1 request
+    unauthorized: int = 0  # 401s sent
+    outage_rejected: int = 0  # 529s sent by ``outage``
 
 
 def user_text(body: dict[str, Any]) -> str:
@@ -125,8 +138,19 @@ class MessagesAPIServer:
         max_in_flight: int | None = None,
         port: int = 0,
         model_prefix: str = "",
+        api_key: str | None = None,
+        auth_token: str | None = None,
+        cancel_on_disconnect: bool = False,
     ):
         self.responder = responder
+        self.api_key, self.auth_token = api_key, auth_token  # either set: requests must carry one
+        # True: a request whose client went away (killed, timed out) stops at once, unanswered
+        # and not counted in ``succeeded``; False: it runs on and is answered to nobody.
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.outage_until = 0.0
+        self.outage_started_at: float | None = None
+        self.outage_status = 529
+        self._outage_pending: float | None = None
         self.model_prefix = model_prefix  # "recorded:" when replaying recorded answers
         self.max_in_flight = max_in_flight
         self.latency_s = latency_s
@@ -171,16 +195,27 @@ class MessagesAPIServer:
             raise RuntimeError(f"the Messages API stand-in did not start on port {self.port}: {self._start_error}")
         return self
 
+    def outage(self, seconds: float, status: int = 529, *, from_first_request: bool = False) -> None:
+        """Answer every ``/v1/messages`` request ``status`` (529: overloaded) for ``seconds``
+        from now (or from the next request, ``from_first_request``), then answer again.
+        ``outage_started_at`` and ``outage_until`` say when it began and ends."""
+        self.outage_status = status
+        if from_first_request:
+            self._outage_pending = seconds
+        else:
+            self.outage_started_at, self.outage_until = time.time(), time.time() + seconds
+
     async def _start(self) -> None:
-        app = web.Application(client_max_size=256 * 1024**2)
+        app = web.Application(client_max_size=256 * 1024**2, middlewares=[self._authenticate])
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/messages/batches", self._batch_create)
+        app.router.add_get("/v1/messages/batches", self._batch_list)
         app.router.add_get("/v1/messages/batches/{id}", self._batch_get)
         app.router.add_get("/v1/messages/batches/{id}/results", self._batch_results)
         app.router.add_get("/_stats", self._stats_view)
         app.router.add_post("/_reset", self._reset)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=self.cancel_on_disconnect)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
         await site.start()
@@ -250,6 +285,22 @@ class MessagesAPIServer:
         return web.json_response(body, status=status, headers=headers)
 
     # ----- handlers ------------------------------------------------------------------------
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        key = request.headers.get("x-api-key")
+        bearer = request.headers.get("authorization", "")
+        token = bearer[len("Bearer "):] if bearer.startswith("Bearer ") else None
+        self.stats.auth["x-api-key" if key else "bearer" if token else "none"] += 1
+        if self.api_key is None and self.auth_token is None:
+            return await handler(request)
+        if (self.api_key is not None and key == self.api_key) or (self.auth_token is not None and token == self.auth_token):
+            return await handler(request)
+        self.stats.unauthorized += 1
+        return self._error(401, "authentication_error", "invalid x-api-key" if key else
+                           "invalid bearer token" if token else "no credentials: x-api-key or Authorization: Bearer")
+
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         if self.stats.first_request_at is None:
@@ -273,6 +324,14 @@ class MessagesAPIServer:
             assert "model" in body and "max_tokens" in body
         except Exception:  # noqa: BLE001 - any unparsable request is the client's error
             return self._error(400, "invalid_request_error", "body must be JSON with model, max_tokens, messages")
+        if self._outage_pending is not None:
+            self.outage_started_at, self.outage_until = time.time(), time.time() + self._outage_pending
+            self._outage_pending = None
+        if time.time() < self.outage_until:
+            self.stats.outage_rejected += 1
+            self.stats.faults["overloaded" if self.outage_status == 529 else "server_error"] += 1
+            kind = "overloaded_error" if self.outage_status == 529 else "api_error"
+            return self._error(self.outage_status, kind, "outage: the API is not answering")
         fault = self._draw_fault()
         if fault:
             self.stats.faults[fault] += 1
@@ -336,7 +395,7 @@ class MessagesAPIServer:
         if ended:
             for r in batch["results"]:
                 counts[r["result"]["type"]] += 1
-        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created"]))
+        iso = datetime.datetime.fromtimestamp(batch["created"], datetime.timezone.utc).isoformat().replace("+00:00", "Z")
         return {
             "id": batch["id"],
             "type": "message_batch",
@@ -379,12 +438,43 @@ class MessagesAPIServer:
             else:
                 msg = self._answer(r["params"])
                 self.stats.succeeded += 1
+                self.stats.batch_paid[r["custom_id"]] += 1
                 results.append({"custom_id": r["custom_id"], "result": {"type": "succeeded", "message": msg}})
+        self.stats.batches_created += 1
         bid = f"msgbatch_{uuid.uuid4().hex[:24]}"
         batch = {"id": bid, "requests": reqs, "results": results, "created": time.time(),
                  "ready_at": time.time() + self.batch_delay_s}
         self._batches[bid] = batch
         return web.json_response(self._batch_view(batch))
+
+    async def _batch_list(self, request: web.Request) -> web.Response:
+        """Batches newest first, ``limit`` (1..1000, default 20) a page; ``after_id``: the page
+        after that batch (older ones), ``before_id``: the page just before it (newer ones)."""
+        q = request.query
+        try:
+            limit = int(q.get("limit", "20"))
+            assert 1 <= limit <= 1000
+        except (ValueError, AssertionError):
+            return self._error(400, "invalid_request_error", "limit must be an integer from 1 to 1000")
+        ordered = sorted(self._batches.values(), key=lambda b: b["created"], reverse=True)
+        ids = [b["id"] for b in ordered]
+        if "after_id" in q:
+            if q["after_id"] not in ids:
+                return self._error(404, "not_found_error", "no such batch")
+            start = ids.index(q["after_id"]) + 1
+            page = ordered[start:start + limit]
+            more = start + limit < len(ordered)
+        elif "before_id" in q:
+            if q["before_id"] not in ids:
+                return self._error(404, "not_found_error", "no such batch")
+            end = ids.index(q["before_id"])
+            page = ordered[max(0, end - limit):end]
+            more = end - limit > 0
+        else:
+            page, more = ordered[:limit], len(ordered) > limit
+        data = [self._batch_view(b) for b in page]
+        return web.json_response({"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None})
 
     async def _batch_get(self, request: web.Request) -> web.Response:
         batch = self._batches.get(request.match_info["id"])
@@ -417,6 +507,8 @@ def main() -> None:
     ap.add_argument("--rate-limit", type=float, default=0.0, help="Share of requests answered 429.")
     ap.add_argument("--overloaded", type=float, default=0.0, help="Share of requests answered 529.")
     ap.add_argument("--max-in-flight", type=int, default=None, help="Answer 429 past this many requests at once.")
+    ap.add_argument("--outage", type=float, default=0.0, metavar="SECONDS",
+                    help="Answer every message 529 (overloaded) for this long after starting, then recover.")
     args = ap.parse_args()
     answers: dict[str, str] = {}
     for path in args.replay:
@@ -436,6 +528,8 @@ def main() -> None:
         srv.start()
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.outage:
+        srv.outage(args.outage)
     print(srv.url, flush=True)
     try:
         threading.Event().wait()

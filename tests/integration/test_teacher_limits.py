@@ -4,7 +4,10 @@ playing the real API's concurrency limit (16 in flight; past it, 429 with retry-
 * `kolm sample` with default flags stays under the operator's limit, and without one the
   limiter's AIMD converges instead of hammering the server.
 * The organization's limits are the operator's: a caller's never change them.
-* Leases: a killed holder's slot comes back at expiry; a cancelled one's at once.
+* Leases: a killed holder's slot comes back at expiry; a cancelled one's at once; a compile
+  whose teacher actors are killed mid-call gets its slots and sample claims back at once, so
+  the next run on the key has its full concurrency.
+* ANTHROPIC_AUTH_TOKEN alone reaches the teacher actors.
 * The actor's books survive its restart.
 * A tenant whose budget is spent is refused before anything is paid.
 """
@@ -307,3 +310,107 @@ def test_two_runs_of_one_task_at_once_pay_for_each_sample_once(ray_session, limi
     assert srv.stats.succeeded == 24 * 2  # every sample paid for once across both runs
     assert sum(s["calls"] for s in summaries) == 24 * 2
     assert sum(s["cache_hits"] for s in summaries) == 24 * 2
+
+
+def _kolm_sample(tmp_path, path, out, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kolm = str(Path(sys.executable).parent / "kolm")
+    return subprocess.Popen([kolm, "sample", TLDR_TASK, "--examples", str(path), "--out", str(out), "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def _teacher_actor_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("_TeacherCall" in part for part in (p.info["cmdline"] or [])):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def _wait_for(what, predicate, timeout_s=120.0, state=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {state()}"
+        time.sleep(0.2)
+
+
+def test_a_compile_killed_mid_call_gives_its_slots_and_claims_back_at_once(ray_session, limited_api, tmp_path):
+    """`kolm sample` with 4 calls in flight (the operator's limit), held open by the stand-in;
+    its teacher actors and its driver are killed (SIGKILL). The quota frees the 4 slots and the
+    4 sample claims because their processes died, not because the leases (150 s) expired, and
+    the re-run of the same rows on the same key waits for no slot and no claim."""
+    import signal
+
+    import ray
+
+    from kolm_ray.sampling.quota import teacher_quota
+
+    rows = tldr_rows(8, seed=11)
+    # Every answer held back, so the calls stay in flight; a killed caller's request ends unanswered.
+    srv = limited_api(rows, latency_s=600.0, cancel_on_disconnect=True)
+    set_limits(max_in_flight=4)
+    path = _examples(tmp_path, rows)
+    quota = teacher_quota(os.environ["ANTHROPIC_API_KEY"], os.environ["ANTHROPIC_BASE_URL"])
+    # One actor making all 4 calls (two might not both have started by the time it is killed).
+    doomed = _kolm_sample(tmp_path, path, tmp_path / "doomed", "--k", "1", "--concurrency", "4", "--actors", "1")
+    try:
+        def four_in_flight():
+            assert doomed.poll() is None, doomed.communicate()[1][-3000:]
+            return srv.stats.in_flight == 4 and ray.get(quota.stats.remote())["in_flight"] == 4
+
+        _wait_for("4 calls in flight", four_in_flight,
+                  state=lambda: f"(stand-in {srv.stats.in_flight}, quota {ray.get(quota.stats.remote())})")
+        actors = _teacher_actor_pids()
+        assert actors, "no teacher actor process found"
+        doomed.send_signal(signal.SIGKILL)
+        for pid in actors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        doomed.kill()
+        doomed.communicate()
+    # Freed because their owners died: no lease expired (they last 150 s), none was released.
+    _wait_for("the slots to come back", lambda: ray.get(quota.stats.remote())["in_flight"] == 0, 60.0)
+    stats = ray.get(quota.stats.remote())
+    assert stats["dead_owner_leases"] == 4 and stats["expired_leases"] == 0 and stats["leases"] == 0
+    assert stats["keys"]["freed_dead_owner"] == 4
+    assert srv.stats.succeeded == 0  # nothing was answered, so nothing paid
+    waited_before = stats["waited"]
+
+    srv.latency_s = 0.2
+    res = RUNNER.invoke(cli, ["sample", TLDR_TASK, "--examples", str(path), "--k", "1", "--concurrency", "4",
+                              "--actors", "1", "--out", str(tmp_path / "again"), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["calls"] == 8 and summary["failed_samples"] == 0 and srv.stats.succeeded == 8
+    quota_now = summary["quota"]
+    # All 4 of the operator's slots were its own: no call waited for one (with the dead run's 4
+    # still counted, every call would have waited for their leases to expire).
+    assert quota_now["waited"] == waited_before and quota_now["expired_leases"] == 0
+    assert quota_now["keys"]["deduplicated"] == 0  # nor for a dead run's claim on its sample
+
+
+def test_the_auth_token_alone_reaches_the_teacher_actors(ray_session, messages_api, monkeypatch, tmp_path):
+    """Only ANTHROPIC_AUTH_TOKEN set (a gateway that takes bearer tokens): the session's Ray
+    workers were started without it, so it reaches them only if kolm hands it over."""
+    rows = tldr_rows(6, seed=12)
+    srv = messages_api(replay_responder({r.input: r.output for r in rows}), auth_token="bearer-secret")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "bearer-secret")
+    path = _examples(tmp_path, rows)
+    res = RUNNER.invoke(cli, ["sample", TLDR_TASK, "--examples", str(path), "--k", "2", "--out",
+                              str(tmp_path / "out"), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["calls"] == 12 and summary["failed_samples"] == 0
+    assert srv.stats.unauthorized == 0 and srv.stats.auth == {"bearer": 12}

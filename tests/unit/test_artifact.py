@@ -1,16 +1,19 @@
 """The .kolm artifact and its signature: one test per attack."""
 
+import contextlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
+import kolm_ray.artifact
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, CONTENT_DIR, SIGNATURE, artifact_path, file_digest, next_version, open_verified, pack,
-    read_verified_text, unpacked,
+    ARTIFACT_FORMAT_VERSION, CONTENT_DIR, MAX_MEMBERS, SIGNATURE, UnpackLimits, artifact_path, file_digest,
+    next_version, open_verified, open_verified_with_digest, pack, read_verified_text, unpacked,
 )
 from kolm_ray.errors import InputError
 from kolm_ray.signing import ArtifactRejected, KeySigner, Trust, ensure_default_key, signer_from_spec
@@ -195,6 +198,207 @@ def test_corrupt_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not a readable .kolm artifact"):
         with unpacked(bad):
             pass
+
+
+# ----- unpacking before the signature is checked: bounded, headers first -------------------------
+# Known-bad artifacts, made here: a manifest and a signature file first (regular files that would
+# be unpacked if entries were written as they are read), then the entry under attack.
+
+
+def _header(name: str, size: int = 0, **fields) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    for k, v in fields.items():
+        setattr(info, k, v)
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _kolm(path: Path, *entries: tuple[bytes, bytes]) -> Path:
+    """A tar of the manifest, the signature and ``entries`` (raw header, data): a header may
+    claim more data than follows it, as an attacker's may."""
+    manifest = json.dumps({"format_version": ARTIFACT_FORMAT_VERSION, "name": "t", "version": "1.0"}).encode()
+    out = bytearray()
+    for header, data in [(_header(f"{CONTENT_DIR}/manifest.json", len(manifest)), manifest),
+                         (_header(SIGNATURE, 2), b"{}"), *entries]:
+        out += header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    path.write_bytes(bytes(out + b"\0" * 2 * tarfile.BLOCKSIZE))
+    return path
+
+
+def _entry(name: str, **fields) -> tuple[bytes, bytes]:
+    return _header(name, **fields), b""
+
+
+@pytest.fixture
+def nothing_unpacked(monkeypatch):
+    """Fails the test if any entry is extracted (the refusal must come from the headers alone)."""
+    def extract(*args, **kwargs):
+        raise AssertionError("an entry was extracted before every header was checked")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract)
+    monkeypatch.setattr(tarfile.TarFile, "extract", extract)
+
+
+def _refusal(artifact: Path, pub: Path, limits: UnpackLimits = UnpackLimits()) -> str:
+    with pytest.raises(InputError) as e:
+        with open_verified(artifact, Trust(public_key=pub), limits):
+            pass
+    return str(e.value)
+
+
+def test_a_symlink_entry_is_refused_before_anything_is_unpacked(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "symlink.kolm", _entry(f"{CONTENT_DIR}/adapter/adapter_model.safetensors",
+                                                  type=tarfile.SYMTYPE, linkname="/etc/shadow"))
+    assert _refusal(bad, signed[1]) == (f"{bad}: unexpected entry '{CONTENT_DIR}/adapter/adapter_model.safetensors' "
+                                        "in artifact: a symbolic link (to '/etc/shadow'): refusing it")
+
+
+def test_a_hardlink_entry_is_refused(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "hardlink.kolm", _entry(f"{CONTENT_DIR}/eval.json", type=tarfile.LNKTYPE,
+                                                   linkname=f"{CONTENT_DIR}/manifest.json"))
+    assert _refusal(bad, signed[1]) == (f"{bad}: unexpected entry '{CONTENT_DIR}/eval.json' in artifact: a hard link "
+                                        f"(to '{CONTENT_DIR}/manifest.json'): refusing it")
+
+
+def test_a_device_entry_is_refused(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "device.kolm", _entry(f"{CONTENT_DIR}/adapter/disk", type=tarfile.BLKTYPE, devmajor=8))
+    assert _refusal(bad, signed[1]) == f"{bad}: unexpected entry '{CONTENT_DIR}/adapter/disk' in artifact: a device: " \
+                                       "refusing it"
+
+
+def test_a_fifo_entry_is_refused(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "fifo.kolm", _entry(f"{CONTENT_DIR}/train.json", type=tarfile.FIFOTYPE))
+    assert _refusal(bad, signed[1]) == f"{bad}: unexpected entry '{CONTENT_DIR}/train.json' in artifact: a fifo: " \
+                                       "refusing it"
+
+
+def test_a_sparse_entry_claiming_a_terabyte_is_refused(signed, tmp_path, nothing_unpacked):
+    """A GNU sparse entry: its header says 1 TiB, its data holds nothing (a hole that would be
+    written out, then read and hashed, before the signature check)."""
+    header = bytearray(_header(f"{CONTENT_DIR}/adapter/adapter_model.safetensors", type=tarfile.GNUTYPE_SPARSE)[-512:])
+    header[483:495] = tarfile.itn(1 << 40, 12, tarfile.GNU_FORMAT)  # the real (unpacked) size
+    header[148:156] = b"%06o\0 " % (sum(header[:148]) + 8 * 32 + sum(header[156:]))  # the header's checksum
+    bad = _kolm(tmp_path / "sparse.kolm", (bytes(header), b""))
+    assert _refusal(bad, signed[1]) == (f"{bad}: unexpected entry '{CONTENT_DIR}/adapter/adapter_model.safetensors' "
+                                        "in artifact: a sparse file: refusing it")
+
+
+def test_an_absolute_path_is_refused(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "absolute.kolm", (_header("/etc/cron.d/kolm", 4), b"evil"))
+    assert "'/etc/cron.d/kolm' in artifact: its path leads outside the artifact" in _refusal(bad, signed[1])
+
+
+def test_a_dotdot_path_under_the_content_folder_is_refused(signed, tmp_path, nothing_unpacked):
+    bad = _kolm(tmp_path / "dotdot.kolm", (_header(f"{CONTENT_DIR}/../../evil.sh", 4), b"evil"))
+    assert f"'{CONTENT_DIR}/../../evil.sh' in artifact: its path leads outside the artifact" in _refusal(bad, signed[1])
+
+
+def test_an_entry_given_twice_is_refused(signed, tmp_path, nothing_unpacked):
+    """The second copy would win on disk while a listing shows the first."""
+    bad = _kolm(tmp_path / "twice.kolm", (_header(f"{CONTENT_DIR}/manifest.json", 2), b"{}"))
+    assert _refusal(bad, signed[1]) == f"{bad}: unexpected entry '{CONTENT_DIR}/manifest.json' in artifact: it " \
+                                       "appears twice: refusing it"
+
+
+def test_a_tar_bomb_header_claiming_64_gib_is_refused_from_the_header(signed, tmp_path, nothing_unpacked):
+    """The header claims 64 GiB and no data follows: nothing near that is ever written."""
+    bad = _kolm(tmp_path / "bomb.kolm", _entry(f"{CONTENT_DIR}/adapter/adapter_model.safetensors", size=64 << 30))
+    assert bad.stat().st_size < 10_000
+    assert _refusal(bad, signed[1]) == (f"{bad}: entry '{CONTENT_DIR}/adapter/adapter_model.safetensors' (64.0 GiB) "
+                                        "takes the artifact past 4.0 GiB unpacked: refusing it before unpacking")
+
+
+def test_more_entries_than_the_cap_are_refused_before_any_is_written(signed, tmp_path, nothing_unpacked):
+    """An inode bomb: many empty files, each cheap in the tar and a file (and a hash) on disk."""
+    bad = _kolm(tmp_path / "many.kolm", *(_entry(f"{CONTENT_DIR}/adapter/f{i}") for i in range(MAX_MEMBERS)))
+    assert _refusal(bad, signed[1]) == (f"{bad}: more than {MAX_MEMBERS:,} entries in the artifact (the next is "
+                                        f"'{CONTENT_DIR}/adapter/f{MAX_MEMBERS - 2}'): refusing it before unpacking")
+
+
+def test_a_real_artifact_past_a_lowered_cap_is_refused_before_anything_is_written(signed, nothing_unpacked):
+    art, pub, _ = signed
+    assert "takes the artifact past 10.0 KiB unpacked" in _refusal(art, pub, UnpackLimits(max_bytes=10 << 10))
+    assert "more than 2 entries" in _refusal(art, pub, UnpackLimits(max_members=2))
+
+
+def test_a_file_larger_than_any_artifact_within_the_limits_is_refused_before_it_is_copied(signed):
+    art, pub, _ = signed
+    limits = UnpackLimits(max_members=1, max_bytes=1)
+    assert art.stat().st_size > limits.max_file_bytes()
+    size = f"{art.stat().st_size / 1024:.1f} KiB"
+    refusal = _refusal(art, pub, limits)
+    assert f"artifact is {size}, more than an artifact that unpacks to at most 1 bytes can be" in refusal
+
+
+def test_a_fifo_given_as_the_artifact_is_refused_without_waiting_for_a_writer(signed, tmp_path):
+    fifo = tmp_path / "t-1.0.kolm"
+    os.mkfifo(fifo)
+    assert _refusal(fifo, signed[1]) == f"{fifo}: artifact is not a regular file"
+    with pytest.raises(InputError, match="artifact is not a regular file"):
+        with unpacked(fifo):
+            pass
+
+
+def test_the_default_caps_leave_room_for_an_8b_adapter():
+    """Rank 64 on every linear layer of an 8B base, fp32: about 0.7 GB in about ten files."""
+    assert UnpackLimits().max_bytes >= 2 * 700_000_000 and UnpackLimits().max_members >= 100
+
+
+# ----- the digest recorded is the digest of the bytes verified -------------------------------------
+
+
+def _signed_copy(signed, dest: Path, config: str) -> Path:
+    """Another artifact under the same key and name: as valid as the first, different bytes."""
+    _, _, d = signed
+    content = dest.parent / f"{dest.stem}-content"
+    shutil.copytree(d / "content", content)
+    (content / "adapter" / "adapter_config.json").write_text(config)
+    KeySigner(d / "k.pem").sign(content, dest.parent / f"{dest.stem}.sig")
+    return pack(content, dest.parent / f"{dest.stem}.sig", dest)
+
+
+@pytest.fixture
+def swapped_once_read(monkeypatch):
+    """``swap(path, other)``: ``path`` is replaced by a copy of ``other`` the moment its tar has
+    been read (an attacker's rename between kolm reading it and recording its digest)."""
+    def swap(path: Path, other: Path) -> None:
+        read = kolm_ray.artifact._unpacked
+
+        @contextlib.contextmanager
+        def unpacked_then_swapped(*args, **kwargs):
+            with read(*args, **kwargs) as root:
+                shutil.copy(other, path.with_suffix(".swap"))
+                path.with_suffix(".swap").replace(path)
+                yield root
+
+        monkeypatch.setattr(kolm_ray.artifact, "_unpacked", unpacked_then_swapped)
+
+    return swap
+
+
+def test_a_file_swapped_after_it_is_read_cannot_lend_its_digest(signed, tmp_path, swapped_once_read):
+    art = tmp_path / "t-1.0.kolm"
+    shutil.copy(signed[0], art)
+    impostor = _signed_copy(signed, tmp_path / "impostor.kolm", '{"r": 64}')
+    verified = file_digest(art)
+    swapped_once_read(art, impostor)
+    with open_verified_with_digest(art, Trust(public_key=signed[1])) as (content, _, digest):
+        assert (content / "adapter" / "adapter_config.json").read_text() == '{"r": 8}'
+    assert file_digest(art) == file_digest(impostor)  # the swap happened
+    assert digest == verified  # the digest of what was verified, not of what is there now
+
+
+def test_a_catalog_records_the_digest_of_the_bytes_it_verified(specialists, tmp_path, swapped_once_read):
+    """What `kolm serve` records and holds a published artifact to."""
+    from kolm_ray.serve.catalog import open_specialist
+
+    art = tmp_path / "route-1.0.kolm"
+    shutil.copy(specialists["route"], art)
+    verified = file_digest(art)
+    swapped_once_read(art, specialists["route2"])  # route 1.1: signed by the same key
+    s = open_specialist(str(art), Trust(public_key=specialists["public_key"]), dest=tmp_path / "adapter")
+    assert file_digest(art) == file_digest(specialists["route2"])
+    assert (s.version, s.artifact_sha256) == ("1.0", verified)
 
 
 def test_verification_has_no_default_trust():

@@ -2,7 +2,10 @@
 overwrites, URIs refused at the edge, and KOLM_HOME split into a store and a POSIX state folder.
 The same behaviour against a local S3 server: tests/integration/test_s3_store.py."""
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,49 @@ def test_a_store_pickles_as_its_location(tmp_path):
     assert isinstance(store, LocalStore) and store.uri == str(tmp_path)
     remote = pickle.loads(pickle.dumps(open_store("s3://kolm-bucket/pre/fix")))
     assert remote.uri == "s3://kolm-bucket/pre/fix" and remote.url("a/b") == "s3://kolm-bucket/pre/fix/a/b"
+
+
+def test_a_created_file_is_on_disk_when_put_if_absent_returns(tmp_path, monkeypatch):
+    """A power cut cannot be staged here: what can be seen is that the file's bytes, its name in
+    its folder, and the folder made for it in its parent were fsynced before the call returned."""
+    store = open_store(tmp_path / "store")
+    synced = []  # (inode, a folder?, what the folder held at that moment)
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        held = sorted(os.listdir(f"/proc/self/fd/{fd}")) if stat.S_ISDIR(st.st_mode) else None
+        synced.append((st.st_ino, stat.S_ISDIR(st.st_mode), held))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert store.put_if_absent(".reserved/tldr-1.0", b"marker") is True
+    marker, folder = tmp_path / "store" / ".reserved" / "tldr-1.0", tmp_path / "store" / ".reserved"
+    assert (marker.stat().st_ino, False, None) in synced
+    folders = [(ino, held) for ino, is_dir, held in synced if is_dir]
+    assert any(ino == folder.stat().st_ino and "tldr-1.0" in held for ino, held in folders)
+    assert any(ino == folder.parent.stat().st_ino and ".reserved" in held for ino, held in folders)  # made for it
+
+
+def test_a_full_disk_leaves_no_part_of_an_artifact_and_gives_its_version_back(tmp_path, monkeypatch):
+    """The disk fills as the artifact is written (ENOSPC, here where a write-back filesystem
+    reports it: at the fsync). The end to end run on a real full tmpfs: tests/integration/test_chaos_disk.py."""
+    version = reserve_version(tmp_path, "tldr")
+    packed = tmp_path.parent / "packed.kolm"
+    packed.write_bytes(b"artifact" * 1000)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(KolmRuntimeError) as e:
+        put_artifact(tmp_path, packed, "tldr", version)
+    assert f"{tmp_path / 'tldr-1.0.kolm'}: No space left on device" in str(e.value)
+    monkeypatch.undo()
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == [".reserved"]  # no part of the artifact, no temp file, no reservation
+    assert reserve_version(tmp_path, "tldr") == version  # space freed: the re-run takes the same version
+    assert Path(put_artifact(tmp_path, packed, "tldr", version)).read_bytes() == packed.read_bytes()
 
 
 # ----- version allocation ------------------------------------------------------------------------

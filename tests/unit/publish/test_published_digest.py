@@ -50,3 +50,31 @@ def test_an_artifact_swapped_after_publish_is_refused_though_its_signature_verif
     [refused] = catalog.refused
     assert refused.artifact == str(art)
     assert "changed after `kolm publish`" in refused.reason and file_digest(art)[:16] in refused.reason
+
+
+def test_publish_records_the_digest_of_the_bytes_it_verified_though_the_file_is_swapped_meanwhile(
+        specialists, tmp_path, monkeypatch):
+    """An attacker's rename between kolm verifying the artifact and recording its digest: the
+    release holds the digest of what was verified, so serving refuses the swapped-in file."""
+    import contextlib
+
+    import kolm_ray.artifact
+
+    art = tmp_path / "arts" / "route-1.0.kolm"
+    art.parent.mkdir()
+    shutil.copy(specialists["route"], art)
+    verified = file_digest(art)
+    read = kolm_ray.artifact._unpacked
+
+    @contextlib.contextmanager
+    def unpacked_then_swapped(*args, **kwargs):
+        with read(*args, **kwargs) as root:
+            shutil.copy(specialists["route2"], art.with_suffix(".swap"))
+            art.with_suffix(".swap").replace(art)
+            yield root
+
+    monkeypatch.setattr(kolm_ray.artifact, "_unpacked", unpacked_then_swapped)
+    publish_artifact(tmp_path / "home", "prod", str(art), Trust(public_key=specialists["public_key"]),
+                     weight=0.05, hold_s=60, min_samples=10, tolerance=0.5)
+    assert file_digest(art) == file_digest(specialists["route2"])  # the swap happened
+    assert ReleaseStore(tmp_path / "home", "prod").load().releases["route"].stable.artifact_sha256 == verified

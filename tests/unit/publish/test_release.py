@@ -1,10 +1,14 @@
 """Release state: transitions with reasons, durability, and one writer at a time."""
 
+import errno
+import io
+import os
+import stat
 import threading
 
 import pytest
 
-from kolm_ray.errors import InputError
+from kolm_ray.errors import InputError, KolmRuntimeError
 from kolm_ray.publish.release import EnvState, ReleaseStore, Version, promote, publish, rollback, routes
 
 
@@ -74,3 +78,84 @@ def test_state_survives_a_new_store_and_concurrent_writers_serialize(tmp_path):
 def test_bad_environment_names_are_refused(tmp_path):
     with pytest.raises(InputError, match="invalid environment name"):
         ReleaseStore(tmp_path, "../prod")
+
+
+def _first_release(name: str):
+    def change(s: EnvState) -> EnvState:
+        return s.model_copy(update={"releases": {**s.releases, name: publish(None, name, v("1.0"), now=1, **KW)}})
+    return change
+
+
+def test_a_release_is_on_disk_when_update_returns(tmp_path, monkeypatch):
+    """A power cut cannot be staged here: what can be seen is that the bytes now named
+    release.json were fsynced, and its folder after the rename, before `update` returned."""
+    store = ReleaseStore(tmp_path, "prod")
+    synced = []  # (inode, a folder?, the inode release.json named at that moment)
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, stat.S_ISDIR(st.st_mode), store.path.stat().st_ino if store.exists() else None))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.update(_first_release("t"))
+    state_file, folder = store.path.stat().st_ino, store.dir.stat().st_ino
+    assert (state_file, False) in [(ino, is_dir) for ino, is_dir, _ in synced]
+    assert (folder, True, state_file) in synced  # the folder, once the rename to release.json was in it
+
+
+class _FillsUp:
+    """A file on a disk that fills halfway through the first write."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _fill_the_disk(monkeypatch, folder, where: str) -> None:
+    """From now on, writes in ``folder`` hit ENOSPC: during the bytes' write, or at the fsync
+    (where a write-back filesystem reports it)."""
+    if where == "fsync":
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return
+    real_open = io.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax") and os.path.dirname(os.readlink(f"/proc/self/fd/{f.fileno()}")) == str(folder):
+            return _FillsUp(f)
+        return f
+
+    monkeypatch.setattr(io, "open", open_on_a_full_disk)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_mid_write_leaves_the_previous_state_whole(tmp_path, monkeypatch, where):
+    store = ReleaseStore(tmp_path, "prod")
+    store.update(_first_release("t"))
+    before = store.path.read_bytes()
+    _fill_the_disk(monkeypatch, store.dir, where)
+    with pytest.raises(KolmRuntimeError, match=f"cannot write the release state {store.path}: No space left on device"):
+        store.update(_first_release("u"))
+    monkeypatch.undo()
+    assert store.path.read_bytes() == before
+    assert sorted(ReleaseStore(tmp_path, "prod").load().releases) == ["t"]
+    assert sorted(p.name for p in store.dir.iterdir()) == ["release.json", "release.lock"]  # no temp file left
+    assert store.update(_first_release("u")).revision == 2  # and the next write goes through

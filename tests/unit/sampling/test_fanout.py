@@ -199,3 +199,23 @@ def test_json_paraphrases_of_one_answer_vote_together_and_mbr_picks_among_them()
     best = choose_best(samples, "json", text_fields=["note"])
     assert _json.loads(samples[best]["text"])["intent"] == "buy"
     assert agreement(samples, best, "json", text_fields=["note"]) == 0.75
+
+
+# ----- the outage report ---------------------------------------------------------------------
+
+
+def test_outage_is_the_longest_stretch_from_a_failure_to_the_next_answer():
+    from collections import Counter
+
+    from kolm_ray.sampling.fanout import outage_of
+
+    assert outage_of([[], []], [1.0, 2.0]) is None
+    # Answers at 1 and 2; then every call fails from 10 to 130; answers again from 131.
+    fails = [[10.0, 11.0, 13.0, 70.0, 130.0], [10.5, 40.0, 100.0], []]
+    o = outage_of(fails, [131.0, 140.0, 1.0], Counter({"overloaded": 8, "rate_limited": 3}))
+    assert (o.longest_s, o.started_at, o.ended_at, o.failures) == (121.0, 10.0, 131.0, 8)
+    assert o.by_kind == {"overloaded": 8}  # our own rate limit is not the teacher being down
+    assert "teacher unavailable for 2m01.0s" in o.line() and "8 overloaded (529)" in o.line()
+    # A blip answered at once, then a longer stretch that never recovered.
+    o = outage_of([[5.0], [20.0, 50.0]], [5.5, 6.0])
+    assert (o.longest_s, o.started_at, o.ended_at) == (30.0, 20.0, None) and "did not come back" in o.line()

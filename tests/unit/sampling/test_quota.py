@@ -211,6 +211,29 @@ def test_release_holder_frees_everything_a_cancelled_compile_held():
     assert "cancelled" not in b.holders
 
 
+def test_a_dead_processs_leases_end_at_once_and_its_holders_others_stand():
+    b = book(BIG)
+    dead = [b.try_acquire(0.0, 10, claim("run"), lease_s=150.0, owner="actor-1") for _ in range(2)]
+    alive = b.try_acquire(0.0, 10, claim("run"), lease_s=150.0, owner="actor-2")
+    other = b.try_acquire(0.0, 10, claim("other"), lease_s=150.0)
+    assert all(isinstance(g, Grant) for g in [*dead, alive, other]) and b.owners() == {"actor-1", "actor-2"}
+    assert waits_for_a_slot(b, 1.0, b.try_acquire(1.0, 10, claim("next")))
+    assert b.release_owner(1.0, "actor-1") == 2  # long before the leases' expiry
+    assert b.state.in_flight == 2 and b.holders["run"].state.in_flight == 1 and b.owners() == {"actor-2"}
+    assert b.stats()["dead_owner_leases"] == 2 and b.stats()["expired_leases"] == 0
+    assert isinstance(b.try_acquire(1.0, 10, claim("next")), Grant)
+    # The dead process's releases, should they come after all, free nothing twice.
+    assert b.release(2.0, dead[0].lease, estimated=10, actual=10) is False and b.state.in_flight == 3
+
+
+def test_a_snapshot_keeps_each_leases_owner(tmp_path):
+    b = book(BIG)
+    b.try_acquire(0.0, 10, claim("run"), owner="actor-1")
+    again = book(BIG)
+    again.restore(b.snapshot(), 1.0, restarted=True)
+    assert again.owners() == {"actor-1"} and again.release_owner(1.0, "actor-1") == 1
+
+
 def test_a_429_pauses_everyone_for_its_retry_after_and_cuts_the_limit_once_per_burst():
     b = book(BIG)
     grants = [b.try_acquire(0.0, 10, claim("c")) for _ in range(4)]

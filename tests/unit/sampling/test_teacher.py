@@ -251,3 +251,103 @@ def test_stand_in_without_a_limit_takes_everything(messages_api):
     srv = messages_api(replay_responder({"hello there": "hi"}), latency_s=0.2)
     got = _concurrent_posts(srv.url, 8)
     assert [s for s, _ in got] == [200] * 8 and srv.stats.rate_limited == 0
+
+
+# ----- the retry policy rides out a provider outage --------------------------------------------
+
+
+def test_the_default_retry_policy_rides_out_a_two_minute_outage():
+    cfg = TeacherConfig()
+    waits = [decide_retry(a, Failure("overloaded", "529"), cfg) for a in range(1, cfg.max_attempts)]
+    assert None not in waits and decide_retry(cfg.max_attempts, Failure("overloaded", "529"), cfg) is None
+    assert sum(waits) >= 240  # no jitter: the shortest the policy waits before a sample fails
+    assert max(waits) == cfg.backoff_max_s == 60  # never more than a minute between attempts
+
+
+def test_the_cli_default_is_the_configs():
+    from kolm_ray.cli.sampling import sample
+
+    (opt,) = [p for p in sample.params if p.name == "max_attempts"]
+    assert opt.default == TeacherConfig().max_attempts
+
+
+# ----- the cache is per endpoint -----------------------------------------------------------------
+
+
+def test_endpoints_are_normalized():
+    from kolm_ray.sampling.cache import DEFAULT_ENDPOINT, normalize_endpoint
+
+    assert normalize_endpoint(None) == normalize_endpoint("") == DEFAULT_ENDPOINT == "https://api.anthropic.com"
+    for same in ("https://api.anthropic.com/", "HTTPS://API.Anthropic.com:443", "https://api.anthropic.com?x=1"):
+        assert normalize_endpoint(same) == DEFAULT_ENDPOINT
+    assert normalize_endpoint("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+    assert normalize_endpoint("http://127.0.0.1:80/proxy/") == "http://127.0.0.1/proxy"
+    assert normalize_endpoint("https://user:secret@gw.example.com/a") == "https://gw.example.com/a"  # no credential
+    assert normalize_endpoint("https://gw.example.com/a") != normalize_endpoint("https://gw.example.com/b")
+
+
+def test_answers_from_one_endpoint_are_not_reused_against_another(messages_api, tmp_path, monkeypatch):
+    recorded = messages_api(replay_responder({"hello there": "recorded answer"}))
+    live = messages_api(replay_responder({"hello there": "live answer"}))
+    monkeypatch.delenv("ANTHROPIC_BASE_URL")
+    cfg = TeacherConfig(max_attempts=2, backoff_base_s=0.001)
+
+    def ask(srv):
+        t = AnthropicTeacher(cfg, ResponseCache(tmp_path), sdk_env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": srv.url})
+        return _run(t.sample(_params(), request_key(_params(), 0)))
+
+    assert ask(recorded).text == "recorded answer"
+    second = ask(live)
+    assert second.text == "live answer" and not second.cached and live.stats.requests == 1
+    # Each endpoint reads its own again, for free; the same endpoint spelled otherwise is one endpoint.
+    again = AnthropicTeacher(cfg, ResponseCache(tmp_path), sdk_env={"ANTHROPIC_API_KEY": "k",
+                                                                    "ANTHROPIC_BASE_URL": recorded.url + "/"})
+    hit = _run(again.sample(_params(), request_key(_params(), 0)))
+    assert hit.cached and hit.text == "recorded answer" and recorded.stats.requests == 1
+    assert ResponseCache(tmp_path, endpoint=live.url).get(request_key(_params(), 0))["endpoint"] == live.url
+
+
+def test_entries_written_before_endpoints_are_read_only_for_the_default_endpoint(tmp_path):
+    import json
+
+    from kolm_ray.sampling.cache import CACHE_FORMAT_VERSION
+
+    key, recorded_key = "ab" + "c" * 62, "cd" + "e" * 62
+    for k, model in ((key, "claude-opus-4-7"), (recorded_key, "recorded:claude-opus-4-7")):
+        (tmp_path / k[:2]).mkdir()
+        (tmp_path / k[:2] / f"{k}.json").write_text(json.dumps({"v": CACHE_FORMAT_VERSION, "text": "old",
+                                                                "model": model, "usage": {}}))
+    default = ResponseCache(tmp_path, endpoint=None)
+    default = default.for_endpoint(None)
+    assert default.get(key)["text"] == "old"
+    assert default.get(recorded_key) is None  # a recorded stand-in's answer is not the live API's
+    assert ResponseCache(tmp_path, endpoint="http://127.0.0.1:9").get(key) is None  # who answered it is unknown
+    # What is written now names its endpoint; the default endpoint keeps the layout it had.
+    default.put("ef" + "0" * 62, {"text": "new", "usage": {}})
+    assert json.loads((tmp_path / "ef" / ("ef" + "0" * 62 + ".json")).read_text())["endpoint"] == default.endpoint
+
+
+# ----- ANTHROPIC_AUTH_TOKEN ------------------------------------------------------------------------
+
+
+def test_the_auth_token_reaches_a_teacher_whose_process_lacks_it(messages_api, tmp_path, monkeypatch):
+    from kolm_ray.sampling.teacher import sdk_env
+
+    srv = messages_api(replay_responder({"hello there": "hi"}), auth_token="secret-token")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "secret-token")
+    env = sdk_env()  # what the driver hands its Ray workers
+    assert env == {"ANTHROPIC_AUTH_TOKEN": "secret-token", "ANTHROPIC_BASE_URL": srv.url}
+    for var in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):  # a worker that did not inherit them
+        monkeypatch.delenv(var)
+    teacher = AnthropicTeacher(TeacherConfig(max_attempts=1), ResponseCache(tmp_path), sdk_env=env)
+    r = _run(teacher.sample(_params(), request_key(_params(), 0)))
+    assert r.text == "hi", r.error
+    assert srv.stats.auth == {"bearer": 1} and srv.stats.unauthorized == 0
+
+
+def test_the_stand_in_refuses_a_wrong_or_missing_credential(messages_api, tmp_path, monkeypatch):
+    srv = messages_api(replay_responder({"hello there": "hi"}), auth_token="secret-token")
+    teacher = AnthropicTeacher(TeacherConfig(max_attempts=1), ResponseCache(tmp_path))  # x-api-key: the test key
+    r = _run(teacher.sample(_params(), request_key(_params(), 0)))
+    assert r.text is None and r.failures == ["client"] and "401" in r.error and srv.stats.unauthorized == 1

@@ -127,8 +127,8 @@ def test_a_torn_last_line_is_skipped_by_readers_and_reported_by_verify(log_dir):
     with (log_dir / "w1.jsonl").open("a") as f:
         f.write('{"seq": 10, "time": 2000')  # a writer killed mid-append
     assert len(read_receipts(log_dir)) == 10
-    problems = verify_log(log_dir).segments[0].problems
-    assert any("line 11: not a receipt" in p for p in problems), problems
+    [seg] = verify_log(log_dir).segments  # a crash, not tampering: said as a torn tail (test_receipts_durability)
+    assert any("torn tail: 24 bytes after seq 9" in w for w in seg.warnings), seg
 
 
 def test_a_garbled_head_file_is_reported_not_a_crash(log_dir):
@@ -145,7 +145,7 @@ def test_a_failed_write_keeps_the_receipts_queued_and_the_chain_intact(tmp_path,
     real_open = Path.open
 
     def failing(self, *a, **kw):
-        if self.suffix == ".jsonl" and a and a[0] == "a":
+        if self.suffix == ".jsonl" and a and a[0].startswith("a"):
             raise OSError(28, "No space left on device")
         return real_open(self, *a, **kw)
 
