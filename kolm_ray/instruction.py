@@ -609,7 +609,7 @@ def _example_objects(text: str) -> list[tuple[int, int, dict]]:
     while pos != -1:
         try:
             value, end = decoder.raw_decode(text, pos)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON here, or nested past the parser's depth
             pos = text.find("{", pos + 1)
             continue
         if isinstance(value, dict) and value:

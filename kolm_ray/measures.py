@@ -26,11 +26,15 @@ _STOPWORDS = frozenset(
     with would you your yours yourself yourselves said says new one two will may might must shall
     yet via per within without across""".split()
 )
-_BULLET = re.compile(r"^\s*([-*+\u2022]|\d+[.)])\s", re.M)
-_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n(.*?)\n\s*```\s*$", re.S)
+# Indentation is horizontal whitespace only: a "\s*" that may cross lines is tried again at every
+# line start, quadratic in a reply of blank lines (``^`` already matches at each line).
+_BULLET = re.compile(r"^[^\S\n]*([-*+\u2022]|\d+[.)])\s", re.M)
+_FENCE_OPEN = re.compile(r"\s*```[a-zA-Z]*")
 # A sentence ends at . ! ? (and closing quotes) before a space or the end, except a period
-# after an initial ("U.S.") or a common abbreviation.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+# after an initial ("U.S.") or a common abbreviation. Only at the start of a run of end marks,
+# taken whole: a run that fails from its start fails from inside it too (and retrying at every
+# mark of "....x" was quadratic).
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"'\u201d\u2019)\]]*+(?=\s|$)")
 _ABBREVIATIONS = frozenset({"e.g", "i.e", "mr", "mrs", "ms", "dr", "vs", "st", "etc", "no", "approx"})
 # A bare label: one line, a few words, no inner punctuation ("Category: billing" is chatter).
 _LABEL_SHAPE = re.compile(r"[^\W_][\w \-/&+']*")
@@ -41,14 +45,24 @@ _LABEL_MAX_CHARS = 48
 # ----- words, sentences, bullets -------------------------------------------------------------
 
 
+# The cache pays for inputs scored against many samples (k per row) and references scored again
+# on every call; texts past this length are computed each time, so a serving host's memory stays
+# bounded (8,192 entries of at most 16 KiB each) whatever its callers send.
+_CACHED_TEXT_CHARS = 16_384
+
+
 def content_words(text: str) -> frozenset[str]:
     """Lower-cased content words of ``text``, crudely stemmed to 6 characters."""
+    if len(text) > _CACHED_TEXT_CHARS:
+        return _content_words_of(text)
     return _content_words_cached(text)
 
 
-@functools.lru_cache(maxsize=8192)
-def _content_words_cached(text: str) -> frozenset[str]:
+def _content_words_of(text: str) -> frozenset[str]:
     return frozenset(w[:6] for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOPWORDS)
+
+
+_content_words_cached = functools.lru_cache(maxsize=8192)(_content_words_of)
 
 
 def word_count(text: str) -> int:
@@ -65,18 +79,32 @@ def sentence_count(text: str) -> int:
     n = 0
     for line in text.splitlines():
         last = 0
+        letter = _LETTERS.search(line)  # the first letter at or after ``last``, searched once per ``last``
         for m in _SENTENCE_END.finditer(line):
             if line[m.start()] == ".":
-                before = line[last:m.start()].rsplit(None, 1)
-                word = before[-1].lower().lstrip("(\"'") if before else ""
+                word = _word_before(line, last, m.start()).lower().lstrip("(\"'")
                 if word in _ABBREVIATIONS or (len(word.rsplit(".", 1)[-1]) == 1 and word[-1:].isalpha()):
                     continue
-            if _LETTERS.search(line, last, m.start()):
+            if letter is not None and letter.start() < m.start():
                 n += 1
             last = m.end()
-        if _LETTERS.search(line, last):
+            letter = _LETTERS.search(line, last)
+        if letter is not None:
             n += 1
     return n
+
+
+def _word_before(line: str, lo: int, hi: int) -> str:
+    """The last whitespace-separated word of ``line[lo:hi]`` ("" if none), as ``rsplit(None, 1)``
+    would give it, without copying the slice: a run of skipped initials ("a. a. a. ...") keeps
+    ``lo`` fixed, and a slice per period was quadratic."""
+    end = hi
+    while end > lo and line[end - 1].isspace():
+        end -= 1
+    start = end
+    while start > lo and not line[start - 1].isspace():
+        start -= 1
+    return line[start:end]
 
 
 def bullet_count(text: str) -> int:
@@ -108,14 +136,37 @@ def is_label_shaped(text: str) -> bool:
 
 
 def strip_fence(text: str) -> str:
-    m = _FENCE.match(text)
-    return m.group(1) if m else text.strip()
+    """The body of a fenced code block that is the whole of ``text`` (```` ```json ```` ... ```` ``` ````),
+    else ``text`` stripped.
+
+    As ``^\\s*```[a-zA-Z]*\\s*\\n(.*?)\\n\\s*```\\s*$`` (dot-all) would match, in linear time: that
+    expression backtracks cubically over a reply of blank lines. The body runs from after the last
+    line break before its first non-blank character to the first line break after its last one
+    (an all-blank body: between the last two line breaks).
+    """
+    opening = _FENCE_OPEN.match(text)
+    if opening is None:
+        return text.strip()
+    inner = text[opening.end():].rstrip()
+    if not inner.endswith("```"):
+        return text.strip()
+    inner = inner[:-3]  # up to the closing fence
+    first = len(inner) - len(inner.lstrip())  # first non-blank character (len(inner) if none)
+    last = len(inner.rstrip())  # just past the last one
+    if first == len(inner):  # nothing but blanks: the body lies between the last two line breaks
+        end = inner.rfind("\n")
+        start = inner.rfind("\n", 0, end) if end > 0 else -1
+    else:
+        start, end = inner.rfind("\n", 0, first), inner.find("\n", last)
+    if start == -1 or end == -1:
+        return text.strip()
+    return inner[start + 1:end]
 
 
 def parse_json_object(text: str) -> dict | None:
     try:
         value = json.loads(strip_fence(text))
-    except (json.JSONDecodeError, ValueError):
+    except (ValueError, RecursionError):  # not JSON, a number past int()'s digit limit, nested too deep
         return None
     return value if isinstance(value, dict) else None
 

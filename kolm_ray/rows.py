@@ -8,12 +8,16 @@ and the line (JSONL) or row (Parquet). Returns a ``pyarrow.Table`` with columns
 
 JSONL is parsed line by line rather than with ``pyarrow.json``: Arrow's reader
 reports block-relative rows and stops at the first type change, while a user
-needs the exact line of a bad record.
+needs the exact line of a bad record. Lines end at ``\n``, ``\r\n`` or ``\r`` (as an editor
+counts them), never at the other characters ``str.splitlines`` breaks on (U+2028, U+0085, form
+feed, ...): JSON allows those raw inside a string. A UTF-8 byte order mark at the start is skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +35,7 @@ ROW_SCHEMA = pa.schema(
 )
 
 _KNOWN_FIELDS = {"id", "input", "output", "reference"}
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def read_rows(path: str | Path, *, require_output: bool = False) -> pa.Table:
@@ -83,6 +88,13 @@ def read_rows(path: str | Path, *, require_output: bool = False) -> pa.Table:
                     f'field "{field}" must be a string, got {type(value).__name__}',
                     path=str(p), line=lineno,
                 )
+            if value is not None and not _is_unicode(value):
+                # JSON may escape half a surrogate pair ("\ud800"): no character, and not storable.
+                raise InputError(
+                    f'field "{field}" is not valid Unicode: it holds half of a surrogate pair '
+                    f'(an escape such as "\\ud800" without its partner)',
+                    path=str(p), line=lineno,
+                )
         if not rec["input"].strip():
             raise InputError('field "input" is empty', path=str(p), line=lineno)
         if require_output and not (rec.get("output") or "").strip():
@@ -120,13 +132,32 @@ def _file_kind(p: Path) -> str:
     return "jsonl"
 
 
+def _is_unicode(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    """The 1-based line (as ``_LINE_END`` splits them) that byte ``offset`` of ``data`` is on."""
+    return len(_LINE_END.findall(data[:offset].decode("utf-8", errors="replace"))) + 1
+
+
 def _jsonl_records(p: Path) -> list[tuple[int, object]]:
     records: list[tuple[int, object]] = []
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the file ({e.strerror})", path=str(p)) from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=str(p)) from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+        at = bom + e.start
+        raise InputError(f"not UTF-8 text ({e.reason} at byte {at})", path=str(p), line=_line_of(data, at)) from None
+    for lineno, line in enumerate(_LINE_END.split(text), start=1):
         if not line.strip():
             continue
         try:
@@ -136,14 +167,27 @@ def _jsonl_records(p: Path) -> list[tuple[int, object]]:
                 f"malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object",
                 path=str(p), line=lineno,
             ) from None
+        except ValueError as e:  # a number past Python's 4300-digit limit for int()
+            raise InputError(f"unreadable JSON ({e}); each line must be one JSON object",
+                             path=str(p), line=lineno) from None
+        except RecursionError:
+            raise InputError("JSON nested too deeply to read; each line must be one flat JSON object",
+                             path=str(p), line=lineno) from None
     return records
 
 
 def _parquet_records(p: Path) -> list[tuple[int, object]]:
     try:
         table = pq.read_table(p)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"not a readable Parquet file ({e})", path=str(p)) from None
+    names = table.schema.names
+    twice = sorted({n for n in names if n in _KNOWN_FIELDS and names.count(n) > 1})
+    if twice:
+        raise InputError(f'column "{twice[0]}" appears {names.count(twice[0])} times', path=str(p))
+    # Only the row columns are read: another column of a type Python cannot hold (a timestamp
+    # past year 9999, say) is not the reader's business.
+    table = table.select([n for n in names if n in _KNOWN_FIELDS])
     unknown_types = [
         f.name for f in table.schema
         if f.name in _KNOWN_FIELDS and not pa.types.is_string(f.type) and not pa.types.is_large_string(f.type)
@@ -154,4 +198,8 @@ def _parquet_records(p: Path) -> list[tuple[int, object]]:
             f'column "{unknown_types[0]}" must be of string type, got {table.schema.field(unknown_types[0]).type}',
             path=str(p),
         )
-    return [(i + 1, rec) for i, rec in enumerate(table.to_pylist())]
+    try:
+        rows = table.to_pylist()
+    except (pa.ArrowException, ValueError) as e:  # e.g. a string column that is not UTF-8
+        raise InputError(f"not a readable Parquet file ({e})", path=str(p)) from None
+    return [(i + 1, rec) for i, rec in enumerate(rows)]

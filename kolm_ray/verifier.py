@@ -60,7 +60,11 @@ VERIFIER_FORMAT_VERSION = 2
 # Version 1 had no instruction reading: its files load with the new fields at their defaults.
 _READABLE_FORMAT_VERSIONS = frozenset({1, 2})
 
-_MARKDOWN = re.compile(r"(^\s{0,3}#{1,6}\s)|(^\s*[-*+]\s)|(^\s*\d+[.)]\s)|(\*\*[^*]+\*\*)|(^```)", re.M)
+# Indentation is horizontal whitespace: "^\s*" could cross lines and is retried at every line start,
+# quadratic over a reply of blank lines (``^`` matches at each line anyway).
+_MARKDOWN = re.compile(
+    r"(^[^\S\n]{0,3}#{1,6}\s)|(^[^\S\n]*[-*+]\s)|(^[^\S\n]*\d+[.)]\s)|(\*\*[^*]+\*\*)|(^```)", re.M
+)
 _PREAMBLE = re.compile(
     r"^\s*(here(?:'s| is| are)\b|sure\b|certainly\b|of course\b|as an ai\b|i (?:can|will|would)\b|okay\b)",
     re.I,

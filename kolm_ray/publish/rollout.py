@@ -124,7 +124,9 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
     """One tick's decision on a canary from its and stable's windows since it started."""
     online = difference_bound(canary.online, stable.online, p.confidence)
     audited = difference_bound(canary.audited, stable.audited, p.confidence)
-    enough_audits = canary.audited.n >= p.min_audits and stable.audited.n >= p.min_audits
+    # Never judged on no audits, whatever ``min_audits`` says (a Policy built with 0 once promoted on none).
+    need_audits = max(1, p.min_audits)
+    enough_audits = canary.audited.n >= need_audits and stable.audited.n >= need_audits
     if canary.calls >= p.min_samples:
         if canary.error_rate > stable.error_rate + p.max_error_rate_delta:
             return Verdict("rollback", f"error rate {100 * canary.error_rate:.1f}% vs stable's "
@@ -147,8 +149,8 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
     if p.audited:
         if not enough_audits:
             return Verdict("wait", f"too few audited calls to judge: canary {canary.audited.n}, stable "
-                                   f"{stable.audited.n} of {p.min_audits} each", signal, bound)
-        assert audited is not None
+                                   f"{stable.audited.n} of {need_audits} each", signal, bound)
+        assert audited is not None  # both versions have audits
         if audited.lo >= -p.audit_tolerance:
             return Verdict("promote", f"audited K {canary.audited_k:.1f} vs stable's {stable.audited_k:.1f}: not "
                                       f"worse by more than {p.audit_tolerance:g} ({audited.text()}) over "

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kolm_ray.measures import bullet_count, detect_language, sentence_count
+from kolm_ray.measures import bullet_count, content_words, detect_language, sentence_count
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,15 @@ def test_sentence_count(text, n):
 
 def test_bullet_count_counts_every_bullet_style():
     assert bullet_count("- a\n- b\n* c\n1. d\n\u2022 e\nnot a bullet") == 5
+
+
+def test_long_texts_are_not_kept_in_the_content_words_cache():
+    """A serving host scores whatever its callers send: its cache must not hold their megabytes."""
+    from kolm_ray.measures import _CACHED_TEXT_CHARS, _content_words_cached
+
+    _content_words_cached.cache_clear()
+    long = "alpha beta gamma " * (_CACHED_TEXT_CHARS // 8)
+    assert content_words(long) == content_words(long) == frozenset({"alpha", "beta", "gamma"})
+    assert _content_words_cached.cache_info().currsize == 0
+    assert content_words("alpha beta") == frozenset({"alpha", "beta"})
+    assert _content_words_cached.cache_info().currsize == 1
