@@ -265,7 +265,7 @@ def distillation_pairs(outcome: SampleOutcome) -> list[tuple[str, str]]:
     return [(r["input"], r["text"]) for r in outcome.samples.to_pylist() if r["chosen"] and r["passed"]]
 
 
-def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig) -> FitResult:
+def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig, say: Progress = lambda s: None) -> FitResult:
     if not pairs and (cfg.max_steps is None or cfg.max_steps > 0):
         raise InputError("no teacher sample passed the verifier: nothing to distill (see samples/summary.json)")
     name = run_name(p.base, p.cfg.task, pairs, cfg)
@@ -277,7 +277,7 @@ def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig) -> FitR
         return FitResult(**{**data, "adapter_dir": Path(data["adapter_dir"]), "steps_this_run": 0})
     # Checkpoints go where every node can reach them: the object store when KOLM_HOME is one.
     storage = join(store_uri(), "train", p.cfg.name) if is_remote(store_uri()) else p.cfg.work_dir / "train"
-    result = fit(p.base, p.cfg.task, pairs, cfg, storage=storage, dest=done / "adapter")
+    result = fit(p.base, p.cfg.task, pairs, cfg, storage=storage, dest=done / "adapter", say=say)
     write_json(marker, {**result.__dict__, "adapter_dir": str(result.adapter_dir)})
     return result
 
@@ -416,7 +416,7 @@ def compile_specialist(
 
     pairs = distillation_pairs(outcome)
     watch.stage("fit")
-    fitted = stage_fit(p, pairs, fit_cfg)
+    fitted = stage_fit(p, pairs, fit_cfg, say)
     resumed = f", resumed at step {fitted.resumed_from_step}" if fitted.resumed_from_step else ""
     reused = " (reused)" if fitted.steps_this_run == 0 and fitted.steps else ""
     loss = (f"loss {fitted.loss_start:.3f} → {fitted.loss_end:.3f}" if fitted.loss_curve else "no steps")

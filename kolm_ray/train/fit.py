@@ -1,16 +1,20 @@
 """The LoRA fit: Ray Train's TorchTrainer, one worker per GPU (CPU workers where there is none),
 DeepSpeed ZeRO (stage 2 by default) over a PEFT LoRA adapter on a Hugging Face causal LM.
 
-``fit`` runs the trainer and returns the adapter of its last checkpoint. Resumption is Ray
-Train's: a worker that dies mid-fit is replaced and the group resumes from the last reported
-checkpoint (``FailureConfig``); a compile re-run after a crash creates a trainer with the same
-run name and storage, finds the run's snapshot and resumes from its last checkpoint rather than
-starting over. The run name is a digest of everything that decides the fit, so changed inputs
-never resume someone else's run.
+``fit`` runs the trainer and returns the adapter of its last checkpoint. A worker that dies
+mid-fit is replaced and the group resumes from the last checkpoint it reported
+(``FailureConfig``). A compile re-run after a crash (a killed driver, a lost cluster) creates a
+trainer with the same run name and storage and resumes from the newest *usable* checkpoint of
+the run: before the trainer starts, the driver checks the run's checkpoints against their
+manifests (``train/checkpoints.py``), says which newer ones it cannot use and why (cut off while
+being saved, truncated or zeroed on disk), clears them out of Ray Train's way and hands the
+chosen one to the workers; Ray Train alone would resume from its latest, whatever it holds. The
+run name is a digest of everything that decides the fit, so changed inputs never resume
+someone else's run.
 
 Each checkpoint holds the DeepSpeed engine state (every rank's ZeRO shard), the adapter in
-standard PEFT format, and ``state.json`` (step, loss curve, tokens seen). Must not call the
-teacher or score outputs.
+standard PEFT format, ``state.json`` (step, loss curve, tokens seen) and each rank's manifest of
+what it saved, written last. Must not call the teacher or score outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kolm_ray.cluster import cpus_per_worker
 from kolm_ray.errors import KolmRuntimeError
@@ -94,10 +98,24 @@ def resumable(e: BaseException) -> bool:
     if not failures:
         return True  # the controller, the worker group's start-up, the cluster: not the config
     for failure in failures.values():
-        raised = getattr(failure, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
-        if raised is None or isinstance(raised, (ConnectionError, TimeoutError)) or _distributed(raised):
+        # Ray 2.60 hands over what the training code raised itself; a UserExceptionWithTraceback
+        # (what earlier versions handed over) wraps it.
+        raised = getattr(failure, "_base_exc", failure)
+        if _ray_failure(raised) or isinstance(raised, (ConnectionError, TimeoutError)) or _distributed(raised):
             return True  # a worker died or hung, or lost its peers: a re-run resumes
     return False
+
+
+def _ray_failure(e: BaseException) -> bool:
+    """An error of Ray's, not of the training code: a dead worker process or actor, a failed
+    health check, a lost node."""
+    from ray.exceptions import RayError
+
+    try:
+        from ray.train.v2._internal.exceptions import RayTrainError, UserExceptionWithTraceback
+    except ImportError:
+        return isinstance(e, RayError)
+    return isinstance(e, (RayError, RayTrainError)) and not isinstance(e, UserExceptionWithTraceback)
 
 
 def _distributed(e: BaseException) -> bool:
@@ -142,6 +160,27 @@ def ds_config(cfg: FitConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
+def _resume_candidates(config: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """The checkpoints a worker may start from, newest first, each with whether it must be
+    checked first: the driver's choice (``config["resume"]``, checked already), and Ray's latest
+    when it is newer than that (one this run reported before a worker died and the group
+    restarted; never trusted unchecked)."""
+    import ray.train
+
+    from kolm_ray.train.checkpoints import step_of
+
+    out: list[tuple[int, Any, bool]] = []
+    chosen = config.get("resume")
+    if chosen is not None:
+        out.append((chosen["step"], ray.train.Checkpoint(chosen["path"], filesystem=config.get("storage_fs")), False))
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        step = step_of(Path(latest.path).name)
+        if step is not None and (chosen is None or step > chosen["step"]):
+            out.append((step, latest, True))
+    return [(c, verify) for _, c, verify in sorted(out, key=lambda x: -x[0])]
+
+
 def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train worker
     import os
 
@@ -153,6 +192,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kolm_ray.train.checkpoints import check as check_checkpoint
+    from kolm_ray.train.checkpoints import checkpoint_name, write_manifest
     from kolm_ray.train.data import build_examples, bucket_batches, collate
 
     cfg = FitConfig.model_validate(config["fit"])
@@ -185,12 +226,17 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     )
 
     state = {"version": FIT_STATE_VERSION, "step": 0, "loss_curve": [], "tokens": 0, "resumed_from_step": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    for ckpt, verify in _resume_candidates(config):
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="kolm", load_optimizer_states=True, load_lr_scheduler_states=True)
+            if verify and (why := check_checkpoint(None, d, world=world)) is not None:
+                print(f"kolm: checkpoint {Path(ckpt.path).name} is unusable ({why}); trying an older one", flush=True)
+                continue
+            loaded, _ = engine.load_checkpoint(d, tag="kolm", load_optimizer_states=True, load_lr_scheduler_states=True)
+            if loaded is None:  # DeepSpeed says so in a log line and returns None: never go on as if resumed
+                raise RuntimeError(f"DeepSpeed loaded nothing from checkpoint {ckpt.path}")
             state = json.loads((Path(d) / "state.json").read_text())
             state["resumed_from_step"] = state["step"]
+        break
     start = state["step"]
     steps_run = 0
     t0 = time.perf_counter()
@@ -201,8 +247,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             if rank == 0:
                 engine.module.save_pretrained(Path(td) / "adapter")
                 (Path(td) / "state.json").write_text(json.dumps({**state, "step": step}))
+            write_manifest(td, step=step, rank=rank, world=world)  # last: what a re-run checks before loading
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(td),
-                             checkpoint_dir_name=f"step-{step:06d}")
+                             checkpoint_dir_name=checkpoint_name(step))
 
     fail_at = int(config.get("fail_at_step", -1))  # fault injection: KOLM_FIT_FAIL_AT_STEP in the driver
     engine.train()
@@ -237,8 +284,13 @@ def fit(
     cfg: FitConfig,
     storage: str | Path,
     dest: Path,
+    say: Callable[[str], None] = lambda s: None,
 ) -> FitResult:
     """Fit a LoRA adapter; copy the final adapter to ``dest``.
+
+    A run with checkpoints under ``storage`` resumes from the newest one that passes its
+    manifest (``train.checkpoints.prepare_resume``); ``say`` gets a line when it resumes, and
+    says which checkpoints could not be used and why.
 
     Raises:
         KolmRuntimeError: training failed past ``cfg.max_failures``; the message says whether a
@@ -251,6 +303,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kolm_ray.train.checkpoints import prepare_resume
     from kolm_ray.train.targets import with_targets
 
     cfg = with_targets(cfg, base.path)  # resolved before the run name: the default resumes as the names do
@@ -265,10 +318,17 @@ def fit(
     from kolm_ray.store import join, open_store
 
     storage_path, storage_fs = open_store(storage).train_storage()
+    resume, lines = prepare_resume(storage_fs, f"{storage_path.rstrip('/')}/{name}", world=cfg.workers)
+    for line in lines:
+        say(f"fit         {line}")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"fit": cfg.model_dump(mode="json"), "base_path": base.path, "system": system,
                            "pairs": [list(p) for p in pairs], "use_gpu": use_gpu,
+                           # The checkpoint to start from, chosen and checked here (None: step 0).
+                           "resume": None if resume.name is None else {
+                               "path": f"{storage_path.rstrip('/')}/{name}/{resume.name}", "step": resume.step},
+                           "storage_fs": storage_fs,
                            # Test hook: a worker dies at this step on a fresh (not resumed) fit.
                            "fail_at_step": int(os.environ.get("KOLM_FIT_FAIL_AT_STEP", "-1"))},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -42,3 +42,17 @@ def test_a_dead_worker_resumes_from_the_checkpoints():
 def test_a_lost_connection_or_the_controller_resumes():
     assert resumable(WorkerGroupError("worker errors", {0: _raised(ConnectionResetError("reset by peer"))}))
     assert resumable(ControllerError(RuntimeError("the controller lost its placement group")))
+
+
+def test_ray_2_60_hands_over_the_raised_exception_itself():
+    """Ray 2.60's WorkerGroupError holds what the training code raised, unwrapped (its
+    WorkerGroupPollStatus.errors takes ``_base_exc`` out of the wrapper)."""
+    garbage = WorkerGroupError("worker errors", {0: KeyError("filename 'storages' not found")})
+    assert not resumable(garbage)
+    assert "Re-running will fail the same way" in failure_message(garbage, 0, "/ckpt")
+    died = WorkerGroupError("worker errors", {0: WorkerHealthCheckFailedError("health check failed", RuntimeError("x"))})
+    assert resumable(died) and RESUME in failure_message(died, 0, "/ckpt")
+    from ray.exceptions import ActorDiedError
+
+    assert resumable(WorkerGroupError("worker errors", {0: ActorDiedError()}))
+    assert resumable(WorkerGroupError("worker errors", {0: ConnectionResetError("reset by peer")}))
