@@ -221,6 +221,23 @@ class UnpackLimits:
         return self.max_bytes + (self.max_members + 1) * _TAR_OVERHEAD + _TAR_END
 
 
+def check_within_limits(content: Path, limits: UnpackLimits = UnpackLimits()) -> None:
+    """Refuse, before signing, a Specialist that every reader would refuse to unpack (a very high
+    LoRA rank on a very large base): better one clear failure at compile time than an artifact
+    that signs and then cannot be served, compared or published.
+
+    Raises:
+        KolmRuntimeError: more files or more bytes under ``content`` than ``limits`` allow.
+    """
+    files = [f for f in content.rglob("*") if f.is_file()]
+    total = sum(f.stat().st_size for f in files)
+    if len(files) + 1 > limits.max_members or total > limits.max_bytes:
+        raise KolmRuntimeError(
+            f"the Specialist would be {len(files)} files and {total:,} bytes, past what an artifact may unpack to "
+            f"({limits.max_members:,} entries, {limits.max_bytes:,} bytes), so no reader would open it: "
+            "lower --lora-r or target fewer modules")
+
+
 @contextlib.contextmanager
 def unpacked(artifact: str | Path, limits: UnpackLimits = UnpackLimits()) -> Iterator[Path]:
     """Unpack into a temporary folder (removed afterwards). Does NOT verify: see ``open_verified``.

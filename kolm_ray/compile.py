@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, file_digest, pack, put_artifact,
+    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, check_within_limits, file_digest, pack, put_artifact,
     release_version, reserve_version,
 )
 from kolm_ray.durable import json_bytes, write_json
@@ -338,11 +338,12 @@ def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], ada
     content = staging / "specialist"
     content.mkdir(parents=True)
     shutil.copytree(adapter, content / "adapter")
-    for fname, data in files.items():
+    for member, data in files.items():
         if isinstance(data, str):
-            (content / fname).write_text(data)
+            (content / member).write_text(data)
         else:
-            write_json(content / fname, data)
+            write_json(content / member, data)
+    check_within_limits(content)  # before signing: an artifact no reader would unpack is not written
     signature = staging / "specialist.sig"
     signer.sign(content, signature)
     packed = pack(content, signature, staging / fname)

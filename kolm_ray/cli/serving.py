@@ -273,7 +273,7 @@ def receipts_verify(store: str | None, app_name: str | None, as_json: bool, anch
     directory = root / "receipts" / (app_name or "")
     if not directory.is_dir():
         raise InputError("no receipts here", path=str(directory))
-    report = verify_log(directory, _saved_tips(anchors_file) if anchors_file else ())
+    report = verify_log(directory, _saved_tips(anchors_file, directory) if anchors_file else ())
     if as_json:
         click.echo(json.dumps({"ok": report.ok, **report.model_dump()}, indent=2))
     else:
@@ -293,8 +293,12 @@ def receipts_verify(store: str | None, app_name: str | None, as_json: bool, anch
                        "report (--json) outside the store and pass it back with --anchors")
 
 
-def _saved_tips(path: str) -> list[dict]:
-    """The ``tips`` of a report saved with ``--json``. Raises: InputError naming the file."""
+def _saved_tips(path: str, directory: Path) -> list[dict]:
+    """The ``tips`` of a report saved with ``--json``, made relative to ``directory`` (the saved
+    report may have verified another folder: the whole store, or one app); tips outside
+    ``directory`` are not this verification's business.
+
+    Raises: InputError naming the file."""
     try:
         data = json.loads(Path(path).read_text())
         tips = data["tips"] if isinstance(data, dict) else data
@@ -304,6 +308,13 @@ def _saved_tips(path: str) -> list[dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, ValueError) as e:
         raise InputError(f"not a saved receipts report ({e}); write one with `kolm receipts verify --json`",
                          path=path) from None
-    return tips
-
-
+    saved = data.get("directory") if isinstance(data, dict) else None
+    if not saved:
+        return tips
+    here = directory.resolve()
+    rebased = []
+    for t in tips:
+        where = (Path(saved) / t["segment"]).resolve()
+        if where.is_relative_to(here):
+            rebased.append({**t, "segment": str(where.relative_to(here))})
+    return rebased

@@ -490,8 +490,10 @@ def _check_segment(data: bytes, head: dict[str, Any] | None) -> _Checked:
         warnings.append(f"torn tail: {len(tail)} bytes after seq {last_seq} (a writer killed mid-append: "
                         "receipts never completely written, so never acknowledged; readers skip them)")
     if head is None:
-        if receipts or not tail:  # a segment holding only a torn first append never had a head
+        if receipts:
             problems.append("head file missing")
+        elif not tail:  # a writer that died (or hit a full disk) before its first append completed
+            warnings.append("empty segment without a head: its writer stopped before its first receipt was written")
     elif head_seq == last_seq and head.get("hash") == prev:
         pass
     elif isinstance(head_seq, int) and head_seq < last_seq and head.get("hash") == hash_at_head_seq:

@@ -428,3 +428,19 @@ def test_sign_spec_validation(tmp_path):
         signer_from_spec("gpg")
     with pytest.raises(InputError, match="signing key not found"):
         signer_from_spec(f"key:{tmp_path}/nope.pem")
+
+
+def test_a_specialist_past_the_unpack_limits_is_refused_before_it_is_signed(tmp_path):
+    """A compile must not sign an artifact that serve, compare and publish would all refuse."""
+    from kolm_ray.artifact import check_within_limits
+    from kolm_ray.errors import KolmRuntimeError
+
+    content = tmp_path / "specialist"
+    (content / "adapter").mkdir(parents=True)
+    (content / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 5000)
+    (content / "manifest.json").write_text("{}")
+    check_within_limits(content)  # the defaults take it
+    with pytest.raises(KolmRuntimeError, match="5,002 bytes.*lower --lora-r"):
+        check_within_limits(content, UnpackLimits(max_bytes=4096))
+    with pytest.raises(KolmRuntimeError, match="2 files"):
+        check_within_limits(content, UnpackLimits(max_members=2))

@@ -399,3 +399,31 @@ def test_kolm_receipts_verify_with_a_saved_report_catches_the_newest_segment_del
     saved.write_text("{not json")
     bad = CliRunner().invoke(cli, [*args, "--anchors", str(saved)])
     assert bad.exit_code == 2 and "tips.json" in bad.output and "kolm receipts verify --json" in bad.output, bad.output
+
+
+def test_tips_saved_for_the_whole_store_check_one_app_and_the_other_way_round(tmp_path):
+    from click.testing import CliRunner
+
+    from kolm_ray.cli import cli
+
+    d = tmp_path / "receipts" / "kolm"
+    _three_restarts(d)
+    base = ["receipts", "verify", "--store", str(tmp_path)]
+    for saved_with, checked_with in ([[], ["--app-name", "kolm"]], [["--app-name", "kolm"], []]):
+        saved = tmp_path / "tips.json"
+        saved.write_text(CliRunner().invoke(cli, [*base, *saved_with, "--json"]).output)
+        ok = CliRunner().invoke(cli, [*base, *checked_with, "--anchors", str(saved)])
+        assert ok.exit_code == 0, ok.output  # the same log: every tip found where it was
+    _delete(d, "w3")
+    res = CliRunner().invoke(cli, [*base, "--anchors", str(saved)])
+    assert res.exit_code == 1 and "segment w3 missing" in res.output, res.output
+
+
+def test_an_empty_segment_a_writer_left_before_its_first_receipt_is_a_note_not_tampering(tmp_path):
+    from kolm_ray.serve.receipts import verify_log
+
+    _three_restarts(tmp_path)
+    (tmp_path / "w4.jsonl").write_bytes(b"")  # killed between creating the file and its first append
+    report = verify_log(tmp_path)
+    assert report.ok, report
+    assert any("empty segment" in w for s in report.segments for w in s.warnings)
