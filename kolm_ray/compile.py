@@ -541,13 +541,13 @@ def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: Q
 
 def _teacher_spend(holder: str) -> float | None:
     """What ``holder`` has paid the teacher so far, from the cluster's quota book."""
-    import os
 
     import ray
 
+    from kolm_ray.sampling.limits import teacher_identity
     from kolm_ray.sampling.quota import NAMESPACE, quota_name
 
-    actor = ray.get_actor(quota_name(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")),
+    actor = ray.get_actor(quota_name(*teacher_identity()),
                           namespace=NAMESPACE)
     held = ray.get(actor.stats.remote(holder), timeout=10).get("holder")
     return None if held is None else float(held["spend"]["usd"])

@@ -340,6 +340,7 @@ def check_setup(base: BaseRef, fit_cfg: FitConfig, signer: Signer, *, store: str
         InputError: what the user gave cannot work (exit 2).
         ServiceUnreachable: the hub or an object store cannot be reached (exit 1).
     """
+    from kolm_ray.sampling.fanout import samples_target
     from kolm_ray.train.targets import architecture, base_config, lora_targets, skeleton
 
     files = check_base(base, timeout_s=timeout_s)
@@ -350,6 +351,7 @@ def check_setup(base: BaseRef, fit_cfg: FitConfig, signer: Signer, *, store: str
     check_writable(store, "artifact store", "--out")
     check_writable(teacher_cache, "teacher cache", "")
     check_writable(work_dir, "work dir", "--work-dir")
+    samples_target(work_dir / "samples")  # a link or a file of the user's there is refused now, not after paying
     return Setup(base=files, architecture=architecture(model), fit_cfg=fit_cfg.model_copy(
         update={"target_modules": targets}), chat=chat, signer=signed)
 

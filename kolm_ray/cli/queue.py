@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
@@ -12,7 +11,7 @@ from kolm_ray.cli.app import cli
 from kolm_ray.cli.options import epilog, option_help, parse_pairs
 from kolm_ray.errors import InputError
 from kolm_ray.admission import QueuePolicy
-from kolm_ray.sampling.limits import RateLimits
+from kolm_ray.sampling.limits import RateLimits, teacher_identity
 
 
 @cli.group(name="queue", invoke_without_command=True, short_help="The cluster's compiles, waiting and running.",
@@ -108,11 +107,11 @@ def cancel_cmd(ticket: str, address: str | None) -> None:
 
     connect(address)
     res = cancel(kolm_home(), ticket)
-    if res["was"] == "running" and (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL")):
+    if res["was"] == "running" and any(teacher_identity()):
         from kolm_ray.sampling.quota import release_holder
 
         # Its teacher slots now, not at its driver's exit or its leases' expiry (the ticket is the holder).
-        release_holder(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"), ticket)
+        release_holder(*teacher_identity(), ticket)
     if res["was"] in ("waiting", "running"):
         click.echo(f"cancelled {ticket} (was {res['was']})")
     else:
@@ -134,7 +133,7 @@ def teacher_limits() -> None:
     codes={0: "saved", 2: "bad arguments (a budget without --tenant, a value out of range)"}))
 @click.option("--key", default=None, help="The key digest the change is for (`kolm teacher-limits show` lists it) "
               "[default: the default entry, for every key without its own].")
-@click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL).")
+@click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN, and ANTHROPIC_BASE_URL).")
 @click.option("--max-in-flight", type=click.IntRange(1), default=None, help=option_help(RateLimits, "max_in_flight"))
 @click.option("--calls-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "calls_per_minute"))
 @click.option("--tokens-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "tokens_per_minute"))
@@ -148,10 +147,10 @@ def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | Non
     from kolm_ray.sampling.limits import key_digest, set_limits, show_limits
 
     if this_key:
-        key = key_digest(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+        key = key_digest(*teacher_identity())
     set_limits(key=key, max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
                tokens_per_minute=tokens_per_minute, tenant=tenant, budget_usd=budget_usd, budget_tokens=budget_tokens)
-    for line in show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")).lines():
+    for line in show_limits(*teacher_identity()).lines():
         click.echo(line)
 
 
@@ -164,7 +163,7 @@ def teacher_limits_show(as_json: bool) -> None:
     """The limits as they apply to this environment's key, and its tenants' budgets and spend."""
     from kolm_ray.sampling.limits import show_limits
 
-    view = show_limits(os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL"))
+    view = show_limits(*teacher_identity())
     if as_json:
         click.echo(view.model_dump_json(indent=2))
         return

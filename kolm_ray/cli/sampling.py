@@ -57,7 +57,7 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     from kolm_ray.cluster import connect
     from kolm_ray.home import teacher_cache_dir
     from kolm_ray.rows import read_rows
-    from kolm_ray.sampling.fanout import sample_rows, write_samples
+    from kolm_ray.sampling.fanout import sample_rows, samples_target, write_samples
     from kolm_ray.sampling.pricing import load_prices, price_for
 
     # Everything the user gave is checked before Ray starts or a call is paid for.
@@ -70,7 +70,7 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
                               max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)
     quota_cfg = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
-    out = out_dir or str(Path("runs") / slug(instruction) / "samples")  # a folder or s3://bucket/prefix
+    out = samples_target(out_dir or str(Path("runs") / slug(instruction) / "samples"))  # a folder or s3://bucket/prefix
 
     from kolm_ray.store import is_remote
 

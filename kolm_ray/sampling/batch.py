@@ -11,25 +11,37 @@ Nothing is paid for twice, whatever moment a run dies at. Each chunk has a journ
 ``$KOLM_HOME/batches``, named by the digest of all its request keys, and every submission is
 journaled (fsynced) *before* ``batches.create`` is called: the intent (when, how many
 requests, the digest of their keys), then the batch id once the API has answered, then the
-errors once its results are cached. A re-run finds the journal, collects the results of a
-batch already submitted instead of paying for it again, and where only the intent was written
-(the run died between ``create`` and the journal write) finds the batch that ``create`` made:
-``batches.list`` (newest first) back to the intent, by the number of requests, and, among
-several, by its requests' ids once they have ended. It adopts a batch only when exactly one
-matches; none means ``create`` never got through (submitted again); several that cannot be
-told apart stop the stage with a ``TeacherError`` saying which, rather than pay twice.
+errors once its results are cached. A run holds a lock on the chunk's journal while it works
+on the chunk, so two identical runs on one host never both submit it: the second waits, then
+takes what the first cached. A re-run finds the journal, collects the results of a batch
+already submitted instead of paying for it again, and where only the intent was written (the
+run died between ``create`` and the journal write) finds the batch that ``create`` made:
+``batches.list`` (newest first) back to the intent, by the number of requests, and by its
+requests' ids for every candidate that has ended. A candidate still running cannot say yet:
+the only one is adopted *provisionally*; no other journal counts it as taken (its real owner's
+re-run must still find it), and once it ends, a batch whose ids are not the intent's is let go
+and ours submitted, at no cost to ``max_attempts``. No candidate means ``create`` never got
+through (submitted again); several running ones that cannot be told apart stop the stage with
+a ``TeacherError`` saying which, rather than pay twice.
+
+Journals of the previous format (one batch id, named by the digest of the keys it submitted:
+those not cached then) are found where the cache has not changed since, and collected.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import anthropic
 import pyarrow as pa
+from filelock import FileLock, Timeout
 
 from kolm_ray.durable import write_json
 from kolm_ray.errors import TeacherError
@@ -38,6 +50,8 @@ from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.pricing import Usage
 from kolm_ray.sampling.prompt import message_params
 from kolm_ray.sampling.teacher import SampleResult, message_text, usage_of
+
+log = logging.getLogger("kolm_ray.sampling.batch")
 
 JOURNAL_FORMAT_VERSION = 2
 # Error types in a batch result that a resubmission can cure.
@@ -62,7 +76,9 @@ def journal_path(chunk_keys: list[str]) -> Path:
 
 class _Journal:
     """One chunk's submissions: ``{"intent_at", "count", "keys", "batch_id", "state", "errors"}``
-    with ``state`` one of intent, submitted, done, never_created. Every change is fsynced."""
+    with ``state`` one of intent, submitted, done, never_created, not_ours (a batch adopted
+    provisionally and let go), and ``provisional`` on a submitted batch adopted before it
+    ended. Every change is fsynced."""
 
     def __init__(self, chunk_keys: list[str]):
         self.path = journal_path(chunk_keys)
@@ -89,8 +105,27 @@ class _Journal:
         self.path.unlink(missing_ok=True)
 
 
+@contextmanager
+def _chunk_lock(path: Path) -> Iterator[None]:
+    """Hold the lock of the journal at ``path``; say so when another run holds it, and wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("another kolm run on this host is submitting or collecting these requests (journal %s); "
+                    "waiting for it, so they are paid for once", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _journaled_batch_ids() -> set[str]:
-    """Every batch id any journal in this state dir names (batches known to be someone's)."""
+    """Every batch id a journal in this state dir names as surely its own (batches known to be
+    someone's). A provisional adoption is not: the batch may be another run's, whose re-run
+    must still find it."""
     ids: set[str] = set()
     for p in journal_dir().glob("*.json"):
         try:
@@ -99,7 +134,8 @@ def _journaled_batch_ids() -> set[str]:
             continue
         if data.get("batch_id"):
             ids.add(data["batch_id"])
-        ids.update(s["batch_id"] for s in data.get("submissions", []) if s.get("batch_id"))
+        ids.update(s["batch_id"] for s in data.get("submissions", [])
+                   if s.get("batch_id") and not s.get("provisional") and s.get("state") != "not_ours")
     return ids
 
 
@@ -108,35 +144,38 @@ def _request_total(batch: Any) -> int:
     return c.processing + c.succeeded + c.errored + c.canceled + c.expired
 
 
-def find_created_batch(client: anthropic.Anthropic, intent: dict[str, Any], journal: Path) -> str | None:
-    """The id of the batch a run created for ``intent`` and died before journaling, or None
-    when no batch matches (``create`` never got through).
+def find_created_batch(client: anthropic.Anthropic, intent: dict[str, Any],
+                       journal: Path) -> tuple[str, bool] | None:
+    """The batch a run created for ``intent`` and died before journaling, as ``(id,
+    provisional)``, or None when no batch can be it (``create`` never got through).
 
     Candidates: batches created since the intent (less ``CLOCK_SKEW_S``) with its number of
-    requests that no journal names. Among several, those that have ended are told apart by their
-    requests' ids (``intent["keys"]``).
+    requests that no journal names as surely its own. One that has ended is ours only if its
+    requests' ids are the intent's (``intent["keys"]``). Ours: an ended one whose ids match;
+    else the one candidate still running, provisionally (``provisional``: its ids are checked
+    once it ends); else None.
 
     Raises:
-        TeacherError: several candidates, and their requests cannot (yet) tell which is ours.
+        TeacherError: several candidates still running, and none that has ended is ours.
     """
     since = float(intent["intent_at"]) - CLOCK_SKEW_S
     known = _journaled_batch_ids()
-    candidates = []
+    undecided = []
     for b in client.messages.batches.list(limit=100):  # newest first, page after page
         if b.created_at.timestamp() < since:
             break
-        if b.id not in known and _request_total(b) == intent["count"]:
-            candidates.append(b)
-    if len(candidates) <= 1:
-        return candidates[0].id if candidates else None
-    ours = [b for b in candidates if b.processing_status == "ended" and intent.get("keys")
-            and keys_digest({e.custom_id for e in client.messages.batches.results(b.id)}) == intent["keys"]]
-    if len(ours) == 1:
-        return ours[0].id
+        if b.id in known or _request_total(b) != intent["count"]:
+            continue
+        if b.processing_status != "ended" or not intent.get("keys"):
+            undecided.append(b)  # its requests' ids are not to be had until it ends
+        elif keys_digest({e.custom_id for e in client.messages.batches.results(b.id)}) == intent["keys"]:
+            return b.id, False  # (two with these very ids hold the same answers: either will do)
+    if len(undecided) <= 1:
+        return (undecided[0].id, True) if undecided else None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(intent["intent_at"])))
     raise TeacherError(
         f"a batch of {intent['count']} requests was being submitted when an earlier run stopped ({when}), and "
-        f"{len(candidates)} batches created since then could be it: {', '.join(b.id for b in candidates)}. "
+        f"{len(undecided)} batches created since then could be it: {', '.join(b.id for b in undecided)}. "
         f"kolm cannot tell which one it paid for, so it submits nothing rather than pay twice. Re-run once they "
         f"have ended (their requests then tell them apart), or remove {journal} to submit again (the requests of "
         f"the one that was ours are then paid for again).")
@@ -165,14 +204,9 @@ def call_teacher_batch(plan: Any, rows: pa.Table, progress: Callable[[int], None
             params_of[key] = params
 
     results: dict[str, SampleResult] = {}
-    for key in params_of:
-        hit = cache.get(key)
-        if hit is not None:
-            results[key] = SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True,
-                                        served_model=hit.get("model"))
-    if progress and results:
-        progress(len(results))
     run = _Run(client, cache, cfg, tcfg, params_of, results, progress)
+    run.from_cache(list(params_of))
+    run.previous_format_journals()
     for chunk in _chunks(list(params_of), cfg.batch_max_requests):
         run.chunk(chunk)
     out = [_result_row(req, key, results[key]) for req, key, _ in reqs]
@@ -188,16 +222,62 @@ class _Run:
         self.failures: dict[str, list[str]] = {}
         self.tries: dict[str, int] = {}
 
+    def from_cache(self, keys: list[str]) -> None:
+        """Take the answers the cache holds for ``keys`` (not yet taken)."""
+        got = 0
+        for key in keys:
+            if key in self.results:
+                continue
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.results[key] = SampleResult(text=hit["text"], usage=Usage(**hit["usage"]), cached=True,
+                                                 served_model=hit.get("model"))
+                got += 1
+        if self.progress and got:
+            self.progress(got)
+
+    def previous_format_journals(self) -> None:
+        """Collect the batches that journals of the previous format name: such a journal is
+        named by the digest of the keys it submitted (those not cached then, in chunks of
+        ``batch_max_requests``), so it is found when the cache has not changed since (the run
+        died while its batch was processing). Its batch holds exactly those requests."""
+        pending = sorted(k for k in self.params_of if k not in self.results)
+        size = self.cfg.batch_max_requests
+        for keys in (pending[i : i + size] for i in range(0, len(pending), size)):
+            path = journal_path(keys)
+            if not path.exists():
+                continue
+            with _chunk_lock(path):
+                try:
+                    data = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if "format_version" in data or not data.get("batch_id"):
+                    continue  # this format's own: its chunk reads it
+                journal = _Journal(keys)
+                log.info("collecting batch %s journaled by an earlier kolm (%s)", data["batch_id"], path)
+                for sub in journal.submissions:
+                    self._collect(journal, sub, keys)
+                journal.remove()
+
     def chunk(self, keys: list[str]) -> None:
-        if all(k in self.results for k in keys):
-            journal_path(keys).unlink(missing_ok=True)  # a finished chunk whose journal outlived a crash
-            return
+        path = journal_path(keys)
+        with _chunk_lock(path):
+            self.from_cache(keys)  # what another run on this host cached while this one waited
+            if all(k in self.results for k in keys):
+                path.unlink(missing_ok=True)  # a finished chunk whose journal outlived a crash
+                return
+            self._chunk(keys)
+
+    def _chunk(self, keys: list[str]) -> None:
         journal = _Journal(keys)
         # What an earlier run of this chunk left: its errors, its batches to collect.
         for sub in journal.submissions:
             if sub["state"] == "intent":
-                bid = find_created_batch(self.client, sub, journal.path)
-                sub["batch_id"], sub["state"] = (bid, "submitted") if bid else (None, "never_created")
+                found = find_created_batch(self.client, sub, journal.path)
+                sub["batch_id"], sub["state"] = (found[0], "submitted") if found else (None, "never_created")
+                if found and found[1]:
+                    sub["provisional"] = True
                 journal.save()
             if sub["state"] == "submitted":
                 self._collect(journal, sub, keys)
@@ -231,15 +311,21 @@ class _Run:
             self.results[key] = SampleResult(text=None, attempts=self.tries[key], failures=self.failures[key],
                                              error=f"batch: {kind}")
 
-    def _collect(self, journal: _Journal, sub: dict[str, Any], keys: list[str]) -> None:
-        """Wait for a submitted batch to end, cache its answers, journal its errors."""
+    def _collect(self, journal: _Journal, sub: dict[str, Any], keys: list[str]) -> bool:
+        """Wait for a submitted batch to end, cache its answers, journal its errors. False: it
+        was not ours after all (adopted provisionally, and its requests' ids are not the
+        intent's, or none of them is ours): let go, journaled ``not_ours``, no attempt spent.
+        (An answer it holds to one of our very requests is cached all the same: the key is
+        the request.)"""
         batch_id = sub["batch_id"]
         while self.client.messages.batches.retrieve(batch_id).processing_status != "ended":
             time.sleep(self.cfg.batch_poll_s)
         mine = set(keys)
         errors: dict[str, str] = {}
+        ids: set[str] = set()
         for entry in self.client.messages.batches.results(batch_id):
             key, result = entry.custom_id, entry.result
+            ids.add(key)
             if key not in mine:
                 continue
             if result.type == "succeeded":
@@ -256,8 +342,16 @@ class _Run:
                 if self.progress:
                     self.progress(1)
             else:
-                kind = result.error.error.type if result.type == "errored" else result.type
-                errors[key] = kind
-                self._failed(key, kind)
+                errors[key] = result.error.error.type if result.type == "errored" else result.type
+        ours = keys_digest(ids) == sub["keys"] if sub.get("provisional") and sub.get("keys") else bool(ids & mine)
+        sub.pop("provisional", None)
+        if not ours:
+            sub["state"] = "not_ours"
+            journal.save()
+            log.info("batch %s, adopted before it ended, holds other requests: not ours, let go", batch_id)
+            return False
+        for key, kind in errors.items():
+            self._failed(key, kind)
         sub["state"], sub["errors"] = "done", errors
         journal.save()
+        return True

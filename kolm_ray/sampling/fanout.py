@@ -26,8 +26,10 @@ import asyncio
 import bisect
 import ctypes
 import errno
+import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,12 +45,13 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.durable import fsync_dir
-from kolm_ray.errors import BudgetExceeded, TeacherError
+from kolm_ray.errors import BudgetExceeded, InputError, TeacherError
 from kolm_ray.sampling.prompt import RECORDED_MODEL_PREFIX
 from kolm_ray.measures import content_words, normalize_label, parse_json_object
 from kolm_ray.sampling.budget import BudgetCheck, budget_check
 from kolm_ray.sampling.cache import ResponseCache, request_key
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
+from kolm_ray.sampling.limits import teacher_identity
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, quota_name, release_holder, teacher_quota
@@ -318,7 +321,7 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
         from kolm_ray.sampling.batch import call_teacher_batch
 
         return call_teacher_batch(plan, rows, progress)
-    api_key, base_url = os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")
+    api_key, base_url = teacher_identity()  # the quota's identity: the API key, else the auth token
     teacher_quota(api_key, base_url)
     if plan.quota.holder is None:  # one holder for the whole run, so its caps hold across its actors
         plan = SamplingPlan(**{**plan.__dict__, "quota": plan.quota.model_copy(
@@ -647,7 +650,7 @@ def sample_rows(
         verifier = synthesize(task, rows.column("output").to_pylist(), rows.column("input").to_pylist())
     quota = quota if quota.holder else quota.model_copy(update={"holder": f"sample-{uuid.uuid4().hex[:12]}"})
     p = plan(task, rows, verifier, teacher, sample, quota, cache_dir)
-    api_key, base_url = os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_BASE_URL")
+    api_key, base_url = teacher_identity()  # the quota's identity: the API key, else the auth token
     handle = teacher_quota(api_key, base_url)
     budget, spent = ray.get(handle.tenant_view.remote(quota.tenant))
     check = budget_check(rows, sample.k, teacher, prices, system=p.system, cache=ResponseCache(p.cache_dir),
@@ -688,6 +691,58 @@ def sample_rows(
     return SampleOutcome(samples=scored, verifier=verifier, summary=summary)
 
 
+def samples_target(out_dir: str | Path) -> str | Path:
+    """Where ``write_samples`` will write ``out_dir``: an object-storage URI as given, else the
+    local folder (a ``file://`` URI turned into its path). Cheap and touching nothing: the CLI
+    asks it before any teacher call.
+
+    Raises:
+        InputError: ``out_dir`` is a URI that is neither object storage nor a local ``file://``
+            path; a file; or a symbolic link kolm did not make (kolm replaces what its link
+            points to and removes the version it replaced, which here would be the user's).
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from kolm_ray.store import is_remote
+
+    text = os.fspath(out_dir)
+    if is_remote(text):
+        return text
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise InputError(f"{text!r} is not a folder kolm can write samples to: give a local path, a file:///path "
+                             "URI, or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX")
+        text = unquote(parts.path)
+    out = Path(text).expanduser()
+    if out.is_symlink():
+        _kolm_version(out)  # raises for a link that is not kolm's
+    elif out.exists() and not out.is_dir():
+        raise InputError("is a file, not a folder: kolm writes samples.parquet, verifier.json and summary.json into "
+                         "a folder; give another --out or remove the file", path=str(out))
+    return out
+
+
+# The versions ``write_samples`` makes: ``.NAME.v-<time>-<id>`` beside ``NAME``.
+_VERSION_SUFFIX = r"\.v-\d{8}T\d{6}-[0-9a-f]{8}"
+
+
+def _kolm_version(out: Path) -> Path:
+    """The version folder kolm's link ``out`` points to (to remove once replaced).
+
+    Raises:
+        InputError: ``out`` is a link kolm did not make: its target is not a plain version name
+            in ``out``'s own folder.
+    """
+    target = os.readlink(out)
+    if re.fullmatch(r"\." + re.escape(out.name) + _VERSION_SUFFIX, target):
+        return out.parent / target
+    raise InputError(f"is a symbolic link to {target} that kolm did not make. kolm replaces a samples folder by "
+                     f"writing a new version beside it and removing the one it replaced, which here would be your "
+                     f"data: give --out the real folder ({out.resolve()}) or a new path, or remove the link",
+                     path=str(out))
+
+
 def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> str | Path:
     """Write ``samples.parquet``, ``verifier.json`` and ``summary.json`` into ``out_dir`` at once;
     returns where they went (the folder's ``Path``, or the URI).
@@ -704,20 +759,25 @@ def write_samples(out_dir: str | Path, outcome: SampleOutcome) -> str | Path:
     An object-storage prefix (``s3://``, ``gs://``) has no rename: each file is one object
     (never seen half-written), and ``summary.json`` goes last, so it marks a complete dataset; a
     crash between the uploads can leave the new samples beside the previous summary.
+
+    Raises:
+        InputError: ``out_dir`` is not a place for samples (see ``samples_target``); nothing
+            was written.
     """
     import tempfile
 
-    from kolm_ray.store import is_remote, open_store
+    from kolm_ray.store import open_store
 
-    if is_remote(out_dir):
-        store = open_store(out_dir)
+    target = samples_target(out_dir)
+    if isinstance(target, str):
+        store = open_store(target)
         with tempfile.TemporaryDirectory(prefix="kolm-samples-") as td:
             pq.write_table(outcome.samples, Path(td) / "samples.parquet")
             store.upload_file(Path(td) / "samples.parquet", "samples.parquet")
         store.write_bytes("verifier.json", outcome.verifier.to_json().encode())
         store.write_bytes("summary.json", outcome.summary.model_dump_json(indent=2).encode())
         return store.uri
-    out = Path(out_dir)
+    out = target
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     version = parent / f".{out.name}.v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -769,9 +829,11 @@ def _point(out: Path, version: Path) -> Path | None:
     os.symlink(version.name, link)  # relative: the folder can move with its versions
     try:
         if out.is_symlink():
-            previous: Path | None = parent / os.readlink(out)
+            previous: Path | None = _kolm_version(out)  # only ever kolm's own version is removed
             os.replace(link, out)  # a link over a link: one rename
         elif out.exists():
+            if not out.is_dir():  # checked by samples_target; a file put there since is not swapped aside
+                raise InputError("is a file, not a folder: give another --out or remove the file", path=str(out))
             if _exchange(link, out):  # the old folder is now at `link`'s name
                 previous = link
             else:
@@ -816,7 +878,7 @@ def _sweep(out: Path, keep: Path) -> None:
     links, renamed-aside folders), once older than ``_STALE_S``."""
     now = time.time()
     current = out.parent / os.readlink(out) if out.is_symlink() else None
-    for p in out.parent.glob(f".{out.name}.*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
         if p in (keep, current) or not p.name[len(out.name) + 2:].startswith(("v-", "link-", "old-", "tmp-")):
             continue
         try:

@@ -5,8 +5,9 @@ the operator (``kolm teacher-limits set`` → ``set_limits``) and read by the sh
 (``sampling/quota.py``) when it starts and whenever the file changes. A compile never writes
 it: a compile's own flags only narrow its share (``QuotaConfig``).
 
-Entries are keyed by the digest of the API key and endpoint (``key_digest``, the suffix of the
-quota actor's name), with a ``default`` entry for keys that have none::
+Entries are keyed by the digest of the API key (or, without one, the auth token:
+``teacher_identity``) and endpoint (``key_digest``, the suffix of the quota actor's name), with
+a ``default`` entry for keys that have none::
 
     {"format_version": 1,
      "default": {"org": {"max_in_flight": 16, "calls_per_minute": 4000, "tokens_per_minute": 2000000},
@@ -15,7 +16,7 @@ quota actor's name), with a ``default`` entry for keys that have none::
 
 A key's entry takes its ``org`` limits from the key when it states them, else from ``default``;
 its tenants are the default's overlaid by the key's. Budgets are per key (each key's quota
-actor keeps its own spend, in ``teacher-quota/<digest>.json`` beside this file). The actor
+actor keeps its own spend, in ``teacher-quota/v3-<digest>.json`` beside this file). The actor
 reads both files where the compile that created it saw them: on a multi-node cluster keep the
 state dir on shared storage. Must not admit calls or call the teacher.
 """
@@ -25,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -41,13 +44,30 @@ LIMITS_FORMAT_VERSION = 1
 NAMESPACE = "kolm"
 # v2: leases, holders, AIMD and budgets; v3: callers' liveness tokens (``alive``). A new name
 # each time, so a cluster still running the previous actor (whose methods differ) is not joined
-# by mistake.
-QUOTA_PREFIX = "kolm-teacher-quota-v3-"
+# by mistake; and its own state file (``quota_state_path``), so the two never share one.
+QUOTA_VERSION = "v3"
+QUOTA_PREFIX = f"kolm-teacher-quota-{QUOTA_VERSION}-"
+# The earlier actor's name: a v3 client retires one still running for its key (two actors would
+# each admit the organization's whole limit), and the v3 actor takes over its ledger.
+RETIRED_QUOTA_PREFIX = "kolm-teacher-quota-v2-"
 
 
 def key_digest(api_key: str | None, base_url: str | None) -> str:
-    """The 12-hex digest naming one organization's key and endpoint (never the key itself)."""
+    """The 12-hex digest naming one organization's key and endpoint (never the key itself);
+    ``api_key`` is the credential ``teacher_identity`` picks."""
     return hashlib.sha256(f"{api_key or ''}|{base_url or ''}".encode()).hexdigest()[:12]
+
+
+def teacher_identity(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """The credential and endpoint that name this environment's organization, for
+    ``key_digest`` / ``quota_name``: ANTHROPIC_API_KEY, else ANTHROPIC_AUTH_TOKEN (a gateway's
+    bearer token: two tokens are two quotas, not one shared by every token user), and
+    ANTHROPIC_BASE_URL. An API key's digest is what it always was."""
+    env = os.environ if env is None else env
+    credential = env.get("ANTHROPIC_API_KEY") or None
+    if credential is None and env.get("ANTHROPIC_AUTH_TOKEN"):
+        credential = "auth-token:" + env["ANTHROPIC_AUTH_TOKEN"]
+    return credential, env.get("ANTHROPIC_BASE_URL") or None
 
 
 def quota_name(api_key: str | None, base_url: str | None) -> str:
@@ -123,19 +143,35 @@ def limits_path() -> Path:
 
 def quota_state_path(digest: str) -> Path:
     """Where a key's quota actor keeps its durable state, the tenants' ledger among it
-    (``teacher-quota/<digest>.json``; written by the actor only)."""
+    (``teacher-quota/v3-<digest>.json``, versioned as the actor's name; written by the actor
+    only)."""
+    return state_dir() / "teacher-quota" / f"{QUOTA_VERSION}-{digest}.json"
+
+
+def retired_quota_state_path(digest: str) -> Path:
+    """Where the earlier (v2) actor kept its state, ``teacher-quota/<digest>.json``: the v3
+    actor reads its ledger from there, never writes it."""
     return state_dir() / "teacher-quota" / f"{digest}.json"
+
+
+def spend_of(raw: dict) -> Spend:
+    """A ledger entry as any version wrote it: fields this one does not know are left out,
+    missing ones are 0."""
+    return Spend.model_validate({k: v for k, v in raw.items() if k in Spend.model_fields})
 
 
 def read_ledger(digest: str, path: str | Path | None = None) -> dict[str, Spend]:
     """The tenants' spend on one key as its quota actor last wrote it (at most half a second
-    behind it); empty when nothing was spent yet."""
-    p = Path(path) if path is not None else quota_state_path(digest)
-    try:
-        snap = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    return {t: Spend.model_validate(s) for t, s in snap.get("spend", {}).items()}
+    behind it); before any v3 actor wrote one, the earlier actor's; empty when nothing was
+    spent yet."""
+    paths = [Path(path)] if path is not None else [quota_state_path(digest), retired_quota_state_path(digest)]
+    for p in paths:
+        try:
+            snap = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        return {t: spend_of(s) for t, s in snap.get("spend", {}).items()}
+    return {}
 
 
 class LimitsView(BaseModel):

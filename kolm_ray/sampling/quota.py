@@ -4,7 +4,9 @@ An API key's rate limit belongs to the organization, not to one job, so calls in
 per minute and tokens per minute are admitted by one named, detached Ray actor per key
 (``kolm-teacher-quota-v3-<key digest>`` in namespace ``kolm``), under the limits the operator
 stated (``sampling/limits.py``; defaults where none are stated). A compile never changes them:
-its own caps (``QuotaConfig``) narrow only its own share, min(org, cap).
+its own caps (``QuotaConfig``) narrow only its own share, min(org, cap). The actor of the
+previous version (``kolm-teacher-quota-v2-<key digest>``), if one still runs, is retired by the
+first client of the v3 one, which takes its ledger over: two would each admit the whole limit.
 
 * **Leases.** ``acquire`` grants a lease that expires after the teacher's timeout plus a margin;
   ``release(lease)`` ends it. A caller may name its process by a liveness token (``alive``: an
@@ -36,7 +38,7 @@ import math
 import time
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +48,8 @@ from kolm_ray.durable import write_atomic
 from kolm_ray.errors import BudgetExceeded
 from kolm_ray.sampling.config import QuotaConfig
 from kolm_ray.sampling.limits import (
-    NAMESPACE, RateLimits, ResolvedLimits, Spend, TenantBudget, key_digest, limits_path, load_limits,
-    quota_name, quota_state_path,
+    NAMESPACE, QUOTA_PREFIX, RETIRED_QUOTA_PREFIX, RateLimits, ResolvedLimits, Spend, TenantBudget, key_digest,
+    limits_path, load_limits, quota_name, quota_state_path, retired_quota_state_path, spend_of,
 )
 
 log = logging.getLogger("kolm_ray.sampling.quota")
@@ -192,6 +194,8 @@ class QuotaBook:
         self.leases: dict[str, Lease] = {}
         self.holders: dict[str, _Holder] = {}
         self.spend: dict[str, Spend] = {}
+        # The retired (v2) actor's ledger as last taken over: its later spend is what it adds.
+        self.taken_over: dict[str, Spend] = {}
         self.counts: Counter = Counter({k: 0 for k in ("admitted", "waited", "rate_limited", "expired_leases",
                                                        "late_releases", "refused_budget", "dead_owner_leases")})
         self.max_in_flight_seen = 0
@@ -357,6 +361,22 @@ class QuotaBook:
     def owners(self) -> set[str]:
         return {lease.owner for lease in self.leases.values() if lease.owner is not None}
 
+    def take_over(self, retired: dict[str, Spend]) -> bool:
+        """Add to the tenants' spend what the retired actor's ledger ``retired`` booked since it
+        was last taken over (all of it the first time); False when nothing was new. A ledger
+        smaller than the one taken over was started again: all of it is new."""
+        changed = False
+        for tenant, now_spent in retired.items():
+            before = self.taken_over.get(tenant, Spend())
+            grew = now_spent.usd >= before.usd and now_spent.tokens >= before.tokens and now_spent.calls >= before.calls
+            new = (Spend(usd=now_spent.usd - before.usd, tokens=now_spent.tokens - before.tokens,
+                         calls=now_spent.calls - before.calls) if grew else now_spent)
+            if new != Spend():
+                self.spend[tenant] = self.spend.get(tenant, Spend()) + new
+                changed = True
+        self.taken_over = dict(retired)
+        return changed
+
     # ----- views ----------------------------------------------------------------------------
     def tenant_view(self, tenant: str | None) -> tuple[TenantBudget | None, Spend]:
         if tenant is None:
@@ -381,6 +401,7 @@ class QuotaBook:
         return {
             "format_version": QUOTA_STATE_FORMAT_VERSION,
             "spend": {t: s.model_dump() for t, s in self.spend.items()},
+            "taken_over": {t: s.model_dump() for t, s in self.taken_over.items()},
             "leases": [asdict(lease) for lease in self.leases.values()],
             "holders": {n: {"caps": h.caps.model_dump(), "spend": h.spend.model_dump()} for n, h in self.holders.items()},
             "aimd": asdict(self.aimd),
@@ -392,36 +413,48 @@ class QuotaBook:
     def restore(self, snap: dict[str, Any], now: float, *, restarted: bool) -> None:
         """Take back a snapshot. The tenants' spend always (it is the ledger); on a restart of
         the same actor also its leases, holders, learned limit and pause, since the calls it
-        admitted are still running. A fresh actor starts from the operator's limits."""
-        self.spend = {t: Spend.model_validate(s) for t, s in snap.get("spend", {}).items()}
+        admitted are still running. A fresh actor starts from the operator's limits.
+
+        Records another version wrote are taken as far as they go: fields this one does not
+        know are left out, missing ones take their defaults."""
+        self.spend = {t: spend_of(s) for t, s in snap.get("spend", {}).items()}
+        self.taken_over = {t: spend_of(s) for t, s in snap.get("taken_over", {}).items()}
         if not restarted:
             return
         for h in snap.get("holders", {}).values():
-            claim = QuotaConfig.model_validate(h["caps"])
-            self._holder(claim, now).spend = Spend.model_validate(h["spend"])
+            claim = QuotaConfig.model_validate({k: v for k, v in h["caps"].items() if k in QuotaConfig.model_fields})
+            self._holder(claim, now).spend = spend_of(h.get("spend", {}))
         for raw in snap.get("leases", []):
-            lease = Lease(**raw)
+            lease = Lease(**_known(Lease, raw))
             self.leases[lease.id] = lease
             self.state = replace(self.state, in_flight=self.state.in_flight + 1)
             h = self.holders.get(lease.holder) or self._holder(QuotaConfig(holder=lease.holder), now)
             h.state = replace(h.state, in_flight=h.state.in_flight + 1)
-        aimd = Aimd(**snap["aimd"]) if "aimd" in snap else self.aimd
+        aimd = Aimd(**_known(Aimd, snap["aimd"])) if "aimd" in snap else self.aimd
         self.aimd = replace(aimd, limit=min(aimd.limit, float(self.limits.org.max_in_flight)))
         self.state = replace(self.state, paused_until=float(snap.get("paused_until", 0.0)))
         self.counts.update({k: v for k, v in snap.get("counts", {}).items() if k in self.counts})
         self.max_in_flight_seen = int(snap.get("max_in_flight_seen", 0))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class TeacherQuota:
-    """Detached actor holding one organization's teacher quota (one per key and endpoint).
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` in ``raw``, the rest left out."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
-    Its constructor arguments are the key's digest and the paths of the operator's limits file
-    and of its own durable state: Ray restarts it with the same ones.
+
+class _TeacherQuota:
+    """Detached actor holding one organization's teacher quota (one per key and endpoint);
+    ``TeacherQuota`` is it as a Ray actor.
+
+    Its constructor arguments are the key's digest and the paths of the operator's limits file,
+    of its own durable state and of the retired (v2) actor's, whose ledger it takes over: Ray
+    restarts it with the same ones.
     """
 
-    def __init__(self, digest: str, limits_file: str, state_file: str):
+    def __init__(self, digest: str, limits_file: str, state_file: str, retired_state_file: str | None = None):
         self._digest, self._limits_file, self._state_file = digest, Path(limits_file), Path(state_file)
+        self._retired_state_file = Path(retired_state_file) if retired_state_file else None
         self._limits_error: str | None = None
         self._limits_mtime = self._mtime()
         now = time.time()
@@ -433,9 +466,11 @@ class TeacherQuota:
         if snap is not None:
             self._book.restore(snap, now, restarted=ray.get_runtime_context().was_current_actor_reconstructed)
         self._cond = asyncio.Condition()
-        self._dirty = False
+        self._dirty = self._take_over_retired()
         self._persist_errors = 0
         self._housekeeper: asyncio.Task | None = None
+        # Housekeeping steps that raised, by step (each logged; the loop goes on).
+        self._housekeeping_errors: Counter = Counter()
         # Sample keys being paid for right now, and by whom (owner, expiry, liveness token): two
         # compiles of one task ask for the same samples, and only one of them may pay for each.
         self._calling: dict[str, tuple[str, float, str | None]] = {}
@@ -476,23 +511,61 @@ class TeacherQuota:
             self._dirty = True
             log.warning("could not write the teacher quota state to %s: %s", self._state_file, e)
 
+    def _take_over_retired(self) -> bool:
+        """Add what the retired actor booked since last time to the ledger (see
+        ``QuotaBook.take_over``); True when that changed it. A file it cannot read is logged and
+        taken over at the next try."""
+        if self._retired_state_file is None:
+            return False
+        try:
+            snap = json.loads(self._retired_state_file.read_text(encoding="utf-8"))
+            retired = {t: spend_of(v) for t, v in snap.get("spend", {}).items()}
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            log.warning("could not read the retired teacher quota's ledger %s: %s", self._retired_state_file, e)
+            return False
+        return self._book.take_over(retired)
+
     async def _housekeeping(self) -> None:
+        """Every ``PERSIST_EVERY_S``: free dead callers' slots, reclaim expired leases, reload a
+        changed limits file, persist. A step that raises is logged and counted (``stats``'
+        ``housekeeping_errors``) and the loop goes on: ending it would end persisting,
+        reloading and reclaiming for the actor's whole life."""
         next_reload = next_owner_check = 0.0
         while True:
             await asyncio.sleep(PERSIST_EVERY_S)
             if time.monotonic() >= next_owner_check:
                 next_owner_check = time.monotonic() + OWNER_CHECK_S
-                await self._free_dead_owners()
+                try:
+                    await self._free_dead_owners()
+                except Exception as e:  # noqa: BLE001 - counted, logged, and tried again next tick
+                    self._housekeeping_failed("free_dead_owners", e)
             async with self._cond:
-                if self._book.reclaim(time.time()):  # expired leases: free them now, not at the next acquire
+                try:
+                    if self._book.reclaim(time.time()):  # expired leases: free them now, not at the next acquire
+                        self._dirty = True
+                        self._cond.notify_all()
+                except Exception as e:  # noqa: BLE001
+                    self._housekeeping_failed("reclaim", e)
+                try:
+                    if time.monotonic() >= next_reload:
+                        next_reload = time.monotonic() + RELOAD_EVERY_S
+                        if self._mtime() != self._limits_mtime:
+                            self._reload()
+                except Exception as e:  # noqa: BLE001
+                    self._housekeeping_failed("reload", e)
+                try:
+                    if self._dirty:
+                        self._persist()
+                except Exception as e:  # noqa: BLE001 - OSError is _persist's own; this is anything else
                     self._dirty = True
-                    self._cond.notify_all()
-                if time.monotonic() >= next_reload:
-                    next_reload = time.monotonic() + RELOAD_EVERY_S
-                    if self._mtime() != self._limits_mtime:
-                        self._reload()
-                if self._dirty:
-                    self._persist()
+                    self._housekeeping_failed("persist", e)
+
+    def _housekeeping_failed(self, step: str, e: Exception) -> None:
+        self._housekeeping_errors[step] += 1
+        log.error("teacher quota housekeeping: %s failed (%d so far), carrying on: %r", step,
+                  self._housekeeping_errors[step], e, exc_info=e)
 
     def _watch(self, alive: list | None) -> str | None:
         """The hex of a caller's liveness token, kept to be checked (None: the caller sent none)."""
@@ -610,6 +683,16 @@ class TeacherQuota:
             self._cond.notify_all()
             return n
 
+    async def take_over_retired(self) -> bool:
+        """Take over what the retired actor booked since last time (``teacher_quota`` asks once
+        it has retired one); True when the ledger changed."""
+        self._start()
+        async with self._cond:
+            changed = self._take_over_retired()
+            if changed:
+                self._persist()
+            return changed
+
     async def reload(self) -> dict[str, Any]:
         """Read the operator's limits file now (``set_limits`` asks after writing it)."""
         self._start()
@@ -626,7 +709,11 @@ class TeacherQuota:
 
     async def stats(self, holder: str | None = None) -> dict[str, Any]:
         return {**self._book.stats(holder), "limits_error": self._limits_error,
-                "persist_errors": self._persist_errors, "keys": dict(self._keys)}
+                "persist_errors": self._persist_errors, "keys": dict(self._keys),
+                "housekeeping_errors": dict(self._housekeeping_errors)}
+
+
+TeacherQuota = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_TeacherQuota)
 
 
 def _owner_died(ref: Any) -> bool:
@@ -642,19 +729,47 @@ def _owner_died(ref: Any) -> bool:
 
 def teacher_quota(api_key: str | None, base_url: str | None):
     """The cluster's quota actor for this key and endpoint, created on first use under the
-    operator's limits. Nothing a caller passes changes them.
+    operator's limits. Nothing a caller passes changes them. A v2 actor of the key still
+    running is retired first, its ledger carried over (``_retire_earlier_quota``).
 
     Raises:
         InputError: the operator's limits file is unreadable (checked here, before any call).
     """
     digest = key_digest(api_key, base_url)
     load_limits()
+    retired = _retire_earlier_quota(digest)
     handle = TeacherQuota.options(
         name=quota_name(api_key, base_url), namespace=NAMESPACE, lifetime="detached",
         get_if_exists=True, max_concurrency=10_000,
-    ).remote(digest, str(limits_path()), str(quota_state_path(digest)))
+    ).remote(digest, str(limits_path()), str(quota_state_path(digest)), str(retired_quota_state_path(digest)))
+    if retired:  # an actor that was already running takes over what the retired one booked last
+        ray.get(handle.take_over_retired.remote())
     ray.get(handle.limits.remote())  # alive and named before the fan-out's actors look it up
     return handle
+
+
+def _retire_earlier_quota(digest: str) -> bool:
+    """Stop the earlier (v2) quota actor of this key if one still runs: two actors would each
+    admit the organization's whole limit. It is asked to write its ledger first (its
+    ``release_holder`` persists), and the v3 actor takes that ledger over. True if one was
+    retired. A compile of the earlier version still running on the cluster loses its quota
+    actor (its calls fail) or starts a new one; the log says so."""
+    name = RETIRED_QUOTA_PREFIX + digest
+    try:
+        old = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        ray.get(old.release_holder.remote(f"kolm-retire-{uuid.uuid4().hex[:8]}"), timeout=30)
+    except (ray.exceptions.RayError, AttributeError) as e:
+        log.warning("the earlier teacher quota actor %s did not write its ledger before retiring (%s): "
+                    "spend it booked in its last half second may be missing", name, e)
+    ray.kill(old, no_restart=True)
+    log.warning("retired the earlier teacher quota actor %s: it and %s would each have admitted the "
+                "organization's whole limit; its ledger (%s) is carried over. A compile of the earlier kolm "
+                "still running on this cluster loses its quota: re-run it with this version", name,
+                QUOTA_PREFIX + digest, retired_quota_state_path(digest))
+    return True
 
 
 def release_holder(api_key: str | None, base_url: str | None, holder: str) -> int:

@@ -2,6 +2,8 @@
 examples: ``POST /v1/messages`` (plain and streaming), and the Message Batches API
 (``POST /v1/messages/batches``, ``GET /v1/messages/batches`` (newest first, paged by
 ``limit``/``after_id``/``before_id`` as the real API), ``GET .../{id}``, ``GET .../{id}/results``).
+A batch ends ``batch_delay_s`` after it is created; with ``hold_batches`` set, batches created
+stay in progress until ``end_batches()``, so a test decides when they end.
 
 With ``api_key`` or ``auth_token`` set it checks credentials as the real API does
 (``x-api-key``, or ``Authorization: Bearer``) and answers 401 otherwise; ``stats.auth`` counts
@@ -22,6 +24,7 @@ import asyncio
 import datetime
 import hashlib
 import json
+import math
 import random
 import threading
 import time
@@ -157,6 +160,7 @@ class MessagesAPIServer:
         self.faults = faults or FaultPlan()
         self.batch_delay_s = batch_delay_s
         self.batch_error_rate = batch_error_rate
+        self.hold_batches = False  # True: batches created stay in progress until end_batches()
         self.stats = ServerStats()
         self._rng = random.Random(self.faults.seed)
         self._seen: Counter = Counter()
@@ -204,6 +208,14 @@ class MessagesAPIServer:
             self._outage_pending = seconds
         else:
             self.outage_started_at, self.outage_until = time.time(), time.time() + seconds
+
+    def end_batches(self) -> None:
+        """End every batch held in progress (``hold_batches``) now, and hold no more."""
+        with self._lock:
+            self.hold_batches = False
+            for batch in self._batches.values():
+                if batch["ready_at"] == math.inf:
+                    batch["ready_at"] = time.time()
 
     async def _start(self) -> None:
         app = web.Application(client_max_size=256 * 1024**2, middlewares=[self._authenticate])
@@ -442,9 +454,10 @@ class MessagesAPIServer:
                 results.append({"custom_id": r["custom_id"], "result": {"type": "succeeded", "message": msg}})
         self.stats.batches_created += 1
         bid = f"msgbatch_{uuid.uuid4().hex[:24]}"
-        batch = {"id": bid, "requests": reqs, "results": results, "created": time.time(),
-                 "ready_at": time.time() + self.batch_delay_s}
-        self._batches[bid] = batch
+        with self._lock:
+            batch = {"id": bid, "requests": reqs, "results": results, "created": time.time(),
+                     "ready_at": math.inf if self.hold_batches else time.time() + self.batch_delay_s}
+            self._batches[bid] = batch
         return web.json_response(self._batch_view(batch))
 
     async def _batch_list(self, request: web.Request) -> web.Response:

@@ -414,3 +414,53 @@ def test_the_auth_token_alone_reaches_the_teacher_actors(ray_session, messages_a
     summary = json.loads(res.output[res.output.index("{"):])
     assert summary["calls"] == 12 and summary["failed_samples"] == 0
     assert srv.stats.unauthorized == 0 and srv.stats.auth == {"bearer": 12}
+    # The quota is this token's, not the one every token user on this endpoint would share.
+    import ray
+
+    from kolm_ray.sampling.quota import NAMESPACE, quota_name
+
+    assert ray.get_actor(quota_name("auth-token:bearer-secret", srv.url), namespace=NAMESPACE)
+    with pytest.raises(ValueError):
+        ray.get_actor(quota_name(None, srv.url), namespace=NAMESPACE)
+
+
+def test_an_earlier_quota_actor_is_retired_and_its_ledger_carried_over(ray_session, caplog):
+    """A cluster still runs the v2 actor of a key (an earlier kolm), with spend in its ledger
+    file. The first v3 client retires it (two actors would each admit the organization's whole
+    limit), and the v3 actor, with a state file of its own, takes its ledger over."""
+    import ray
+
+    from kolm_ray.home import state_dir
+    from kolm_ray.sampling.limits import key_digest, limits_path
+    from kolm_ray.sampling.quota import NAMESPACE, TeacherQuota, quota_name, teacher_quota
+
+    set_limits(tenant="acme", budget_usd=10.0)
+    api_key = f"v2-{uuid.uuid4().hex[:8]}"
+    digest = key_digest(api_key, BASE_URL)
+    old_state = state_dir() / "teacher-quota" / f"{digest}.json"  # where v2 kept its state
+    # The v2 actor, played by this class under v2's name and state file (v2's own class is gone).
+    old = TeacherQuota.options(name=f"kolm-teacher-quota-v2-{digest}", namespace=NAMESPACE,
+                               lifetime="detached").remote(digest, str(limits_path()), str(old_state))
+    g = ray.get(old.acquire.remote(10, QuotaConfig(holder="old", tenant="acme"), 30.0))
+    ray.get(old.release.remote(g.lease, estimated=10, actual=100, cost_usd=1.25, billed_tokens=100))
+
+    with caplog.at_level("WARNING", logger="kolm_ray.sampling.quota"):
+        quota = teacher_quota(api_key, BASE_URL)
+
+    def ours():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a.get("namespace") == NAMESPACE and a["name"].endswith(digest))
+
+    _wait_for("one quota actor for the key", lambda: ours() == [quota_name(api_key, BASE_URL)], 60, ours)
+    assert "retired the earlier teacher quota actor" in caplog.text
+    budget, spent = ray.get(quota.tenant_view.remote("acme"))
+    assert spent.usd == pytest.approx(1.25) and budget.usd == 10.0  # v2's spend counts against the budget
+    g = ray.get(quota.acquire.remote(10, QuotaConfig(holder="new", tenant="acme"), 30.0))
+    ray.get(quota.release.remote(g.lease, estimated=10, actual=10, cost_usd=0.5, billed_tokens=10))
+    # A second client changes nothing: v2's spend is taken over once.
+    assert ray.get(teacher_quota(api_key, BASE_URL).tenant_view.remote("acme"))[1].usd == pytest.approx(1.75)
+    ray.get(quota.release_holder.remote("new"))  # writes its state now
+    new_state = json.loads((state_dir() / "teacher-quota" / f"v3-{digest}.json").read_text())
+    assert new_state["spend"]["acme"]["usd"] == pytest.approx(1.75)
+    assert json.loads(old_state.read_text())["spend"]["acme"]["usd"] == pytest.approx(1.25)  # v2's, untouched
+

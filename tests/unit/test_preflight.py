@@ -296,3 +296,14 @@ def test_a_ray_address_nothing_listens_on_exits_1_at_once(monkeypatch):
     text = _one_line(e.value)
     assert e.value.exit_code == 1 and address in text and "ray start --head" in text and "RAY_ADDRESS" in text
     assert isinstance(e.value, KolmRuntimeError)
+
+
+def test_a_link_of_the_users_where_the_samples_go_is_refused_before_any_teacher_call(tiny_base, tmp_path):
+    """kolm replaces what its samples link points to: a user's own link there would lose their folder."""
+    mine = tmp_path / "elsewhere"
+    mine.mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "samples").symlink_to(mine)
+    with pytest.raises(InputError, match="samples") as e:
+        _setup(tiny_base, tmp_path)
+    assert e.value.exit_code == 2 and mine.is_dir()

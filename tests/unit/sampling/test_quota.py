@@ -83,6 +83,21 @@ def test_quota_is_per_key_and_endpoint():
     assert "k1" not in quota_name("k1", None)  # the name never carries the key itself
 
 
+def test_auth_token_users_do_not_share_one_quota():
+    from kolm_ray.sampling.limits import teacher_identity
+
+    url = {"ANTHROPIC_BASE_URL": "http://gw"}
+    one = quota_name(*teacher_identity({**url, "ANTHROPIC_AUTH_TOKEN": "token-one"}))
+    two = quota_name(*teacher_identity({**url, "ANTHROPIC_AUTH_TOKEN": "token-two"}))
+    assert one != two and one != quota_name(None, "http://gw")  # not the one everyone without a key had
+    assert "token-one" not in one
+    # An API key names its quota as it always did (the operator's limits are keyed by its digest),
+    # with or without a token beside it.
+    key = quota_name("sk-1", "http://gw")
+    assert quota_name(*teacher_identity({**url, "ANTHROPIC_API_KEY": "sk-1"})) == key
+    assert quota_name(*teacher_identity({**url, "ANTHROPIC_API_KEY": "sk-1", "ANTHROPIC_AUTH_TOKEN": "t"})) == key
+
+
 # ----- a holder's caps narrow, never widen --------------------------------------------------
 
 
@@ -350,3 +365,82 @@ def test_a_restarted_actor_takes_back_its_leases_spend_and_learned_limit():
     fresh.restore(snap, 5.0, restarted=False)  # a new actor: the ledger only
     assert fresh.state.in_flight == 0 and fresh.stats()["effective_limit"] == 4
     assert fresh.tenant_view("acme")[1].usd == pytest.approx(0.25)
+
+
+def test_records_another_version_wrote_restore_as_far_as_they_go():
+    """A lease without ``owner`` (v2 wrote none) and fields this version does not know (a later
+    one's) restore instead of stopping the actor with a TypeError."""
+    b = book(BIG)
+    held = b.try_acquire(0.0, 10, claim("c", tenant="acme"), lease_s=100.0, owner="tok")
+    snap = b.snapshot()
+    for lease in snap["leases"]:
+        del lease["owner"]
+        lease["priority"] = 3
+    snap["aimd"]["window"] = 9
+    snap["spend"] = {"acme": {"usd": 0.5, "tokens": 7, "calls": 1, "cache_usd": 0.1}}
+    snap["holders"]["c"]["caps"]["lane"] = "fast"
+
+    restarted = book(BIG, now=5.0)
+    restarted.restore(snap, 5.0, restarted=True)
+    assert restarted.state.in_flight == 1 and restarted.owners() == set()
+    assert restarted.tenant_view("acme")[1].usd == pytest.approx(0.5)
+    assert restarted.release(6.0, held.lease, estimated=10, actual=10) is True
+
+
+def test_the_retired_actors_ledger_is_taken_over_and_only_its_new_spend_added_after():
+    from kolm_ray.sampling.limits import Spend
+
+    b = book(BIG)
+    g = b.try_acquire(0.0, 10, claim("c", tenant="acme"))
+    b.release(0.0, g.lease, estimated=10, actual=10, cost_usd=1.0, billed_tokens=10)
+    assert b.take_over({"acme": Spend(usd=2.0, tokens=20, calls=2), "zed": Spend(usd=0.5, calls=1)}) is True
+    assert b.tenant_view("acme")[1] == Spend(usd=3.0, tokens=30, calls=3)
+    assert b.take_over({"acme": Spend(usd=2.0, tokens=20, calls=2), "zed": Spend(usd=0.5, calls=1)}) is False
+    assert b.take_over({"acme": Spend(usd=2.5, tokens=25, calls=3), "zed": Spend(usd=0.5, calls=1)}) is True
+    assert b.tenant_view("acme")[1] == Spend(usd=3.5, tokens=35, calls=4)  # only what it booked since
+    # What it has taken over survives this actor's own restart: nothing is added twice.
+    again = book(BIG, now=5.0)
+    again.restore(b.snapshot(), 5.0, restarted=False)
+    assert again.take_over({"acme": Spend(usd=2.5, tokens=25, calls=3), "zed": Spend(usd=0.5, calls=1)}) is False
+    assert again.tenant_view("acme")[1] == Spend(usd=3.5, tokens=35, calls=4)
+    assert again.tenant_view("zed")[1] == Spend(usd=0.5, calls=1)
+
+
+def test_housekeeping_goes_on_after_a_step_raises(tmp_path, caplog):
+    """An unexpected exception in one step (here injected into the dead-owner check) is
+    logged and counted; persisting and reclaiming go on (before, the task ended with it)."""
+    import asyncio
+    import json
+    import time
+
+    from kolm_ray.sampling.quota import _TeacherQuota
+
+    state = tmp_path / "state.json"
+
+    async def scenario():
+        actor = _TeacherQuota("d" * 12, str(tmp_path / "limits.json"), str(state))
+        failures = []
+
+        async def broken():
+            failures.append(1)
+            raise RuntimeError("injected")
+
+        actor._free_dead_owners = broken
+        g = await actor.acquire(10, claim("h", tenant="acme"), 0.2)  # starts the housekeeping
+        await actor.release(g.lease, estimated=10, actual=10, cost_usd=0.75, billed_tokens=10)
+        held = await actor.acquire(10, claim("h"), 0.2)  # never released: reclaimed at its expiry
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = await actor.stats()
+            if (len(failures) >= 2 and stats["expired_leases"] == 1 and state.exists()
+                    and json.loads(state.read_text())["spend"].get("acme", {}).get("usd") == 0.75):
+                break
+            await asyncio.sleep(0.05)
+        actor._housekeeper.cancel()
+        return stats, held
+
+    stats, _ = asyncio.run(scenario())
+    assert stats["housekeeping_errors"]["free_dead_owners"] >= 2  # tried again at the next check
+    assert stats["expired_leases"] == 1 and stats["in_flight"] == 0  # reclaimed after the fault
+    assert json.loads(state.read_text())["spend"]["acme"]["usd"] == 0.75  # persisted after the fault
+    assert "free_dead_owners failed" in caplog.text and "injected" in caplog.text

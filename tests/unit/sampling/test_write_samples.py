@@ -165,3 +165,124 @@ def test_rewriting_leaves_one_version_and_readers_keep_the_files_they_opened(tmp
         assert json.loads(reader.read())["teacher"] == "one"  # the replaced version, still readable to it
     assert _readable(out) == "two"
     assert out.is_symlink() and sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".samples.v", "samples"]
+
+
+# ----- what is at `out` before the write ------------------------------------------------------
+
+
+def _user_data(tmp_path: Path) -> Path:
+    """A folder of the user's own, elsewhere (a big disk), with a file in it."""
+    real = tmp_path / "mnt" / "big" / "samples"
+    real.mkdir(parents=True)
+    (real / "keep.txt").write_text("the user's data")
+    return real
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+def test_a_link_the_user_made_is_refused_and_its_target_kept(tmp_path, how):
+    from kolm_ray.errors import InputError
+    from kolm_ray.sampling.fanout import write_samples
+
+    real = _user_data(tmp_path)
+    out = tmp_path / "runs" / "x" / "samples"
+    out.parent.mkdir(parents=True)
+    os.symlink(real if how == "absolute" else os.path.relpath(real, out.parent), out)
+    with pytest.raises(InputError, match="symbolic link") as e:
+        write_samples(out, outcome("new"))
+    assert str(out) in str(e.value)
+    assert (real / "keep.txt").read_text() == "the user's data"  # nothing of the user's removed
+    assert os.readlink(out) == (str(real) if how == "absolute" else os.path.relpath(real, out.parent))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["samples"]  # no version left behind
+
+
+def test_a_link_named_like_a_version_but_pointing_elsewhere_is_refused(tmp_path):
+    """Only a plain name beside ``out`` is kolm's version: ``../x/.samples.v-...`` is not."""
+    from kolm_ray.errors import InputError
+    from kolm_ray.sampling.fanout import write_samples
+
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    write_samples(elsewhere / "samples", outcome("theirs"))
+    version = os.readlink(elsewhere / "samples")
+    out = tmp_path / "runs" / "samples"
+    out.parent.mkdir()
+    os.symlink(os.path.join("..", "other", version), out)
+    with pytest.raises(InputError, match="symbolic link"):
+        write_samples(out, outcome("new"))
+    assert _readable(elsewhere / "samples") == "theirs"
+
+
+def test_a_file_at_out_is_refused_and_kept(tmp_path):
+    from kolm_ray.errors import InputError
+    from kolm_ray.sampling.fanout import samples_target, write_samples
+
+    out = tmp_path / "samples"
+    out.write_text("not a folder")
+    with pytest.raises(InputError, match="is a file") as e:
+        samples_target(out)  # what the CLI asks before any teacher call
+    assert str(out) in str(e.value)
+    with pytest.raises(InputError, match="is a file"):
+        write_samples(out, outcome("new"))
+    assert out.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # nothing swapped aside, nothing leaked
+
+
+def test_a_name_with_glob_characters_is_swept(tmp_path):
+    """What a crashed writer left beside ``samples[1]`` is removed once stale, like any other's."""
+    from kolm_ray.sampling.fanout import _STALE_S, write_samples
+
+    out = tmp_path / "samples[1]"
+    write_samples(out, outcome("one"))
+    stale = [tmp_path / ".samples[1].v-20200101T000000-deadbeef", tmp_path / ".samples[1].old-deadbeef"]
+    for p in stale:
+        p.mkdir()
+        (p / "samples.parquet").write_text("left by a crash")
+        old = os.stat(p).st_mtime - 2 * _STALE_S
+        os.utime(p, (old, old))
+    write_samples(out, outcome("two"))
+    assert _readable(out) == "two"
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".samples[1].v", "samples[1]"]
+
+
+def test_a_file_uri_writes_to_its_path_not_a_relative_folder(tmp_path, monkeypatch):
+    from kolm_ray.sampling.fanout import write_samples
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    target = tmp_path / "runs" / "samples"
+    written = write_samples(target.as_uri(), outcome("new"))
+    assert Path(written) == target and _readable(target) == "new"
+    assert list(cwd.iterdir()) == []  # no "file:" folder in the working directory
+
+
+@pytest.mark.parametrize("uri", ["file://otherhost/runs/samples", "http://example.com/samples", "file:///runs/x?y=1"])
+def test_a_uri_that_is_no_local_folder_nor_object_storage_is_refused(tmp_path, monkeypatch, uri):
+    from kolm_ray.errors import InputError
+    from kolm_ray.sampling.fanout import samples_target
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as e:
+        samples_target(uri)
+    assert uri in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kolm_sample_refuses_a_users_link_before_any_teacher_call(tmp_path, messages_api):
+    from click.testing import CliRunner
+
+    from kolm_ray.cli import cli
+    from kolm_ray.testing.messages_api import replay_responder
+
+    srv = messages_api(replay_responder({"q": "a"}))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"input": "q", "output": "a"}) + "\n")
+    real = _user_data(tmp_path)
+    out = tmp_path / "out"
+    os.symlink(real, out)
+    res = CliRunner().invoke(cli, ["sample", "Answer.", "--examples", str(rows), "--k", "1", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "symbolic link" in res.output and str(out) in res.output
+    assert srv.stats.requests == 0 and srv.stats.count_tokens == 0  # nothing asked of the teacher
+    assert (real / "keep.txt").read_text() == "the user's data"
