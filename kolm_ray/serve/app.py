@@ -63,7 +63,8 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(handles, cfg.store, cfg.app_name, cfg.api_key_digests, cfg.max_tokens_cap,
-                        cfg.max_input_chars, cfg.receipts_flush_s, cfg.audit.model_dump())
+                        cfg.max_input_chars, cfg.receipts_flush_s, cfg.audit.model_dump(),
+                        max_body_bytes=cfg.max_body_bytes, replica_wait_s=cfg.replica_wait_s)
 
 
 def _ingress_actor_options(audits: bool) -> dict[str, Any]:

@@ -53,7 +53,21 @@ class ServeConfig(BaseModel):
                                             description="Key name -> SHA-256 of its bearer token; empty: no auth.")
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_input_chars: int = Field(32_000, ge=1, description="Longest input text a request may send.")
+    # A request's one large part is its input (max_input_chars: 32,000 characters by default, at
+    # most ~192 KB even as JSON \uXXXX escapes), but OpenAI clients resend the whole chat history
+    # with every call and the Specialist reads only the last user message. 4 MiB leaves room for
+    # long histories while bounding what one request makes Serve's HTTP proxy and the ingress hold
+    # (both buffer a body as it arrives, until the ingress answers): a declared Content-Length over
+    # it is refused before any of the body is read, a chunked body as soon as it passes it.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
+                                description="Largest request body accepted, in bytes (413 past it).")
     receipts_flush_s: float = Field(0.5, gt=0, description="How often receipts are flushed to disk.")
+    # A request waits in Serve's router until a model replica takes it: queued behind others, or
+    # while Serve restarts a replica that died (minutes, forever if it crash-loops). Past this it
+    # gets a 503 with Retry-After, which OpenAI's clients wait out and retry; the generation
+    # itself, once a replica has the request, is not bounded by it.
+    replica_wait_s: float = Field(30.0, gt=0, description="Longest wait for a model replica to take a request "
+                                  "before a 503 (seconds).")
     audit: AuditOptions = Field(default_factory=AuditOptions, description="Audits of served calls against the teacher.")
     pins: dict[str, str] = Field(default_factory=dict, description="Specialist -> version a bare name resolves to.")
     routes: dict[str, dict] = Field(default_factory=dict, description="Specialist -> {stable, canary, weight}: "

@@ -6,6 +6,15 @@ Which Specialists are live is each deployment's ``user_config``: changing it (a 
 pin) reconfigures running replicas without restarting them or dropping requests. A replica
 verifies every artifact before loading it; one that fails is refused with a log line and
 never served, while the others keep serving. Must not compile, sign or publish.
+
+The HTTP edge: a request body is read by the ingress itself, under ``max_body_bytes`` (413 for
+a declared or a chunked body past it), and validated by ``protocol.parse`` alone; every answer
+that is not a 200 is in OpenAI's error shape, FastAPI's own 404 and 405 included. A model
+replica that died or is restarting is a 503 ``unavailable`` with ``Retry-After`` (retried once on
+another replica first), never a 500: a 500 is a bug in kolm. ``GET /healthz`` is liveness only
+(no auth: load balancers and probes call it); what is served and refused, with artifact paths
+and reasons, is ``GET /healthz/details`` behind the API's bearer keys. ``GET /openapi.json`` is
+the API's schema, request bodies included (``protocol.request_schemas``).
 """
 
 
@@ -22,13 +31,18 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kolm_ray.serve.catalog import Specialist, UnknownModel, adapter_name, open_specialist, resolve_model
 from kolm_ray.serve.protocol import (
-    STREAM_DONE, Parsed, RequestError, error_body, kolm_block, models_body, new_id, parse, response_body,
-    stream_chunk,
+    ERROR_TYPES, STREAM_DONE, ChatCompletion, ChatCompletionChunk, ErrorResponse, Health, HealthDetails, ModelList,
+    Parsed, RequestError, TextCompletion, TextCompletionChunk, error_body, kolm_block, models_body, new_id, parse,
+    request_schemas, response_body, stream_chunk, stream_event_schema,
 )
 
 log = logging.getLogger("kolm_ray.serve")
@@ -91,10 +105,23 @@ class BaseModelServer:
         from kolm_ray.serve.host import Generation
 
         gens = [Generation(**{**r, "stop": tuple(r.get("stop", ()))}) for r in requests]
-        done = await asyncio.to_thread(lambda: self.host.generate(gens, strict=False))
+        try:
+            done: list[Any] = await asyncio.to_thread(lambda: self.host.generate(gens, strict=False))
+        except Exception:  # noqa: BLE001 - one request's failure must not fail its batch-mates: each alone
+            log.exception("a batch of %d failed; generating its requests one by one", len(gens))
+            done = [await self._alone(g) for g in gens]
         return [{"error": f"not loaded: {r['adapter']}"} if c is None else
+                {"error": f"generation failed: {type(c).__name__}: {c}", "failed": True} if isinstance(c, Exception) else
                 {"text": c.text, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "finish_reason": c.finish_reason} for r, c in zip(requests, done)]
+
+    async def _alone(self, g: Any) -> Any:
+        """One request's Completion (None: its adapter is not loaded), or the exception it raised."""
+        try:
+            return (await asyncio.to_thread(lambda: self.host.generate([g], strict=False)))[0]
+        except Exception as e:  # noqa: BLE001 - a bug for this request only: the ingress answers it 500
+            log.exception("generation failed for adapter %s", g.adapter)
+            return e
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Text deltas as they are produced, then one final entry with the token counts."""
@@ -120,13 +147,13 @@ class BaseModelServer:
 
 
 def _audit_teacher(store: str, options: Any) -> Any:
-    """The teacher audits ask, or None (audits recorded as failed) without ANTHROPIC_API_KEY in
-    this replica's environment. Built at the first audit: an app that never audits never joins
+    """The teacher audits ask, or None (audits recorded as failed) without ANTHROPIC_API_KEY or
+    ANTHROPIC_AUTH_TOKEN in this replica's environment. Built at the first audit: an app that never audits never joins
     the quota actor."""
     from kolm_ray.sampling.teacher import sdk_env
 
     env = sdk_env()
-    if not env.get("ANTHROPIC_API_KEY"):
+    if not (env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_AUTH_TOKEN")):
         return None
     return _FirstUseTeacher(lambda: _build_audit_teacher(store, options, env))
 
@@ -134,11 +161,11 @@ def _audit_teacher(store: str, options: Any) -> Any:
 def _build_audit_teacher(store: str, options: Any, env: dict[str, str]) -> Any:
     from kolm_ray.sampling.cache import ResponseCache
     from kolm_ray.sampling.config import TeacherConfig
+    from kolm_ray.sampling.limits import teacher_identity
     from kolm_ray.sampling.quota import teacher_quota
     from kolm_ray.sampling.teacher import AnthropicTeacher
 
-    key, url = env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL")
-    quota = teacher_quota(key, url)  # the organization's quota, under the operator's limits
+    quota = teacher_quota(*teacher_identity(env))  # the organization's quota, under the operator's limits
     cfg = TeacherConfig(model=options.teacher, max_tokens=options.max_tokens, timeout_s=options.timeout_s,
                         max_attempts=options.max_attempts)
     return AnthropicTeacher(cfg, ResponseCache(Path(store) / "cache" / "teacher"), quota, sdk_env=env)
@@ -167,7 +194,127 @@ def _price_or_none(model: str) -> Any:
         return None  # an unpriced teacher: the audit is recorded as uncosted (cost None)
 
 
-api = FastAPI(title="kolm", docs_url=None, redoc_url=None)
+# FastAPI's own /openapi.json is off: the Ingress serves it (``openapi_json``), built from this
+# replica's keys and limits. (Module state would not do: Serve pickles the Ingress class by
+# value, so its methods see a copy of this module's globals, not the module's own.)
+api = FastAPI(title="kolm", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+              description="OpenAI-compatible API of kolm Specialists (LoRA adapters served by Ray Serve).")
+
+RETRY_AFTER_OVERLOADED_S = 1  # a full queue drains in about a generation's time
+RETRY_AFTER_UNAVAILABLE_S = 5  # Serve starts a new replica and loads the base and its adapters
+
+
+def _replica_gone() -> tuple[type[BaseException], ...]:
+    """What a call to a model replica raises when the replica died, is restarting or cannot be
+    reached (RayActorError covers ActorDiedError and ActorUnavailableError)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return RayActorError, DeploymentUnavailableError
+
+
+_REPLICA_GONE = _replica_gone()
+
+
+class _NoReplicaInTime(Exception):
+    """No model replica took the request within the ingress's ``replica_wait_s``."""
+
+
+async def _assigned(response: Any, wait_s: float) -> None:
+    """Wait until Serve's router has handed ``response`` (a handle call, plain or streaming) to a
+    model replica, at most ``wait_s``; the generation that follows is not bounded. Without this a
+    request waits in the router for as long as no replica can take it: while Serve restarts one
+    that died, or forever while one crash-loops.
+
+    Raises:
+        _NoReplicaInTime: the wait ran out (the request is withdrawn from the router's queue).
+    """
+    # What awaiting the response does first (Ray 2.60, pinned); without it, the wait is Serve's.
+    fetch = getattr(response, "_fetch_future_result_async", None)
+    if fetch is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(fetch()), wait_s)
+    except TimeoutError:
+        response.cancel()  # unassigned: it leaves the router's queue
+        raise _NoReplicaInTime from None
+
+
+def _error_response(e: RequestError) -> JSONResponse:
+    headers = {"retry-after": str(e.retry_after)} if e.retry_after is not None else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (no such route: 404, wrong method: 405) in OpenAI's shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
+                                   None, code), status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """No route lets FastAPI parse a body (``protocol.parse`` does); this covers any that ever does."""
+    err = (exc.errors() or [{}])[0]
+    param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+    return JSONResponse(error_body(f"invalid '{param}': {err.get('msg', 'invalid request')}",
+                                   "invalid_request_error", param), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """A failure no route caught is a bug in kolm: a 500, in OpenAI's shape, logged."""
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse, "description": d} for s, d in (
+        (400, "Invalid request (the message names the field in `param`)."),
+        (401, "Missing or wrong API key (only when the server has keys)."),
+        (404, "No such Specialist or version (`code`: model_not_found)."),
+        (413, "Request body over the server's limit (`code`: request_too_large)."),
+        (503, ("Overloaded or the model replica unavailable (`code`: overloaded or unavailable); "
+               "retry after `Retry-After` seconds.")),
+    ) if s in statuses}
+
+
+def _json_body(model: str) -> dict[str, Any]:
+    """An operation's request body, as the schema publishes it (the ingress reads it itself)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def _streamed(model: type, chunk: type) -> dict[str, Any]:
+    """A completion's 200: its JSON body, or with ``stream`` its server-sent events (the schema
+    of one event)."""
+    ref = "#/components/schemas/{}".format
+    return {"description": "The answer; with `stream`, server-sent events ending in `data: [DONE]`.",
+            "content": {"application/json": {"schema": {"$ref": ref(model.__name__)}},
+                        "text/event-stream": {"schema": stream_event_schema(ref(chunk.__name__),
+                                                                            ref(ErrorResponse.__name__))}}}
+
+
+def openapi_schema(*, keys: bool = False, max_tokens_cap: int | None = None, max_input_chars: int | None = None,
+                   root_path: str = "") -> dict[str, Any]:
+    """The API's OpenAPI document: FastAPI's schema of the routes, with the request bodies
+    ``protocol.parse`` accepts, the app's limits, bearer auth on everything but /healthz when the
+    app has keys, and ``servers`` naming its route prefix."""
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes,
+                         servers=[{"url": root_path}] if root_path else None)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(request_schemas(max_tokens_cap=max_tokens_cap, max_input_chars=max_input_chars))
+    for model in (ChatCompletion, TextCompletion, ChatCompletionChunk, TextCompletionChunk):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update({**body.pop("$defs", {}), model.__name__: body})
+    if keys:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, ops in schema["paths"].items():
+            if path != "/healthz":
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}]
+    return schema
 
 
 @serve.ingress(api)
@@ -176,13 +323,17 @@ class Ingress:
 
     def __init__(self, models: dict[str, Any], store: str, app_name: str, api_key_digests: dict[str, str],
                  max_tokens_cap: int, max_input_chars: int, receipts_flush_s: float,
-                 audit: dict[str, Any] | None = None) -> None:
+                 audit: dict[str, Any] | None = None, max_body_bytes: int = 4 * 1024 * 1024,
+                 replica_wait_s: float = 30.0) -> None:
         from kolm_ray.serve.audit import AuditOptions, Auditor
         from kolm_ray.serve.receipts import ReceiptWriter
 
         self.models = models  # base_key -> DeploymentHandle
         self.keys = {digest: name for name, digest in api_key_digests.items()}
         self.max_tokens_cap, self.max_input_chars = max_tokens_cap, max_input_chars
+        self.max_body_bytes, self.replica_wait_s = max_body_bytes, replica_wait_s
+        self._down: set[str] = set()  # base deployments whose replica died and none answered since
+        self._openapi: dict[str, Any] | None = None  # built at its first request (it names the route prefix)
         ctx = serve.get_replica_context()
         writer = f"{time.strftime('%Y%m%dT%H%M%S')}-{ctx.replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
         self.receipts = ReceiptWriter(Path(store) / "receipts" / app_name, writer, flush_interval_s=receipts_flush_s)
@@ -226,6 +377,23 @@ class Ingress:
             raise RequestError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                                code="invalid_api_key")
         return name
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, at most ``max_body_bytes`` of it. Raises RequestError 413: at once for
+        a declared Content-Length over the limit (nothing read), else as soon as the chunks read
+        pass it (a chunked body declares no length)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "").strip()
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            raise RequestError(413, f"the request body is {declared} bytes; at most {limit} are accepted",
+                               code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"the request body is over {limit} bytes, the most accepted",
+                                   code="request_too_large")
+        return bytes(body)
 
     def _resolve(self, p: Parsed, routing_key: str | None) -> tuple[Specialist, str]:
         """The Specialist version to serve and the route that chose it: "pinned" (name@version),
@@ -277,28 +445,43 @@ class Ingress:
         ))
 
     async def _dispatch(self, s: Specialist, p: Parsed, route: str, call: Any) -> tuple[Specialist, str, Any]:
-        """``await call(handle, request) -> (result, first_item)`` on ``s``'s base deployment, the
-        one path for plain and streaming requests: overload is a 503, a replica that died is
-        retried once on another, and a canary not live on its replica falls back to stable."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        """``await call(handle, request, wait_s) -> (result, first_item)`` on ``s``'s base
+        deployment, the one path for plain and streaming requests: overload is a 503, a replica
+        that died is retried once (on another, or on the one Serve starts in its place), no
+        replica taking the request within ``replica_wait_s`` is a 503, and a canary not live on
+        its replica falls back to stable. Every 503 carries Retry-After."""
+        from ray.serve.exceptions import BackPressureError
 
         died = 0
         while True:
+            base = s.base_key
             try:
-                result, first = await call(self.models[s.base_key], self._request(s, p))
+                result, first = await call(self.models[base], self._request(s, p), self.replica_wait_s)
             except BackPressureError:
-                raise RequestError(503, "the server is overloaded; retry later", code="overloaded") from None
-            except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError):
+                raise RequestError(503, "the server is overloaded; retry later", code="overloaded",
+                                   retry_after=RETRY_AFTER_OVERLOADED_S) from None
+            except _NoReplicaInTime:
+                why = ("the model replica is unavailable (restarting)" if died or base in self._down else
+                       f"no model replica took the request within {self.replica_wait_s:g} s")
+                raise RequestError(503, f"{why}; retry later", code="unavailable",
+                                   retry_after=RETRY_AFTER_UNAVAILABLE_S) from None
+            except _REPLICA_GONE as e:
+                self._down.add(base)
                 died += 1
+                log.warning("a model replica of %s is gone (%s)%s", base, type(e).__name__,
+                            "" if died > 1 else "; retrying once")
                 if died > 1:
-                    raise RequestError(503, "the model replica is unavailable; retry later",
-                                       code="unavailable") from None
+                    raise RequestError(503, "the model replica is unavailable; retry later", code="unavailable",
+                                       retry_after=RETRY_AFTER_UNAVAILABLE_S) from None
                 continue
+            self._down.discard(base)  # a replica answered
             if "error" not in first:
                 return s, route, result
+            if first.get("failed"):  # the model raised on this request: a bug (logged by the replica)
+                raise RequestError(500, "internal error: the generation failed", type_="server_error")
             if route != "canary":
-                raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable")
+                raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable",
+                                   retry_after=RETRY_AFTER_UNAVAILABLE_S)
             # The canary is not live on its replica (yet, or any more): stable answers instead.
             s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
 
@@ -369,24 +552,55 @@ class Ingress:
 
     # ----- routes -----------------------------------------------------------------------------
 
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "specialists": [s.ref for s in self.specialists],
-                             "routes": self.routes, "refused": self.refused})
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self, request: Request) -> JSONResponse:
+        """The API's schema (open: it is kolm's, the same for every app, but for its limits)."""
+        if self._openapi is None:
+            self._openapi = openapi_schema(keys=bool(self.keys), max_tokens_cap=self.max_tokens_cap,
+                                           max_input_chars=self.max_input_chars,
+                                           root_path=request.scope.get("root_path", ""))
+        return JSONResponse(self._openapi)
 
-    @api.get("/v1/models")
+    @api.get("/healthz", response_model=None, responses={
+        200: {"model": Health, "description": "Live, with Specialists to serve."},
+        503: {"model": Health, "description": "Live, but nothing to serve."}})
+    async def healthz(self) -> JSONResponse:
+        """Liveness and readiness, open to load balancers and probes: nothing about what is served
+        (that is /healthz/details, behind the API's keys)."""
+        if not self.specialists:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/healthz/details", response_model=None,
+             responses={200: {"model": HealthDetails, "description": "Served, routed and refused."}, **_errors(401)})
+    async def healthz_details(self, request: Request) -> JSONResponse:
+        """What this app serves, its canary routes and the artifacts it refused (paths and reasons):
+        under the same bearer keys as the API (open when the server has none, as the API is)."""
+        try:
+            self._auth(request)
+        except RequestError as e:
+            return _error_response(e)
+        return JSONResponse({"status": "ok" if self.specialists else "unavailable",
+                             "specialists": [s.ref for s in self.specialists], "routes": self.routes,
+                             "refused": self.refused})
+
+    @api.get("/v1/models", response_model=None,
+             responses={200: {"model": ModelList, "description": "Each Specialist and each name@version."},
+                        **_errors(401)})
     async def models_(self, request: Request) -> JSONResponse:
         try:
             self._auth(request)
         except RequestError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return _error_response(e)
         return JSONResponse(models_body(self.specialists, self.pins))
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", response_model=None, openapi_extra=_json_body("ChatRequest"),
+              responses={200: _streamed(ChatCompletion, ChatCompletionChunk), **_errors(400, 401, 404, 413, 503)})
     async def chat(self, request: Request) -> Any:
         return await self._serve("chat", request)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", response_model=None, openapi_extra=_json_body("CompletionRequest"),
+              responses={200: _streamed(TextCompletion, TextCompletionChunk), **_errors(400, 401, 404, 413, 503)})
     async def completions(self, request: Request) -> Any:
         return await self._serve("completion", request)
 
@@ -399,7 +613,8 @@ class Ingress:
         rid = new_id(kind)
         try:
             key = self._auth(request)
-            p = parse(kind, await request.body(), self.max_input_chars)  # type: ignore[arg-type]
+            p = parse(kind, await self._read_body(request), self.max_input_chars,  # type: ignore[arg-type]
+                      self.max_tokens_cap)
             s, route = self._resolve(p, request.headers.get("x-kolm-routing-key") or p.user)
             self._request(s, p)  # max_tokens checked before anything is sent
             if p.stream:
@@ -413,8 +628,10 @@ class Ingress:
         except RequestError as e:
             if s is not None and p is not None and e.status >= 500:
                 self._receipt(s, p, rid, started, "error", None, key, route)
-            return JSONResponse(e.body(), status_code=e.status)
-        except Exception as e:  # noqa: BLE001 - any other failure is a 500 in OpenAI's shape, and counted
+            return _error_response(e)
+        except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+            return JSONResponse(error_body("the client disconnected", "invalid_request_error"), status_code=400)
+        except Exception as e:  # noqa: BLE001 - a bug: a 500 in OpenAI's shape, logged and counted
             log.exception("request %s failed", rid)
             if s is not None and p is not None:
                 self._receipt(s, p, rid, started, "error", None, None, route)
@@ -427,13 +644,18 @@ class Ingress:
                                           out["completion_tokens"], kolm), headers=headers)
 
     @staticmethod
-    async def _generate_call(handle: Any, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        out = await handle.generate.remote(request)
+    async def _generate_call(handle: Any, request: dict[str, Any],
+                             wait_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        response = handle.generate.remote(request)
+        await _assigned(response, wait_s)
+        out = await response
         return out, out
 
     @staticmethod
-    async def _stream_call(handle: Any, request: dict[str, Any]) -> tuple[tuple[Any, dict[str, Any]], dict[str, Any]]:
+    async def _stream_call(handle: Any, request: dict[str, Any],
+                           wait_s: float) -> tuple[tuple[Any, dict[str, Any]], dict[str, Any]]:
         items = handle.options(stream=True).stream.remote(request)
+        await _assigned(items, wait_s)
         try:
             first = await items.__anext__()
         except StopAsyncIteration:
@@ -468,6 +690,16 @@ class Ingress:
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"  # the client hung up: says nothing about the version
             raise
+        except Exception as e:  # noqa: BLE001 - after the 200: the stream ends with an error event
+            # OpenAI's shape, as its mid-stream errors are, rather than a cut connection; the
+            # receipt says "error". A replica gone is retryable; anything else is a bug.
+            if isinstance(e, _REPLICA_GONE):
+                log.warning("request %s: the model replica went away mid-stream (%s)", rid, type(e).__name__)
+                err = error_body("the model replica became unavailable; retry", "server_error", None, "unavailable")
+            else:
+                log.exception("request %s failed mid-stream", rid)
+                err = error_body(f"internal error: {type(e).__name__}", "server_error")
+            yield f"data: {json.dumps(err)}\n\n"
         finally:
             self._receipt(s, p, rid, started, status, final, key, route)
             if status == "ok" and final is not None:

@@ -28,6 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kolm_ray.errors import InputError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# A temperature under this decodes greedily. Sampling there already picks the top token whenever
+# the top two logits differ by more than 0.01 (odds e^10 to 1), and dividing the logits by a
+# temperature near zero overflows them (below ~1e-38 in float32, far sooner in float16) into a
+# distribution of NaNs that torch refuses to sample: a request's valid temperature (OpenAI
+# allows any in [0, 2]) must not be a server error.
+GREEDY_BELOW = 1e-3
+
+
+def greedy(g: Generation) -> bool:
+    """Whether ``g`` decodes greedily: no temperature, 0, or one under ``GREEDY_BELOW``."""
+    return not g.temperature or g.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ class AdapterHost:
         return self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
     def _sampling(self, g: Generation) -> dict[str, Any]:
-        if not g.temperature:
+        if greedy(g):
             return {"do_sample": False}
         return {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p or 1.0}
 
@@ -182,9 +193,10 @@ class AdapterHost:
                 self._adapter_names(gens)  # raises, naming the missing adapters
             groups: dict[tuple, list[int]] = {}
             for i in known:
-                alone = not gens[i].temperature and not self.batch_greedy
-                groups.setdefault(("alone", i) if alone else (gens[i].temperature or 0.0, gens[i].top_p or 1.0),
-                                  []).append(i)
+                g = gens[i]
+                alone = greedy(g) and not self.batch_greedy
+                sampling = (0.0, 1.0) if greedy(g) else (g.temperature, g.top_p or 1.0)
+                groups.setdefault(("alone", i) if alone else sampling, []).append(i)
             for idx in groups.values():
                 for i, c in zip(idx, self._generate_group([gens[i] for i in idx])):
                     out[i] = c

@@ -47,7 +47,7 @@ def client(ray_session, compiled, artifact, serve_port, tmp_path_factory):
     url = f"http://127.0.0.1:{serve_port}/{APP}"
     for _ in range(240):
         try:
-            if requests.get(f"{url}/healthz", timeout=5).json().get("specialists") == ["routing@1.0"]:
+            if requests.get(f"{url}/healthz/details", timeout=5).json().get("specialists") == ["routing@1.0"]:
                 break
         except (requests.RequestException, ValueError):
             pass

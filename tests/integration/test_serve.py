@@ -1,10 +1,12 @@
 """Serving on Ray Serve over loopback: two Specialists on one tiny base behind the
 OpenAI-compatible ingress, reached through the real `openai` client and plain HTTP; a tampered
-artifact refused while the others serve; receipts; 4xx, 404, 401 and 503; what the one Serve
-instance of a cluster fixes (its port, each app's route prefix); `kolm serve --stop`."""
+artifact refused while the others serve; receipts; 4xx, 404, 401, 413 and 503; a bare /healthz
+and its details behind the API's keys; what the one Serve instance of a cluster fixes (its
+port, each app's route prefix); `kolm serve --stop`."""
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -128,7 +130,7 @@ def test_models_lists_specialists_and_versions_and_unknown_ones_are_404(client):
 
 def test_tampered_artifact_is_refused_while_the_others_serve(served, client):
     assert "refused" in served["output"] and "signature verification failed" in served["output"]
-    health = requests.get(f"{served['url']}/healthz", timeout=30).json()
+    health = requests.get(f"{served['url']}/healthz/details", timeout=30).json()
     assert health["specialists"] == ["route@1.0", "tldr@1.0"]
     assert any("tampered" in r["artifact"] for r in health["refused"])
     with pytest.raises(openai.NotFoundError):
@@ -149,6 +151,105 @@ def test_bad_requests_get_openai_shaped_errors(served, path, body, status, words
     assert r.status_code == status
     err = r.json()["error"]
     assert words in err["message"] and err["type"] and "code" in err and "param" in err
+
+
+def test_healthz_is_bare_and_its_details_need_the_apis_key(served):
+    """/healthz is for probes: no artifact paths, refusal reasons or routes. The details are
+    behind the same bearer keys as the API (open on an app without keys, as its API is)."""
+    for url in (served["url"], f"{served['url']}/tight"):
+        bare = requests.get(f"{url}/healthz", timeout=30)
+        assert bare.status_code == 200 and bare.json() == {"status": "ok"}
+    details = requests.get(f"{served['url']}/healthz/details", timeout=30).json()  # no keys on this app
+    assert details["status"] == "ok" and details["specialists"] == ["route@1.0", "tldr@1.0"]
+    tight = f"{served['url']}/tight/healthz/details"
+    for headers in ({}, {"authorization": "Bearer wrong-key"}):
+        denied = requests.get(tight, headers=headers, timeout=30)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        assert "refused" not in denied.text and "route@1.0" not in denied.text
+    ok = requests.get(tight, headers={"authorization": "Bearer token-aaaaaaaaaaaaaaaa"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["specialists"] == ["route@1.0"] and ok.json()["refused"] == []
+
+
+def _raw_request(port: int, head: bytes, chunks: list[bytes] = (), timeout: float = 60) -> tuple[int, dict, dict]:
+    """Send ``head`` and ``chunks`` on a raw connection, never finishing the body, and read the
+    answer: a server that waits for the whole body before answering times out here."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for c in chunks:
+            sock.sendall(c)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            assert more, f"connection closed before an answer: {data!r}"
+            data += more
+        head_out, _, body = data.partition(b"\r\n\r\n")
+        lines = head_out.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_body_declared_over_the_limit_is_413_before_any_of_it_is_read(served, client, serve_port):
+    """10 GB declared and none of it sent: the answer comes at once (the old ingress read the
+    body whole first, and waited for it). The real `openai` client's 5 MiB prompt: the same 413."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10737418240\r\n\r\n")
+    status, _, body = _raw_request(serve_port, head)
+    assert status == 413 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "request_too_large" and body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="route", prompt="x" * (5 * 2**20), max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    assert "at most 4194304" in e.value.body["message"]
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(served, serve_port):
+    """A chunked body declares no length: it is read chunk by chunk and refused as soon as it
+    passes the limit, while the client is still sending (the last chunk never comes)."""
+    mib = b"x" * 2**20
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (len(mib), mib)
+    status, _, body = _raw_request(serve_port, head, [chunk] * 5)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert "over 4194304 bytes" in body["error"]["message"]
+
+    def generated():  # requests sends a generator chunked, to its end
+        yield b'{"model": "route", "messages": [{"role": "user", "content": "'
+        for _ in range(6):
+            yield mib
+        yield b'"}]}'
+
+    r = requests.post(f"{served['url']}/v1/chat/completions", data=generated(), timeout=60,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_long_chat_history_under_the_limit_is_served(client):
+    """The limit leaves room for the history OpenAI clients resend: only the last user message
+    is the Specialist's input."""
+    history = [{"role": "user", "content": "earlier " * 40_000}, {"role": "assistant", "content": "ok " * 40_000}]
+    resp = client.chat.completions.create(model="route", max_tokens=2,
+                                          messages=[*history, {"role": "user", "content": "I was charged twice"}])
+    assert resp.model == "route@1.0"
+
+
+def test_unknown_routes_and_methods_get_openai_shaped_errors(served):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v1/chat/completions", 405)):
+        r = requests.request(method, served["url"] + path, timeout=30)
+        assert r.status_code == status, (method, path, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_openapi_schema_publishes_the_request_bodies(served):
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatRequest"}
+    assert {"model", "messages", "max_tokens", "stream"} <= set(schema["components"]["schemas"]["ChatRequest"]
+                                                                ["properties"])
+    assert "413" in chat["responses"] and "/v1/models" in schema["paths"] and "/healthz/details" in schema["paths"]
 
 
 def test_receipts_record_every_call_and_verify(served, client):
@@ -196,6 +297,7 @@ def test_overload_gets_503_not_an_unbounded_backlog(served):
                                   json={"model": "route", "prompt": "a long answer please", "max_tokens": 64}) as r:
                     if r.status == 503:
                         assert (await r.json())["error"]["code"] == "overloaded"
+                        assert r.headers["retry-after"] == "1"  # the openai client waits that long and retries
                     return r.status
             return await asyncio.gather(*(one() for _ in range(16)))
 

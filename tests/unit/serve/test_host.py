@@ -138,3 +138,15 @@ def test_a_specialists_decoding_survives_the_serve_config_round_trip(host):
     s = sp["tldr"]
     again = Specialist.model_validate(s.model_dump(mode="json"))  # how user_config carries it to replicas
     assert again == s and again.decoding == Decoding(max_new_tokens=12) and again.max_new_tokens == 12
+
+
+def test_a_temperature_near_zero_decodes_greedily_instead_of_failing(host):
+    """5e-324 is a valid temperature (OpenAI allows any in [0, 2]): dividing the logits by it
+    overflowed them into NaNs that torch refused to sample, a 500 the ingress's fuzzing found
+    (and, batched, the batch-mates' 500 too). Under GREEDY_BELOW it decodes greedily."""
+    h, sp = host
+    [greedy] = h.generate([_gen(sp["route"], "I was charged twice")])
+    for t in (5e-324, 1e-40, 1e-4):
+        assert h.generate([_gen(sp["route"], "I was charged twice", temperature=t, top_p=5e-324)]) == [greedy]
+    *_, done = h.stream(_gen(sp["route"], "I was charged twice", temperature=5e-324))
+    assert done == greedy
