@@ -202,6 +202,10 @@ api = FastAPI(title="kolm", version="1", docs_url=None, redoc_url=None, openapi_
 
 RETRY_AFTER_OVERLOADED_S = 1  # a full queue drains in about a generation's time
 RETRY_AFTER_UNAVAILABLE_S = 5  # Serve starts a new replica and loads the base and its adapters
+# A body that stops arriving (a client that declares 1 KB and sends half) would hold an ingress
+# slot for good: after this long without the whole body the request is a 408. Generous: a 4 MiB
+# body over a slow mobile link still arrives.
+BODY_READ_TIMEOUT_S = 60.0
 
 
 def _replica_gone() -> tuple[type[BaseException], ...]:
@@ -332,6 +336,7 @@ class Ingress:
         self.keys = {digest: name for name, digest in api_key_digests.items()}
         self.max_tokens_cap, self.max_input_chars = max_tokens_cap, max_input_chars
         self.max_body_bytes, self.replica_wait_s = max_body_bytes, replica_wait_s
+        self.body_read_timeout_s = BODY_READ_TIMEOUT_S
         self._down: set[str] = set()  # base deployments whose replica died and none answered since
         self._openapi: dict[str, Any] | None = None  # built at its first request (it names the route prefix)
         ctx = serve.get_replica_context()
@@ -381,18 +386,24 @@ class Ingress:
     async def _read_body(self, request: Request) -> bytes:
         """The request body, at most ``max_body_bytes`` of it. Raises RequestError 413: at once for
         a declared Content-Length over the limit (nothing read), else as soon as the chunks read
-        pass it (a chunked body declares no length)."""
+        pass it (a chunked body declares no length); 408 for a body still incomplete after
+        ``body_read_timeout_s``."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "").strip()
         if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise RequestError(413, f"the request body is {declared} bytes; at most {limit} are accepted",
                                code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(413, f"the request body is over {limit} bytes, the most accepted",
-                                   code="request_too_large")
+        try:
+            async with asyncio.timeout(self.body_read_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise RequestError(413, f"the request body is over {limit} bytes, the most accepted",
+                                           code="request_too_large")
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.body_read_timeout_s:g} s",
+                               code="request_timeout") from None
         return bytes(body)
 
     def _resolve(self, p: Parsed, routing_key: str | None) -> tuple[Specialist, str]:
@@ -483,7 +494,11 @@ class Ingress:
                 raise RequestError(503, f"{s.ref} is not available on its replica", code="unavailable",
                                    retry_after=RETRY_AFTER_UNAVAILABLE_S)
             # The canary is not live on its replica (yet, or any more): stable answers instead.
-            s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
+            try:
+                s, route = resolve_model(f"{p.model}@{self.routes[p.model]['stable']}", self.specialists), "stable"
+            except (KeyError, UnknownModel):  # the routes changed under this request: a retry finds the new ones
+                raise RequestError(503, f"{s.ref} is not available and its route changed meanwhile; retry",
+                                   code="unavailable", retry_after=RETRY_AFTER_UNAVAILABLE_S) from None
 
     # ----- audits (off the request path) ------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -125,6 +126,9 @@ def check(fs: Any, path: str, *, step: int | None = None, world: int | None = No
         if m.get("step") != first.get("step") or m.get("world") != saved_by:
             return f"the manifest of rank {rank} is of another save"
         listed.update(m["files"])
+    if not all(isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("sha256"), str)
+               for w in listed.values()):
+        return "a manifest lists a file without its size and SHA-256"
     for rel, want in listed.items():
         have = sizes.get(rel)
         if have is None:
@@ -172,7 +176,10 @@ def choose(names: Iterable[str], usable: Callable[[str], str | None]) -> Resume:
     found = sorted(((s, n) for n in set(names) if (s := step_of(n)) is not None), reverse=True)
     unusable: list[tuple[str, str]] = []
     for step, name in found:
-        why = usable(name)
+        try:
+            why = usable(name)
+        except Exception as e:  # noqa: BLE001 - a check that trips on a damaged checkpoint rules it out, it never wedges the fit
+            why = f"cannot be checked ({type(e).__name__}: {e})"
         if why is None:
             return Resume(name=name, step=step, unusable=tuple(unusable))
         unusable.append((name, why))
@@ -196,7 +203,9 @@ def _named_checkpoints(data: Any) -> set[str]:
 
 def prepare_resume(fs: Any, run_dir: str, *, world: int | None = None) -> tuple[Resume, list[str]]:
     """Choose the checkpoint a fit at ``run_dir`` (on ``fs``; None: local) resumes from, and
-    clear the way to it: delete the unusable checkpoints newer than it, and Ray's snapshot
+    clear the way to it: move the unusable checkpoints newer than it aside (renamed
+    ``step-NNNNNN.unusable-T``, which no later save of that step can merge into and which is kept
+    for whoever wants to look: one saved by an older kolm without a manifest, say), and Ray's snapshot
     when it is unreadable or names a checkpoint that is gone (Ray then starts its list afresh
     and the workers load the chosen checkpoint by path). Returns the choice and the lines to
     say about it."""
@@ -209,10 +218,15 @@ def prepare_resume(fs: Any, run_dir: str, *, world: int | None = None) -> tuple[
     entries = fs.get_file_info(pafs.FileSelector(run_dir, recursive=False))
     folders = {e.base_name for e in entries if e.type == pafs.FileType.Directory}
     resume = choose(folders, lambda n: check(fs, f"{run_dir}/{n}", step=step_of(n), world=world))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
     for name, _ in resume.unusable:
-        fs.delete_dir(f"{run_dir}/{name}")
+        fs.move(f"{run_dir}/{name}", f"{run_dir}/{name}.unusable-{stamp}")
         folders.discard(name)
     lines = [line] if (line := resume.line()) else []
+    if resume.unusable:
+        lines.append(f"the unusable checkpoint(s) are kept aside as "
+                     f"{', '.join(f'{n}.unusable-{stamp}' for n, _ in resume.unusable)} under {run_dir} "
+                     "(delete them when no longer wanted)")
     snapshot = f"{run_dir}/{RAY_SNAPSHOT}"
     if fs.get_file_info(snapshot).type == pafs.FileType.File:
         try:

@@ -41,7 +41,7 @@ def _request(headers: dict[str, str], chunks: list[bytes]) -> tuple[Request, lis
 def _read(limit: int, headers: dict[str, str], chunks: list[bytes]) -> tuple[bytes | RequestError, list[bytes]]:
     request, read = _request(headers, chunks)
     try:
-        return asyncio.run(Ingress._read_body(SimpleNamespace(max_body_bytes=limit), request)), read
+        return asyncio.run(Ingress._read_body(SimpleNamespace(max_body_bytes=limit, body_read_timeout_s=60.0), request)), read
     except RequestError as e:
         return e, read
 
@@ -248,3 +248,31 @@ def test_a_replica_audits_with_an_api_key_or_an_auth_token(monkeypatch, tmp_path
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert (deployments._audit_teacher(str(tmp_path), AuditOptions()) is not None) is audits
+
+
+def test_a_canary_not_live_whose_route_changed_meanwhile_is_a_503_not_a_500():
+    """The canary's replica lacks it and the release's routes moved on under the request (no
+    route for the name any more): a retry finds the new routes, so 503 with Retry-After."""
+    async def call(handle, request, wait_s):
+        return {"error": "not loaded: route-1.1"}, {"error": "not loaded: route-1.1"}
+
+    s = SimpleNamespace(base_key="b", ref="route@1.1")
+    with pytest.raises(RequestError) as e:
+        asyncio.run(Ingress._dispatch(_ingress(), s, SimpleNamespace(model="route"), "canary", call))
+    assert e.value.status == 503 and e.value.code == "unavailable" and e.value.retry_after
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_frees_the_ingress():
+    """A client that declares a small body and never sends all of it must not hold a slot for good."""
+    sent = [b'{"model": "route", ']
+
+    async def receive():
+        if sent:
+            return {"type": "http.request", "body": sent.pop(), "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-length", b"1000")]}
+    with pytest.raises(RequestError) as e:
+        asyncio.run(Ingress._read_body(SimpleNamespace(max_body_bytes=4096, body_read_timeout_s=0.2), Request(scope, receive)))
+    assert e.value.status == 408 and e.value.code == "request_timeout"

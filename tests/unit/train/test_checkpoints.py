@@ -117,17 +117,44 @@ def _snapshot(run: Path, *names: str) -> None:
         "latest_checkpoint_result": {"checkpoint_dir_name": names[-1], "metrics": {}}}))
 
 
-def test_prepare_deletes_the_unusable_newer_checkpoints_and_the_snapshot_that_names_them(tmp_path):
+def test_prepare_moves_the_unusable_newer_checkpoints_aside_and_deletes_the_snapshot_that_names_them(tmp_path):
     _save(tmp_path, 10)
     bad = _save(tmp_path, 20)
     (bad / "kolm" / "mp_rank_00_model_states.pt").write_bytes(b"")
     _snapshot(tmp_path, "step-000010", "step-000020")
     resume, lines = prepare_resume(None, str(tmp_path), world=1)
     assert resume.name == "step-000010" and resume.step == 10
-    assert lines == [("checkpoint step-000020 is unreadable (kolm/mp_rank_00_model_states.pt: 0 bytes, its manifest "
-                      "says 4,096); resuming from step-000010")]
+    assert lines[0] == ("checkpoint step-000020 is unreadable (kolm/mp_rank_00_model_states.pt: 0 bytes, its manifest "
+                        "says 4,096); resuming from step-000010")
+    assert "kept aside as step-000020.unusable-" in lines[1] and len(lines) == 2
     assert not bad.exists() and not (tmp_path / RAY_SNAPSHOT).exists()  # Ray would resume from the garbage
+    [kept] = tmp_path.glob("step-000020.unusable-*")  # never deleted: a later save of step 20 cannot merge into it
+    assert (kept / "kolm" / "mp_rank_00_model_states.pt").is_file()
     assert (tmp_path / "step-000010").is_dir()
+
+
+def test_checkpoints_an_older_kolm_saved_without_manifests_are_kept_not_deleted(tmp_path):
+    for step in (10, 20):
+        old = _save(tmp_path, step)
+        for m in old.glob("kolm-manifest*"):
+            m.unlink()
+    resume, lines = prepare_resume(None, str(tmp_path), world=1)
+    assert resume.name is None and "starts over from step 0" in lines[0]
+    assert sorted(p.name.split(".")[0] for p in tmp_path.glob("step-*.unusable-*")) == ["step-000010", "step-000020"]
+    assert prepare_resume(None, str(tmp_path), world=1)[0].name is None  # set aside folders are not checkpoints
+
+
+def test_a_manifest_entry_without_size_or_digest_rules_the_checkpoint_out_without_a_crash(tmp_path):
+    import json
+
+    _save(tmp_path, 10)
+    bad = _save(tmp_path, 20)
+    [manifest] = bad.glob("kolm-manifest*")
+    m = json.loads(manifest.read_text())
+    m["files"] = {name: None for name in m["files"]}
+    manifest.write_text(json.dumps(m))
+    resume, lines = prepare_resume(None, str(tmp_path), world=1)
+    assert resume.name == "step-000010" and "without its size and SHA-256" in lines[0]
 
 
 def test_prepare_keeps_a_snapshot_that_names_only_usable_checkpoints(tmp_path):
