@@ -720,7 +720,7 @@ def _owner_died(ref: Any) -> bool:
     """Whether the process owning ``ref`` is gone (blocks up to a few seconds: call off the loop)."""
     try:
         ray.get(ref, timeout=5)
-    except ray.exceptions.ObjectLostError:  # OwnerDiedError among them: its owner, or its node, died
+    except ray.exceptions.OwnerDiedError:  # its owner, or the owner's node, died
         return True
     except Exception:  # noqa: BLE001 - a timeout or a hiccup says nothing: ask again next time
         return False

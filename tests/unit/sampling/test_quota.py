@@ -444,3 +444,21 @@ def test_housekeeping_goes_on_after_a_step_raises(tmp_path, caplog):
     assert stats["expired_leases"] == 1 and stats["in_flight"] == 0  # reclaimed after the fault
     assert json.loads(state.read_text())["spend"]["acme"]["usd"] == 0.75  # persisted after the fault
     assert "free_dead_owners failed" in caplog.text and "injected" in caplog.text
+
+
+def test_only_a_dead_owner_frees_leases_not_a_fetch_that_timed_out_under_load(monkeypatch):
+    """A fetch that times out on a busy cluster (also an ObjectLostError) says nothing about the
+    caller: freeing its live leases would let more calls out than the organization's limit."""
+    import ray.exceptions
+
+    from kolm_ray.sampling import quota
+
+    def raising(exc):
+        def get(ref, timeout=None):
+            raise exc
+        return get
+
+    monkeypatch.setattr(quota.ray, "get", raising(ray.exceptions.ObjectFetchTimedOutError("x", "", "")))
+    assert quota._owner_died(object()) is False
+    monkeypatch.setattr(quota.ray, "get", raising(ray.exceptions.OwnerDiedError("x", "", "")))
+    assert quota._owner_died(object()) is True
