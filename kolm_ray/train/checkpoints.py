@@ -201,6 +201,18 @@ def _named_checkpoints(data: Any) -> set[str]:
     return out
 
 
+def _set_aside(fs: Any, src: str, dest: str) -> None:
+    """Rename a checkpoint folder; object stores that cannot rename a folder (S3) get a copy, then
+    the original removed."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs.move(src, dest)
+    except (OSError, NotImplementedError):
+        pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+
+
 def prepare_resume(fs: Any, run_dir: str, *, world: int | None = None) -> tuple[Resume, list[str]]:
     """Choose the checkpoint a fit at ``run_dir`` (on ``fs``; None: local) resumes from, and
     clear the way to it: move the unusable checkpoints newer than it aside (renamed
@@ -220,7 +232,7 @@ def prepare_resume(fs: Any, run_dir: str, *, world: int | None = None) -> tuple[
     resume = choose(folders, lambda n: check(fs, f"{run_dir}/{n}", step=step_of(n), world=world))
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for name, _ in resume.unusable:
-        fs.move(f"{run_dir}/{name}", f"{run_dir}/{name}.unusable-{stamp}")
+        _set_aside(fs, f"{run_dir}/{name}", f"{run_dir}/{name}.unusable-{stamp}")
         folders.discard(name)
     lines = [line] if (line := resume.line()) else []
     if resume.unusable:
