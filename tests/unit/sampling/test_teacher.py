@@ -144,7 +144,7 @@ class _BookQuota:
 
         self.book, self.released = book, []
 
-        async def acquire(tokens, claim=None, lease_s=150.0):
+        async def acquire(tokens, claim=None, lease_s=150.0, alive=None):  # the actor's signature
             while not isinstance(got := book.try_acquire(time.monotonic(), tokens, claim, lease_s), Grant):
                 await asyncio.sleep(min(got, 0.01))
             return got
@@ -153,7 +153,7 @@ class _BookQuota:
             self.released.append(kw)
             return book.release(time.monotonic(), lease, **kw)
 
-        async def claim_key(key, owner, ttl_s):  # one process: no other payer to wait for
+        async def claim_key(key, owner, ttl_s, alive=None):  # one process: no other payer to wait for
             return True
 
         async def release_key(key, owner):
