@@ -9,14 +9,15 @@ from pathlib import Path
 README = Path(__file__).parent / "README.md"
 
 
-def publish(name: str, lines: list[str], write: bool) -> None:
+def record(name: str, lines: list[str], write: bool) -> None:
     """Print a benchmark's figures and, with ``write``, record them in README.md."""
     print("\n".join(lines))
     if write:
-        record(name, "\n".join(lines))
+        _write_section(name, "\n".join(lines))
 
 
-def record(name: str, text: str) -> None:
+def _write_section(name: str, text: str) -> None:
+    """Put ``text`` in README.md's section ``name`` (between its markers), dated; add the section if new."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     stamp = datetime.date.today().isoformat()
     block = f"{start}\n```\n{text}\n```\n_recorded {stamp}_\n{end}"

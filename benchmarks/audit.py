@@ -116,9 +116,9 @@ def main() -> None:
         f"${per_1000:.3f} per 1,000 served calls at rate 1 (claude-opus-4-7 list prices, system prompt cached)",
         f"  machine: {machine()}",
     ]
-    from _report import publish
+    from _report import record
 
-    publish("audit", lines, args.write)
+    record("audit", lines, args.write)
 
 
 if __name__ == "__main__":

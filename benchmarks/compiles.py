@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _machine import machine  # noqa: E402
-from _report import publish  # noqa: E402
+from _report import record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "routing"
@@ -134,7 +134,7 @@ def main() -> None:
                      f"{w['wall'] / serial[w['n']]:>9.2f} {w['paid']:>10} "
                      f"{w['max_in_flight']:>13} {w['rate_limited'] / max(1, w['paid']):>10.3f}")
     lines.append(f"head memory per queued compile (its waiting driver's RSS): {memory:.0f} MB")
-    publish(f"compiles-{args.cpus}cpu", lines, args.write)
+    record(f"compiles-{args.cpus}cpu", lines, args.write)
 
 
 if __name__ == "__main__":

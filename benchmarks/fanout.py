@@ -109,9 +109,9 @@ def main() -> None:
         f"  kolm / asyncio                  {base / ours:.3f}                                {base_ss / ours_ss:.3f}",
         f"  machine: {machine()}",
     ]
-    from _report import publish
+    from _report import record
 
-    publish("fanout", lines, args.write)
+    record("fanout", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -96,9 +96,9 @@ def main() -> None:
         f"  ratio kolm / Trainer           {(k_tok / k_s) / (b_tok / b_s):.2f}",
         f"  machine: {machine()}",
     ]
-    from _report import publish
+    from _report import record
 
-    publish("fit", lines, args.write)
+    record("fit", lines, args.write)
 
 
 if __name__ == "__main__":

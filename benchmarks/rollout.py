@@ -116,9 +116,9 @@ def main() -> None:
     for name, ws in wrong.items():
         lines.append(f"    {name:<33}{max(ws):.3f}")
     lines += [f"  {time.perf_counter() - t0:.1f} s", f"  machine: {machine()}"]
-    from _report import publish
+    from _report import record
 
-    publish("rollout", lines, args.write)
+    record("rollout", lines, args.write)
 
 
 if __name__ == "__main__":

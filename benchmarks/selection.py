@@ -105,9 +105,9 @@ def main() -> None:
                  f"({len(PS) * len(KS)} cells; under ~3 means choose_best is the plurality vote)")
     lines.append(f"  {len(PS) * sum(KS) * args.rows:,} samples selected in {time.perf_counter() - started:.1f} s")
     lines.append(f"  machine: {machine()}")
-    from _report import publish
+    from _report import record
 
-    publish("selection", lines, args.write)
+    record("selection", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ def main() -> None:
         lines.append(f"  {kind:5s}  {ours:9,.0f}/s  ({ours / TARGET:5.1f} x the 5,000/s target; "
                      f"tokenize-only baseline {base:9,.0f}/s, ratio {ours / base:.2f})")
     lines.append(f"  machine: {machine()}")
-    from _report import publish
+    from _report import record
 
-    publish("verifier", lines, args.write)
+    record("verifier", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/compile.py TASK --examples ex.jsonl --eval holdout.jsonl \\
         --base qwen-2.5-3b-instruct --gate K=88
+    ray job submit --working-dir . -- python jobs/compile.py --config examples/routing/compile.yaml
 """
 
 import sys

@@ -101,11 +101,11 @@ class CompileConfig(BaseModel):
 
 
 def parse_gate(text: str | None) -> float | None:
-    """``K=88`` -> 88.0. Raises: InputError for anything else."""
+    """``K=88`` -> 88.0, a K-score from 0 to 100. Raises: InputError for anything else."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*[Kk]\s*=\s*(\d+(?:\.\d+)?)\s*", text)
-    if not m:
+    if not m or not 0 <= float(m.group(1)) <= 100:
         raise InputError(f"invalid --gate {text!r}: write it as K=88 (a K-score from 0 to 100)")
     return float(m.group(1))
 
@@ -129,7 +129,7 @@ def prepare(cfg: CompileConfig) -> Prepared:
     rows = read_rows(cfg.examples)
     holdout = read_rows(cfg.holdout, require_output=True)
     base = resolve_base(cfg.base)
-    if cfg.gate is not None and not 0 <= cfg.gate <= 101:
+    if cfg.gate is not None and not 0 <= cfg.gate <= 100:
         raise InputError(f"--gate K={cfg.gate:g} is outside 0..100")
     for where in {cfg.store, teacher_cache_dir()}:  # a missing bucket fails here, not at the first write
         if is_remote(where):
@@ -387,7 +387,9 @@ def compile_specialist(
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    watch = monitor or _Unwatched()
+    from kolm_ray.metrics import StageClock, record_teacher
+
+    watch = StageClock(monitor or _Unwatched(), cfg.name, quota.tenant)  # times each stage, as a metric
 
     def on_teacher(n: int) -> None:
         watch.progress(n)
@@ -409,6 +411,7 @@ def compile_specialist(
     verifier = outcome.verifier
     s = outcome.summary
     watch.spend(s.cost_usd)
+    record_teacher(cfg.name, quota.tenant, s)
     say(s.headline())
     if s.low_agreement_rows:
         say(f"            {s.low_agreement_rows} rows where under {100 * s.min_agreement:g}% of the samples agree with "
@@ -425,9 +428,11 @@ def compile_specialist(
         f"{fitted.workers} {fitted.device} worker(s), {fitted.train_seconds:.1f} s, {loss}{resumed}{reused}")
 
     watch.stage("eval", 2)
+    eval_started = time.perf_counter()  # the manifest's eval_*_seconds (kolm report prices the compile with it)
     student = stage_eval(p, verifier, fitted.adapter_dir, fit_cfg)
     watch.progress(1)
     base = stage_eval(p, verifier, None, fit_cfg)
+    eval_seconds = round((time.perf_counter() - eval_started) * fit_cfg.workers, 3)  # wall x workers, as the fit's
     say(f"eval        student {student.score.line()} · base {base.score.line()}")
 
     watch.stage("sign")
@@ -468,6 +473,7 @@ def compile_specialist(
         "kscore": {"student": _score_summary(student.score), "base": _score_summary(base.score)},
         "gate": {"k": cfg.gate, "passed": True} if cfg.gate is not None else None,
         "compute": {"teacher_cost_usd": s.dataset_cost_usd, f"fit_{fitted.device}_seconds": fitted.worker_seconds,
+                    f"eval_{fitted.device}_seconds": eval_seconds,
                     "compile_seconds": round(time.perf_counter() - started, 1)},
         "fit": {"steps": fitted.steps, "examples": len(pairs), "loss_start": fitted.loss_start,
                 "loss_end": fitted.loss_end, "tokens": fitted.tokens},
@@ -483,6 +489,7 @@ def compile_specialist(
         _record_recipe(p, recipe, version)
     where = join(cfg.store, artifact_name(cfg.name, version)) if is_remote(cfg.store) else dest
     say(f"signed      {where} ({dest.stat().st_size / 1e6:.2f} MB, {signer.describe()})")
+    watch.finish()
     return CompileResult(artifact=where, name=cfg.name, version=vstr, student=student.score, base=base.score,
                          fit=fitted, sampling=outcome, size_bytes=dest.stat().st_size)
 

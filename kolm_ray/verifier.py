@@ -452,6 +452,15 @@ def _json_agreement(obj: dict, ref: dict, text_fields: set[str]) -> float:
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default); 0.0 for no values.
+
+    Not ``statistics.quantiles(method="inclusive")``, the same definition: it takes only cut
+    points i/n (no q=0 or 1, and on Python 3.11 not one value), and it computes them exactly
+    where this multiplies by the float q, so learned bands would move. Sample rules learn lines
+    at q = (1 - 0.8) / 2 = 0.09999999999999998: over 40,000 random line-count cases, 812 got
+    another min_lines or max_lines (16 counts: 2.999999999999999 -> floor 2 here, 3.0 -> 3 there),
+    and 9,224 length bands moved in the last digits (183.47999999999993 vs 183.48).
+    """
     s = sorted(values)
     if not s:
         return 0.0

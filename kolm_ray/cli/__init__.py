@@ -5,7 +5,15 @@ One module per command family; ``app`` holds the group and the one place errors 
 3 for a failed K-score gate.
 """
 
-from kolm_ray.cli import artifacts, compiling, publishing, queue, sampling, serving  # noqa: F401 - registers commands
+from kolm_ray.cli import (  # noqa: F401 - importing a command module registers its commands
+    artifacts,
+    compiling,
+    publishing,
+    queue,
+    report,
+    sampling,
+    serving,
+)
 from kolm_ray.cli.app import cli, main
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,5 @@
-"""`kolm verify`, `kolm inspect`, `kolm compare`, `kolm base`."""
+"""`kolm verify`, `kolm inspect`, `kolm compare`, `kolm base`: parse, call ``kolm_ray.artifact``
+/ ``compare`` / ``train.base``, print."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 
 import click
 
+from kolm_ray.artifact import CONTENT_DIR, open_verified, read_manifest, unpacked
 from kolm_ray.cli.app import cli
 from kolm_ray.cli.options import epilog, trust_options, trust_or_default
+from kolm_ray.compare import compare, load_side
+from kolm_ray.train.base import build_tiny_base
 
 
 @cli.command(short_help="Check an artifact's signature.", epilog=epilog(
@@ -21,8 +25,6 @@ from kolm_ray.cli.options import epilog, trust_options, trust_or_default
 def verify(artifact: str, key: str | None, identity: str | None, issuer: str | None) -> None:
     """Verify ARTIFACT's signature: exits non-zero on any change, addition or removal, or another
     signer. Without --key or --identity it trusts kolm's own key and says so."""
-    from kolm_ray.artifact import open_verified
-
     trust = trust_or_default(key, identity, issuer)
     with open_verified(artifact, trust) as (_, manifest):
         k = (manifest.get("kscore") or {}).get("student", {}).get("k")
@@ -38,8 +40,6 @@ def verify(artifact: str, key: str | None, identity: str | None, issuer: str | N
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the file list as JSON.")
 def inspect(artifact: str, as_json: bool) -> None:
     """Show ARTIFACT's manifest (unverified: use `kolm verify` to check the signature)."""
-    from kolm_ray.artifact import CONTENT_DIR, read_manifest, unpacked
-
     with unpacked(artifact) as root:
         m = read_manifest(root)
         files = sorted(p.relative_to(root / CONTENT_DIR).as_posix() for p in (root / CONTENT_DIR).rglob("*") if p.is_file())
@@ -86,8 +86,6 @@ def compare_cmd(old: str, new: str, as_json: bool, tolerance: float, max_regress
                 identity: str | None, issuer: str | None) -> None:
     """Compare two signed artifacts on their shared holdout rows: K/T/C/L deltas, regressed rows,
     and whether to promote NEW. Exits 0 whatever the recommendation (it is a report)."""
-    from kolm_ray.compare import compare, load_side
-
     trust = trust_or_default(key, identity, issuer)
     old_report, old_meta = load_side(old, trust)
     new_report, new_meta = load_side(new, trust)
@@ -97,7 +95,6 @@ def compare_cmd(old: str, new: str, as_json: bool, tolerance: float, max_regress
         return
     for line in result.lines():
         click.echo(line)
-
 
 
 @cli.group(short_help="Base models (a tiny one for offline runs).", epilog=epilog(
@@ -122,12 +119,8 @@ def base_tiny(out: str, hidden_size: int, layers: int, seed: int) -> None:
     if hidden_size % 8:
         raise click.BadParameter(f"{hidden_size} is not a multiple of 8 (4 attention heads of an even width)",
                                  param_hint="'--hidden-size'")
-    from kolm_ray.train.base import build_tiny_base
-
     path = build_tiny_base(out, hidden_size=hidden_size, layers=layers, seed=seed)
     click.echo(f"wrote a tiny Qwen2 base to {path}")
-
-
 
 
 def teacher_line(t: dict) -> str:

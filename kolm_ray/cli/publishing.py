@@ -1,4 +1,5 @@
-"""`kolm publish`, `kolm status`, `kolm promote`, `kolm rollback`."""
+"""`kolm publish`, `kolm status`, `kolm promote`, `kolm rollback`: parse, call
+``kolm_ray.publish.service``, print."""
 
 from __future__ import annotations
 
@@ -6,19 +7,28 @@ import json
 import os
 
 import click
+from pydantic import ValidationError
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.options import option_help, trust_or_default
+from kolm_ray.cli.options import option_help, trust_options, trust_or_default
 from kolm_ray.errors import InputError
-from kolm_ray.publish.release import AuditSettings
+from kolm_ray.home import kolm_home
+from kolm_ray.publish import controller
+from kolm_ray.publish.release import AuditSettings, check_env
+from kolm_ray.publish.service import (
+    env_status,
+    manual,
+    parse_duration,
+    publish_artifact,
+)
 
 
 def _poke(env: str) -> None:
     """Tell a running rollout controller (on the cluster at RAY_ADDRESS) to apply the change now."""
     if not os.environ.get("RAY_ADDRESS"):
         return
+    # Imports Ray: only once there is a cluster to reach.
     from kolm_ray.cluster import connect
-    from kolm_ray.publish import controller
 
     try:  # the change is already recorded: a controller that can't be reached picks it up on its next tick
         connect(None)
@@ -59,21 +69,12 @@ Exit codes:
 @click.option("--min-audits", default=AuditSettings.model_fields["min_audits"].default, show_default=True,
               type=click.IntRange(1), help=option_help(AuditSettings, "min_audits"))
 @click.option("--force", is_flag=True, help="Publish even if the compare rejects it, or replace a running canary.")
-@click.option("--key", type=click.Path(dir_okay=False), help="Public key (PEM) the artifact must be signed with "
-              "[default: kolm's own key, $KOLM_HOME/keys/signing.pub].")
-@click.option("--identity", help="Sigstore signer identity.")
-@click.option("--issuer", help="Sigstore OIDC issuer URL.")
+@trust_options("the artifact")
 def publish_cmd(artifact: str, env: str, canary: float, hold: str, min_samples: int, tolerance: float,
                 audit_rate: float, shadow: bool, audit_tolerance: float, confidence: float, min_audits: int,
                 force: bool, key: str | None, identity: str | None, issuer: str | None) -> None:
     """Release ARTIFACT to an environment: the first version is stable at once; a later one goes
     out behind a canary, holds, and is promoted or rolled back by the rollout controller."""
-    from kolm_ray.home import kolm_home
-    from kolm_ray.publish.release import check_env
-    from kolm_ray.publish.service import parse_duration, publish_artifact
-
-    from pydantic import ValidationError
-
     check_env(env)
     hold_s = parse_duration(hold)
     try:
@@ -104,9 +105,6 @@ Exit codes:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status_cmd(env: str, as_json: bool) -> None:
     """Each Specialist in ENV: stable and canary versions, weight, phase, online K, samples, hold left."""
-    from kolm_ray.home import kolm_home
-    from kolm_ray.publish.service import env_status
-
     st = env_status(kolm_home(), env)
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -148,9 +146,6 @@ Exit codes:
 @click.option("--env", required=True, help="Environment the Specialist is released in (e.g. prod).")
 def promote_cmd(name: str, env: str) -> None:
     """Give NAME's canary all traffic now."""
-    from kolm_ray.home import kolm_home
-    from kolm_ray.publish.service import manual
-
     r = manual(kolm_home(), env, name, "promote").releases[name]
     click.echo(f"promoted    {name}@{r.stable.version} is stable in {env} (previous {r.previous.version} kept)")
     _poke(env)
@@ -168,11 +163,6 @@ Exit codes:
 @click.option("--env", required=True, help="Environment the Specialist is released in (e.g. prod).")
 def rollback_cmd(name: str, env: str) -> None:
     """Send NAME's canary to 0% (or, after a promotion, bring the previous stable back)."""
-    from kolm_ray.home import kolm_home
-    from kolm_ray.publish.service import manual
-
     r = manual(kolm_home(), env, name, "rollback").releases[name]
     click.echo(f"rolled back {name}: stable {r.stable.version} in {env}")
     _poke(env)
-
-

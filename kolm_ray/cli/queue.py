@@ -1,17 +1,38 @@
-"""The operator's commands: `kolm queue`, `kolm cancel`, `kolm teacher-limits`."""
+"""The operator's commands: `kolm queue`, `kolm cancel`, `kolm teacher-limits`: parse, call
+``kolm_ray.admission`` / ``sampling.limits``, print."""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
 
+from kolm_ray.admission import (
+    QueuePolicy,
+    cancel,
+    list_tickets,
+    load_policy,
+    save_policy,
+)
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.options import epilog, option_help, parse_pairs
+from kolm_ray.cli.options import (
+    address_option,
+    epilog,
+    option_help,
+    parse_pairs,
+    rate_options,
+)
 from kolm_ray.errors import InputError
-from kolm_ray.admission import QueuePolicy
-from kolm_ray.sampling.limits import RateLimits, teacher_identity
+from kolm_ray.home import kolm_home
+from kolm_ray.sampling.limits import (
+    RateLimits,
+    key_digest,
+    set_limits,
+    show_limits,
+    teacher_identity,
+)
 
 
 @cli.group(name="queue", invoke_without_command=True, short_help="The cluster's compiles, waiting and running.",
@@ -19,7 +40,7 @@ from kolm_ray.sampling.limits import RateLimits, teacher_identity
                          "kolm queue limits --per-tenant 2 --tenant-limit acme=4",
                          codes={0: "listed", 1: "the cluster or the queue could not be reached",
                                 2: "bad arguments"}))
-@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@address_option
 @click.option("--all", "show_all", is_flag=True, help="Also the compiles that ended in the last day.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tickets as JSON.")
 @click.pass_context
@@ -28,9 +49,8 @@ def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: 
     if ctx.invoked_subcommand is not None:
         ctx.obj = address
         return
-    from kolm_ray.admission import list_tickets
+    # Imports Ray: the listing needs the cluster, the subcommands do not.
     from kolm_ray.cluster import connect
-    from kolm_ray.home import kolm_home
 
     connect(address)
     order = {"running": 0, "waiting": 1}
@@ -42,12 +62,10 @@ def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: 
     if not tickets:
         click.echo("no compiles" + ("" if show_all else " waiting or running"))
         return
-    import time as _time
-
     click.echo(f"{'ID':<34} {'TENANT':<14} {'STATE':<9} {'POS':>3} {'STAGE':<9} {'PROGRESS':>9} {'SPEND':>9} {'AGE':>7}")
     for t in tickets:
         prog = f"{t['done']}/{t['total']}" if t["total"] else ""
-        age = _time.time() - t["submitted_at"]
+        age = time.time() - t["submitted_at"]
         click.echo(f"{t['id']:<34} {t['tenant']:<14} {t['state']:<9} {t['position'] or '':>3} "
                    f"{t['stage'] if t['state'] == 'running' else '':<9} {prog:>9} ${t['spend_usd']:>8.4f} "
                    f"{age / 60:>6.1f}m" + (f"  {t['message']}" if t.get("message") and (show_all or t["state"] == "waiting") else ""))
@@ -67,9 +85,6 @@ def queue_cmd(ctx: click.Context, address: str | None, show_all: bool, as_json: 
 def queue_limits(max_running: int | None, per_tenant: int | None, tenant_limits: tuple[str, ...],
                  lease_s: float | None, paused: bool | None, clear: bool) -> None:
     """Show or set the queue's admission limits (kept in KOLM_HOME, read at every tick)."""
-    from kolm_ray.admission import load_policy, save_policy
-    from kolm_ray.home import kolm_home
-
     policy = QueuePolicy() if clear else load_policy(kolm_home())
     update: dict[str, Any] = {}
     if max_running is not None:
@@ -98,18 +113,16 @@ def queue_limits(max_running: int | None, per_tenant: int | None, tenant_limits:
     codes={0: "cancelled, or it had already ended", 1: "the cluster or the queue could not be reached",
            2: "bad arguments (no such ticket)"}))
 @click.argument("ticket")
-@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@address_option
 def cancel_cmd(ticket: str, address: str | None) -> None:
     """Cancel a waiting or running compile (ID from `kolm queue`); what it held is freed."""
-    from kolm_ray.admission import cancel
+    # Both import Ray: a cancel needs the cluster (the queue, the teacher quota's actor).
     from kolm_ray.cluster import connect
-    from kolm_ray.home import kolm_home
+    from kolm_ray.sampling.quota import release_holder
 
     connect(address)
     res = cancel(kolm_home(), ticket)
     if res["was"] == "running" and any(teacher_identity()):
-        from kolm_ray.sampling.quota import release_holder
-
         # Its teacher slots now, not at its driver's exit or its leases' expiry (the ticket is the holder).
         release_holder(*teacher_identity(), ticket)
     if res["was"] in ("waiting", "running"):
@@ -134,9 +147,7 @@ def teacher_limits() -> None:
 @click.option("--key", default=None, help="The key digest the change is for (`kolm teacher-limits show` lists it) "
               "[default: the default entry, for every key without its own].")
 @click.option("--this-key", is_flag=True, help="For this environment's key (ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN, and ANTHROPIC_BASE_URL).")
-@click.option("--max-in-flight", type=click.IntRange(1), default=None, help=option_help(RateLimits, "max_in_flight"))
-@click.option("--calls-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "calls_per_minute"))
-@click.option("--tokens-per-minute", type=click.IntRange(1), default=None, help=option_help(RateLimits, "tokens_per_minute"))
+@rate_options(RateLimits)
 @click.option("--tenant", default=None, help="The tenant whose budget --budget-usd / --budget-tokens set.")
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None, help="The tenant's budget in US dollars.")
 @click.option("--budget-tokens", type=click.IntRange(0), default=None, help="The tenant's budget in billed tokens.")
@@ -144,8 +155,6 @@ def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | Non
                        tokens_per_minute: int | None, tenant: str | None, budget_usd: float | None,
                        budget_tokens: int | None) -> None:
     """Change the given limits (the rest are kept); running quotas pick them up within a second."""
-    from kolm_ray.sampling.limits import key_digest, set_limits, show_limits
-
     if this_key:
         key = key_digest(*teacher_identity())
     set_limits(key=key, max_in_flight=max_in_flight, calls_per_minute=calls_per_minute,
@@ -161,13 +170,9 @@ def teacher_limits_set(key: str | None, this_key: bool, max_in_flight: int | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the file, this key's limits and spend as JSON.")
 def teacher_limits_show(as_json: bool) -> None:
     """The limits as they apply to this environment's key, and its tenants' budgets and spend."""
-    from kolm_ray.sampling.limits import show_limits
-
     view = show_limits(*teacher_identity())
     if as_json:
         click.echo(view.model_dump_json(indent=2))
         return
     for line in view.lines():
         click.echo(line)
-
-

@@ -1,20 +1,31 @@
-"""`kolm sample` and `kolm score`."""
+"""`kolm sample` and `kolm score`: parse, call ``kolm_ray.sampling.standalone`` / ``kscore``, print."""
 
 from __future__ import annotations
 
 import json
-import os
+import tarfile
 from pathlib import Path
 
 import click
 
+from kolm_ray.artifact import CONTENT_DIR, read_verified_text
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.progress import TeacherBar
 from kolm_ray.cli.options import (
-    claim_options, epilog, option_help, quota_claim, slug, task_text, trust_options, trust_or_default,
+    address_option,
+    claim_options,
+    epilog,
+    option_help,
+    quota_claim,
+    task_text,
+    teacher_options,
+    trust_options,
+    trust_or_default,
 )
+from kolm_ray.cli.progress import TeacherBar
 from kolm_ray.errors import InputError
+from kolm_ray.kscore import score_rows
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
+from kolm_ray.verifier import Verifier, synthesize
 
 
 @cli.command(short_help="Sample the teacher k times per row; keep the best.", epilog=epilog(
@@ -26,61 +37,37 @@ from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 @click.option("--examples", "examples", required=True, type=click.Path(dir_okay=False),
               help="JSONL or Parquet rows {id?, input, output?}.")
 @click.option("--task-file", type=click.Path(dir_okay=False), help="Read the task instruction from this file.")
-@click.option("--teacher", default=TeacherConfig.model_fields["model"].default, show_default=True,
-              help=option_help(TeacherConfig, "model"))
-@click.option("--k", default=4, show_default=True, type=click.IntRange(1, 64), help=option_help(SampleConfig, "k"))
-@click.option("--n", default=None, type=click.IntRange(1), help=option_help(SampleConfig, "n"))
+@teacher_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [default: runs/<task>/samples].")
-@click.option("--batch", is_flag=True, help=option_help(SampleConfig, "batch"))
 @click.option("--batch-poll", "batch_poll_s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help=option_help(SampleConfig, "batch_poll_s"))
-@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=option_help(SampleConfig, "concurrency"))
 @click.option("--actors", default=2, show_default=True, type=click.IntRange(1), help=option_help(SampleConfig, "actors"))
-@click.option("--min-agreement", default=SampleConfig.model_fields["min_agreement"].default, show_default=True,
-              type=click.FloatRange(0, 1), help=option_help(SampleConfig, "min_agreement"))
-@click.option("--max-failed-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
-              help=option_help(SampleConfig, "max_failed_fraction"))
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_tokens"))
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help=option_help(TeacherConfig, "timeout_s"))
-@click.option("--max-attempts", default=TeacherConfig.model_fields["max_attempts"].default, show_default=True, type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
+@click.option("--max-attempts", default=TeacherConfig.model_fields["max_attempts"].default, show_default=True,
+              type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
 @claim_options
-@click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
-@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
+@address_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None,
-           out_dir: str | None, batch: bool, batch_poll_s: float, concurrency: int, actors: int, min_agreement: float,
-           max_failed_fraction: float, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
+def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None, batch: bool,
+           concurrency: int, min_agreement: float, max_failed_fraction: float, prices: str | None, out_dir: str | None,
+           batch_poll_s: float, actors: int, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
            max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
-           max_cost_usd: float | None, prices: str | None, address: str | None, as_json: bool) -> None:
+           max_cost_usd: float | None, address: str | None, as_json: bool) -> None:
     """Sample the teacher k times per example row and keep the best sample per row."""
-    from kolm_ray.cluster import connect
-    from kolm_ray.home import teacher_cache_dir
-    from kolm_ray.rows import read_rows
-    from kolm_ray.sampling.fanout import sample_rows, samples_target, write_samples
-    from kolm_ray.sampling.pricing import load_prices, price_for
+    # Imports Ray (the fan-out runs on Ray Data): loaded when a sample runs, not for `kolm --help`.
+    from kolm_ray.sampling.standalone import prepare_sampling, run_sampling
 
-    # Everything the user gave is checked before Ray starts or a call is paid for.
-    instruction = task_text(task, task_file)
-    rows = read_rows(examples)
-    price = price_for(teacher, load_prices(prices) if prices else None)
-    if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
-        raise InputError("set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy) for the teacher")
-    teacher_cfg = TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts)
-    sample_cfg = SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
-                              max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s)
-    quota_cfg = quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd)
-    out = samples_target(out_dir or str(Path("runs") / slug(instruction) / "samples"))  # a folder or s3://bucket/prefix
-
-    from kolm_ray.store import is_remote
-
-    connect(address, log_file=None if is_remote(out) else Path(out).parent / "ray.log")
-    total = min(rows.num_rows, n or rows.num_rows) * k
-    with TeacherBar(total) as bar:
-        outcome = sample_rows(instruction, rows, teacher=teacher_cfg, sample=sample_cfg, quota=quota_cfg,
-                              prices=price, cache_dir=teacher_cache_dir(), progress=bar.update,
-                              on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
-    written = write_samples(out, outcome)
+    run = prepare_sampling(  # everything the user gave is checked before Ray starts or a call is paid for
+        task_text(task, task_file), examples, prices_file=prices, out_dir=out_dir,
+        teacher=TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts),
+        sample=SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
+                            max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s),
+        quota=quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd))
+    with TeacherBar(run.calls) as bar:
+        outcome, written = run_sampling(run, address, progress=bar.update,
+                                        on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
     if as_json:
         click.echo(json.dumps({**outcome.summary.model_dump(), "out": str(written)}, indent=2))
         return
@@ -109,9 +96,8 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
 def score(outputs: str, verifier_path: str | None, examples: str | None, task: str | None, as_json: bool,
           key: str | None, identity: str | None, issuer: str | None) -> None:
     """Score OUTPUTS (JSONL/Parquet rows {id?, input, output, reference?}) into K, T, C, L."""
-    from kolm_ray.kscore import score_rows
+    # Imports pyarrow: loaded when rows are read, not for every `kolm` command.
     from kolm_ray.rows import read_rows
-    from kolm_ray.verifier import synthesize
 
     if bool(verifier_path) == bool(examples):
         raise InputError("give exactly one of --verifier FILE or --examples FILE (with --task)")
@@ -135,8 +121,6 @@ def score(outputs: str, verifier_path: str | None, examples: str | None, task: s
 
 
 def _is_artifact(path: str) -> bool:
-    import tarfile
-
     if path.endswith(".kolm"):
         return True
     p = Path(path)
@@ -148,9 +132,6 @@ def _verifier_from(path: str, key: str | None, identity: str | None, issuer: str
     kolm's own key: the rules a Specialist was scored by are only worth its signature).
 
     Raises: InputError (not a verifier, unreadable), ArtifactRejected (signature)."""
-    from kolm_ray.artifact import CONTENT_DIR, read_verified_text
-    from kolm_ray.verifier import Verifier
-
     if _is_artifact(path):
         text, manifest = read_verified_text(path, trust_or_default(key, identity, issuer), "verifier.json")
         click.echo(f"verifier    of {manifest.get('name')} {manifest.get('version')}, from {path} (signature verified)",

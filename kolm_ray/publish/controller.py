@@ -76,15 +76,17 @@ def judge(state: EnvState, receipts: list[dict[str, Any]], now: float) -> EnvSta
     return state.model_copy(update={"releases": releases})
 
 
-def serve_config(state: EnvState, base: dict[str, Any], hosted_extra: list[str] = (), with_routes: bool = True,
-                 route_source: EnvState | None = None) -> Any:
-    """The ServeConfig for an environment's app: every hosted version loaded, names pinned to
-    stable, and the canary split (from ``route_source`` when given: the routes still live)."""
+def serve_config(state: EnvState, serve_options: dict[str, Any], hosted_extra: list[str] = (),
+                 with_routes: bool = True, route_source: EnvState | None = None) -> Any:
+    """The ServeConfig for an environment's app: ``serve_options`` (the ServeConfig fields the
+    release state does not decide: trust, store, replicas...) with every hosted version loaded,
+    names pinned to stable, and the canary split (from ``route_source`` when given: the routes
+    still live)."""
     from kolm_ray.serve.config import ServeConfig
 
     artifacts = sorted({v.artifact for r in state.releases.values() for v in r.hosted()} | set(hosted_extra))
     src = route_source or state
-    return ServeConfig(**{**base, "artifacts": artifacts, "app_name": app_name(state.env),
+    return ServeConfig(**{**serve_options, "artifacts": artifacts, "app_name": app_name(state.env),
                           "pins": {n: r.stable.version for n, r in src.releases.items()},
                           "routes": routes(src) if with_routes else {}})
 
@@ -101,11 +103,11 @@ def released_catalog(cfg: "ServeConfig", *states: EnvState) -> "Catalog":
 class RolloutController:
     """Ray actor body: ``tick`` judges and applies; a thread calls it every ``interval_s``."""
 
-    def __init__(self, env: str, home: str, serve_base: dict[str, Any], host: str, port: int,
+    def __init__(self, env: str, home: str, serve_options: dict[str, Any], host: str, port: int,
                  interval_s: float = 10.0) -> None:
         self.env, self.home = env, Path(home)
         self.store = ReleaseStore(self.home, env)
-        self.serve_base, self.host, self.port = serve_base, host, port
+        self.serve_options, self.host, self.port = serve_options, host, port
         self.interval_s = interval_s
         self.applied: EnvState | None = None
         self.last_error: str | None = None
@@ -124,15 +126,17 @@ class RolloutController:
 
     def tick(self) -> dict[str, Any]:
         """Judge canaries, then apply the state to Serve if it moved. Returns ``status()``."""
+        from kolm_ray.metrics import record_rollout
         from kolm_ray.serve.receipts import read_receipts
 
         with self._lock:
             receipts_dir = self.home / "receipts" / app_name(self.env)
-            state = self.store.load()
+            state = before = self.store.load()
             canaries = [r.canary.started_at for r in state.releases.values() if r.canary is not None]
             if canaries:
                 receipts = read_receipts(receipts_dir, since=min(canaries)) if receipts_dir.is_dir() else []
                 state = self.store.update(lambda s: judge(s, receipts, time.time()))
+            record_rollout(self.env, before, state)  # decisions taken and canary weights, as metrics
             # Decisions that only "wait" rewrite the state (its last_decision), not what is served:
             # apply only when the hosted versions or the routes moved.
             if self.applied is None or _serving_differs(state, self.applied):
@@ -149,9 +153,10 @@ class RolloutController:
         if self.applied is not None:
             old_hosted, new_hosted = _hosted(self.applied), _hosted(state)
             if not new_hosted <= old_hosted:  # phase 1: load the new versions, old routes
-                cfg = serve_config(state, self.serve_base, hosted_extra=sorted(old_hosted), route_source=self.applied)
+                cfg = serve_config(state, self.serve_options, hosted_extra=sorted(old_hosted),
+                                   route_source=self.applied)
                 run(cfg, host=self.host, port=self.port, catalog=released_catalog(cfg, state, self.applied))
-        cfg = serve_config(state, self.serve_base)
+        cfg = serve_config(state, self.serve_options)
         run(cfg, host=self.host, port=self.port, catalog=released_catalog(cfg, state))  # phase 2: switch routes
         self.applied = state
         log.info("applied release state revision %d of %s", state.revision, self.env)
@@ -173,7 +178,7 @@ def _serving_differs(a: EnvState, b: EnvState) -> bool:
         {n: r.stable.version for n, r in a.releases.items()} != {n: r.stable.version for n, r in b.releases.items()}
 
 
-def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int, interval_s: float) -> Any:
+def start(env: str, home: Path, serve_options: dict[str, Any], host: str, port: int, interval_s: float) -> Any:
     """Start (or restart, with these settings) the environment's controller; applies the state once."""
     import ray
 
@@ -185,7 +190,7 @@ def start(env: str, home: Path, serve_base: dict[str, Any], host: str, port: int
     actor = ray.remote(RolloutController).options(
         name=name, namespace="kolm", lifetime="detached", num_cpus=0, max_restarts=-1, max_concurrency=4,
         **({"runtime_env": {"env_vars": teacher_env}} if teacher_env else {}),
-    ).remote(env, str(home), serve_base, host, port, interval_s)
+    ).remote(env, str(home), serve_options, host, port, interval_s)
     ray.get(actor.tick.remote())
     return actor
 

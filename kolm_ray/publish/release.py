@@ -6,20 +6,19 @@ renamed over the state, its folder fsynced; a crash leaves the old state or the 
 restart of Serve, of the cluster or of the CLI restores the same routing. One writer at a time:
 every change goes through ``ReleaseStore.update``, which holds an exclusive lock on
 ``release.lock`` for the whole read-modify-write, so concurrent publishes are serialized, never
-interleaved. The transitions (``publish``, ``promote``, ``rollback``) are pure functions of a
+interleaved. The transitions (``add_version``, ``promote``, ``rollback``) are pure functions of a
 ``Release``; they raise ``InputError`` where the move is not allowed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import re
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kolm_ray.durable import write_atomic
@@ -122,10 +121,11 @@ class EnvState(BaseModel):
 # ----- transitions (pure) -----------------------------------------------------------------------
 
 
-def publish(current: Release | None, name: str, new: Version, *, now: float, weight: float, hold_s: float,
-            min_samples: int, tolerance: float, force: bool = False,
-            audit: AuditSettings | None = None) -> Release:
-    """The first version of a Specialist becomes stable at once; a later one goes out as canary.
+def add_version(current: Release | None, name: str, new: Version, *, now: float, weight: float, hold_s: float,
+                min_samples: int, tolerance: float, force: bool = False,
+                audit: AuditSettings | None = None) -> Release:
+    """A new version joins the Specialist's release: the first version becomes stable at once; a
+    later one goes out as canary behind ``weight`` of the traffic (promoted at once at 100%).
     ``audit``: how the canary is audited (none by default).
 
     Raises:
@@ -227,21 +227,18 @@ class ReleaseStore:
     @contextlib.contextmanager
     def _locked(self, timeout_s: float) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "release.lock", "w") as f:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise KolmRuntimeError(f"another publish to {self.env!r} held the lock for "
-                                               f"{timeout_s:g} s; try again") from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        # An flock underneath: a holder that dies (killed, crashed) lets go with its file
+        # descriptor, so no lock is left stale; the file itself stays, for the next writer.
+        lock = FileLock(self.dir / "release.lock")
+        try:
+            lock.acquire(timeout=max(timeout_s, 0.0))  # (filelock waits forever on a negative timeout)
+        except Timeout:
+            raise KolmRuntimeError(f"another publish to {self.env!r} held the lock for {timeout_s:g} s; "
+                                   "try again") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def update(self, change: Callable[[EnvState], EnvState], timeout_s: float = 30.0) -> EnvState:
         """Apply ``change`` to the current state under the lock and write the result atomically

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import GateFailed, InputError
-from kolm_ray.publish.release import AuditSettings, EnvState, ReleaseStore, Version, promote, publish, rollback
+from kolm_ray.publish.release import AuditSettings, EnvState, ReleaseStore, Version, add_version, promote, rollback
 from kolm_ray.publish.rollout import window
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -28,15 +28,26 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+class NotRecommended(GateFailed):
+    """The compare with stable did not recommend promoting (``publish_artifact(require_promote=True)``)."""
+
+    def __init__(self, comparison: Any) -> None:
+        self.comparison = comparison
+        super().__init__(f"{comparison.recommendation}: {comparison.reason}")
+
+
 def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight: float, hold_s: float,
                      min_samples: int, tolerance: float, force: bool = False,
-                     audit: AuditSettings | None = None) -> tuple[EnvState, str, Any]:
+                     audit: AuditSettings | None = None, require_promote: bool = False) -> tuple[EnvState, str, Any]:
     """Returns the new state, a one-line summary, and the comparison with stable (or None).
+
+    ``require_promote`` (the nightly): publish only what the compare recommends promoting.
 
     Raises:
         InputError: bad artifact or a move the release does not allow.
         ArtifactRejected: the signature does not verify.
-        GateFailed: the compare with stable says reject (without ``force``).
+        GateFailed: the compare with stable says reject (without ``force``); ``NotRecommended``
+            when it does not say promote under ``require_promote``.
     """
     from kolm_ray.compare import compare, load_side
     from kolm_ray.store import fetched, location_of
@@ -58,13 +69,15 @@ def publish_artifact(home: Path, env: str, artifact: str, trust: Any, *, weight:
     if current is not None:
         old_report, old_meta = load_side(current.stable.artifact, trust)
         comparison = compare(old_report, report, old_meta, meta, tolerance=tolerance)
+        if require_promote and comparison.recommendation != "promote":
+            raise NotRecommended(comparison)
         if comparison.recommendation == "reject" and not force:
             raise GateFailed(f"refusing to publish {ref}: compared with stable {current.stable.version}, "
                              f"{comparison.reason} (use --force to publish anyway)")
 
     def change(s: EnvState) -> EnvState:
-        r = publish(s.releases.get(meta.name), meta.name, new, now=time.time(), weight=weight, hold_s=hold_s,
-                    min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
+        r = add_version(s.releases.get(meta.name), meta.name, new, now=time.time(), weight=weight, hold_s=hold_s,
+                        min_samples=min_samples, tolerance=tolerance, force=force, audit=audit)
         return s.model_copy(update={"releases": {**s.releases, meta.name: r}})
 
     state = store.update(change)

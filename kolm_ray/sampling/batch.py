@@ -47,6 +47,7 @@ from kolm_ray.durable import write_json
 from kolm_ray.errors import TeacherError
 from kolm_ray.home import state_dir
 from kolm_ray.sampling.cache import ResponseCache, request_key
+from kolm_ray.sampling.calls import CALL_SCHEMA, SamplingPlan, expand, result_row
 from kolm_ray.sampling.pricing import Usage
 from kolm_ray.sampling.prompt import message_params
 from kolm_ray.sampling.teacher import SampleResult, message_text, usage_of
@@ -186,17 +187,15 @@ def _chunks(keys: list[str], size: int) -> list[list[str]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-def call_teacher_batch(plan: Any, rows: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
+def call_teacher_batch(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
     """Same contract as ``fanout.call_teacher``: one output row per (row, sample)."""
-    from kolm_ray.sampling.fanout import CALL_SCHEMA, _expand, _result_row
-
     cfg, tcfg = plan.sample, plan.teacher
     client = anthropic.Anthropic(timeout=tcfg.timeout_s)  # SDK retries are fine for control calls
     cache = ResponseCache(plan.cache_dir).for_endpoint(str(client.base_url))
     reqs: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     params_of: dict[str, dict[str, Any]] = {}
     for row in rows.to_pylist():
-        for req in _expand(row, cfg.k):
+        for req in expand(row, cfg.k):
             params = message_params(model=tcfg.model, system=plan.system, user_input=req["input"],
                                     max_tokens=tcfg.max_tokens, temperature=tcfg.temperature)
             key = request_key(params, req["sample_index"])
@@ -209,7 +208,7 @@ def call_teacher_batch(plan: Any, rows: pa.Table, progress: Callable[[int], None
     run.previous_format_journals()
     for chunk in _chunks(list(params_of), cfg.batch_max_requests):
         run.chunk(chunk)
-    out = [_result_row(req, key, results[key]) for req, key, _ in reqs]
+    out = [result_row(req, key, results[key]) for req, key, _ in reqs]
     return pa.Table.from_pylist(out, schema=CALL_SCHEMA).sort_by([("id", "ascending"), ("sample_index", "ascending")])
 
 

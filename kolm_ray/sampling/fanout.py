@@ -6,6 +6,7 @@
 2. ``call_teacher``: Ray Data reads the rows, expands each into k requests and calls the
    teacher from async actors (``_TeacherCall``) under the cluster-wide quota; or, with
    ``batch``, the Message Batches API (``kolm_ray.sampling.batch``). Cached answers cost nothing.
+   Both take and return the tables of ``kolm_ray.sampling.calls``.
 3. ``score_samples``: the verifier's T/C/L for every sample (on Ray Data); where the rows have
    no reference outputs the verifier is first learned from each row's k samples
    (``synthesize_from_samples``).
@@ -48,43 +49,22 @@ from kolm_ray.durable import fsync_dir
 from kolm_ray.errors import BudgetExceeded, InputError, TeacherError
 from kolm_ray.sampling.prompt import RECORDED_MODEL_PREFIX
 from kolm_ray.measures import content_words, normalize_label, parse_json_object
+from kolm_ray.sampling.batch import call_teacher_batch
 from kolm_ray.sampling.budget import BudgetCheck, budget_check
 from kolm_ray.sampling.cache import ResponseCache, request_key
+from kolm_ray.sampling.calls import CALL_SCHEMA, REQUEST_SCHEMA, SAMPLE_SCHEMA, SamplingPlan, expand, result_row
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.limits import teacher_identity
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
 from kolm_ray.sampling.prompt import message_params, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, quota_name, release_holder, teacher_quota
-from kolm_ray.sampling.teacher import UNAVAILABLE, AnthropicTeacher, SampleResult, sdk_env
+from kolm_ray.sampling.teacher import UNAVAILABLE, AnthropicTeacher, sdk_env
 from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
 
 # 2: selection by self-consistency; every sample row carries its row's ``agreement``.
 # 3: ``served_model``, the model name each answer came back with (a recorded teacher says so).
 SAMPLES_FORMAT_VERSION = 3
 
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("input", pa.string()),
-        ("reference", pa.string()),
-        ("sample_index", pa.int32()),
-        ("key", pa.string()),
-        ("text", pa.string()),
-        ("error", pa.string()),
-        ("failures", pa.string()),
-        ("attempts", pa.int32()),
-        ("cached", pa.bool_()),
-        ("input_tokens", pa.int64()),
-        ("output_tokens", pa.int64()),
-        ("cache_read_tokens", pa.int64()),
-        ("cache_write_tokens", pa.int64()),
-        ("served_model", pa.string()),
-    ]
-)
-# What the calls add for the stage's own report and never write: when the teacher was seen
-# unavailable for each sample, and when it answered (epoch seconds).
-TIMING_COLUMNS = [("unavailable_at", pa.list_(pa.float64())), ("answered_at", pa.float64())]
-CALL_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [pa.field(n, t) for n, t in TIMING_COLUMNS])
 SCORE_COLUMNS = [("t", pa.float64()), ("c", pa.float64()), ("l", pa.float64()), ("k", pa.float64()), ("passed", pa.bool_())]
 # Added by ``select``: the kept sample of each row, and the row's agreement (None where every
 # sample of the row failed), repeated on each of its k samples.
@@ -233,16 +213,6 @@ class SampleSummary(BaseModel):
         ]
 
 
-@dataclass(frozen=True)
-class SamplingPlan:
-    task: str
-    system: list[dict[str, Any]]
-    teacher: TeacherConfig
-    sample: SampleConfig
-    quota: QuotaConfig
-    cache_dir: str
-
-
 def plan(
     task: str, rows: pa.Table, verifier: Verifier | None, teacher: TeacherConfig, sample: SampleConfig,
     quota: QuotaConfig, cache_dir: str | Path,
@@ -253,28 +223,6 @@ def plan(
         system=system_blocks(task, verifier, labeled[: teacher.few_shot]),
         teacher=teacher, sample=sample, quota=quota, cache_dir=str(cache_dir),
     )
-
-
-REQUEST_SCHEMA = pa.schema([("id", pa.string()), ("input", pa.string()), ("reference", pa.string()),
-                            ("sample_index", pa.int64())])
-
-
-def _expand(row: dict[str, Any], k: int) -> list[dict[str, Any]]:
-    return [
-        {"id": row["id"], "input": row["input"], "reference": row["output"], "sample_index": j} for j in range(k)
-    ]
-
-
-def _result_row(req: dict[str, Any], key: str, res: SampleResult) -> dict[str, Any]:
-    return {
-        "id": req["id"], "input": req["input"], "reference": req["reference"],
-        "sample_index": int(req["sample_index"]), "key": key, "text": res.text, "error": res.error,
-        "failures": ",".join(res.failures), "attempts": res.attempts, "cached": res.cached,
-        "input_tokens": res.usage.input_tokens, "output_tokens": res.usage.output_tokens,
-        "cache_read_tokens": res.usage.cache_read_tokens, "cache_write_tokens": res.usage.cache_write_tokens,
-        "served_model": res.served_model,
-        "unavailable_at": list(res.unavailable_at), "answered_at": res.answered_at,
-    }
 
 
 class _TeacherCall:
@@ -303,7 +251,7 @@ class _TeacherCall:
             key = request_key(params, int(req["sample_index"]))
             async with self.sem:
                 res = await self.teacher.sample(params, key)
-            return _result_row(req, key, res)
+            return result_row(req, key, res)
 
         out = await asyncio.gather(*(one(r) for r in reqs))
         return pa.Table.from_pylist(out, schema=CALL_SCHEMA)
@@ -318,8 +266,6 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
     caps), booking each call's cost at ``prices`` against the tenant's budget."""
     cfg = plan.sample
     if cfg.batch:
-        from kolm_ray.sampling.batch import call_teacher_batch
-
         return call_teacher_batch(plan, rows, progress)
     api_key, base_url = teacher_identity()  # the quota's identity: the API key, else the auth token
     teacher_quota(api_key, base_url)
@@ -333,7 +279,7 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
     # while the calls themselves need none. Enough blocks that every actor gets work; batches
     # small enough that one slow retry holds back few finished samples, large enough to keep
     # `per_actor` calls in flight.
-    requests = pa.Table.from_pylist([q for r in rows.to_pylist() for q in _expand(r, cfg.k)], schema=REQUEST_SCHEMA)
+    requests = pa.Table.from_pylist([q for r in rows.to_pylist() for q in expand(r, cfg.k)], schema=REQUEST_SCHEMA)
     n_blocks = max(1, min(requests.num_rows, cfg.actors * 8))
     step = max(1, -(-requests.num_rows // n_blocks))
     blocks = [requests.slice(i, step) for i in range(0, requests.num_rows, step)] or [requests]

@@ -32,16 +32,18 @@ def _trust_dict(cfg: ServeConfig) -> dict[str, Any]:
     return {"public_key": cfg.trust_key, "identity": cfg.trust_identity, "issuer": cfg.trust_issuer}
 
 
-def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
-    """The Serve application for ``catalog``: returns ``Ingress.bind(...)``."""
+def build_app(cfg: ServeConfig, catalog: Catalog, model_class: Any = None) -> Any:
+    """The Serve application for ``catalog``: returns ``Ingress.bind(...)``. ``model_class``
+    replaces ``BaseModelServer`` (the serving benchmark's model that answers at once)."""
     from ray import serve
 
     from kolm_ray.serve.deployments import BaseModelServer, Ingress
 
+    model_class = model_class or BaseModelServer
     m = cfg.model
     handles = {}
     for key, specialists in catalog.by_base().items():
-        dep = serve.deployment(BaseModelServer).options(
+        dep = serve.deployment(model_class).options(
             name=deployment_name(key), num_replicas=m.replicas,
             ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
             max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
@@ -62,7 +64,7 @@ def build_app(cfg: ServeConfig, catalog: Catalog) -> Any:
                      "routes": cfg.routes, "refused": [r.model_dump() for r in catalog.refused]},
         graceful_shutdown_timeout_s=30,
     )
-    return ingress.bind(handles, cfg.store, cfg.app_name, cfg.api_key_digests, cfg.max_tokens_cap,
+    return ingress.bind(handles, cfg.home, cfg.app_name, cfg.api_key_digests, cfg.max_tokens_cap,
                         cfg.max_input_chars, cfg.receipts_flush_s, cfg.audit.model_dump(),
                         max_body_bytes=cfg.max_body_bytes, replica_wait_s=cfg.replica_wait_s)
 
@@ -96,7 +98,8 @@ def deploy_config(cfg: ServeConfig, host: str = "0.0.0.0", port: int = 8000) -> 
     }
 
 
-def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, catalog: Catalog | None = None) -> Catalog:
+def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, catalog: Catalog | None = None,
+        model_class: Any = None) -> Catalog:
     """Start Serve on the connected cluster (if it is not running) and deploy or update the app.
 
     Raises:
@@ -117,7 +120,7 @@ def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, catalog: Ca
         check_route_prefix(running, cfg.app_name, cfg.route_prefix)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(cfg, catalog), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+        serve.run(build_app(cfg, catalog, model_class), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     except RayServeException as e:  # e.g. another app took the route prefix since the check above
         cause = getattr(e, "cause", None) or e  # the controller's own exception inside Ray's task error
         raise KolmRuntimeError(f"deploying the app {cfg.app_name!r} failed: {str(cause).splitlines()[-1]}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from kolm_ray.serve.audit import AuditOptions
 
@@ -42,7 +42,9 @@ class ServeConfig(BaseModel):
     trust_key: str | None = Field(None, description="Public key (PEM) artifacts must be signed with.")
     trust_identity: str | None = Field(None, description="Sigstore identity artifacts must be signed by.")
     trust_issuer: str | None = Field(None, description="OIDC issuer of that identity.")
-    store: str = Field(description="kolm's store (KOLM_HOME): receipts go under receipts/APP/.")
+    # Named `store` before: configs written then (`--emit-config`, a RayService's serveConfigV2) still load.
+    home: str = Field(validation_alias=AliasChoices("home", "store"),
+                      description="kolm's home (KOLM_HOME): receipts go under receipts/APP/.")
     app_name: str = Field("kolm", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Serve application name.")
     route_prefix: str = Field("/", description="Where the application's HTTP routes live.")
     base_paths: dict[str, str] = Field(default_factory=dict,
@@ -87,7 +89,7 @@ class ServeConfig(BaseModel):
 
     @property
     def receipts_dir(self) -> Path:
-        return Path(self.store) / "receipts" / self.app_name
+        return Path(self.home) / "receipts" / self.app_name
 
 
 def token_digest(token: str) -> str:

@@ -36,6 +36,7 @@ class LocalHead:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    metrics_export_port: int = field(default_factory=free_port)  # the node's Prometheus endpoint
     temp_dir: Path | None = None
 
     @property
@@ -62,12 +63,13 @@ class LocalHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
         cmd = [self.ray_bin, "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={self.temp_dir}",
-               f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats"]
+               f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats",
+               f"--metrics-export-port={self.metrics_export_port}"]
         # Every port explicit and free: another Ray on this machine (a developer's, a leaked one)
         # holds the defaults, and a head whose dashboard agent lost port 52365 has no job agent.
         cmd += [f"--{flag}={free_port()}" for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+            "ray-client-server-port", "node-manager-port", "object-manager-port")]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         _ray_start(cmd, self.env, self.stop)

@@ -1,5 +1,10 @@
 """Seeded synthetic task corpora: article TL;DRs (text), inbound routing (label), lead
 extraction (JSON). Deterministic for a seed; built offline for tests, benchmarks and examples.
+
+The tiny base's tokenizer is trained on text made with these generators (seed 101), shipped as
+package data (``kolm_ray/train/tiny_tokenizer_corpus.txt.gz``): production code never imports
+this module. A change here that changes that text fails ``tests/unit/train/test_base.py``;
+regenerate the file only if the tiny base's tokenizer is meant to change.
 """
 
 from __future__ import annotations

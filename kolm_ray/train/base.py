@@ -5,8 +5,9 @@ Face hub id, accepts a hub id (``org/name``) or a local directory, and refuses a
 the edge. Weights are loaded later, by the fit, with ``from_pretrained`` of what this returns.
 
 ``build_tiny_base`` writes a randomly initialized causal LM of a real architecture (Qwen2) with
-a byte-level BPE tokenizer trained on the spot and a ChatML chat template, so tests, examples
-and a newcomer without a GPU or hub access can run a whole compile on a CPU.
+a byte-level BPE tokenizer trained on the spot (on text shipped with the package) and a ChatML
+chat template, so tests, examples and a newcomer without a GPU or hub access can run a whole
+compile on a CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from kolm_ray.errors import InputError
 
@@ -87,14 +87,21 @@ CHATML_TEMPLATE = (
 )
 
 
-def _tokenizer_corpus() -> Iterable[str]:
-    from kolm_ray.testing.corpus import leads_rows, routing_rows, tldr_rows
+# The text the tiny base's tokenizer is trained on, one string a line (gzip): the inputs and
+# outputs of 200 rows each of three synthetic tasks (article TL;DRs, message routing, lead
+# extraction; seed 101) and one line of kolm's own instruction wording. Shipped as package data
+# so the tokenizer, and every tiny base built from it, is the same everywhere; the tests check
+# it still matches the generators it was made from (kolm_ray/testing/corpus.py).
+TOKENIZER_CORPUS = "tiny_tokenizer_corpus.txt.gz"
 
-    for rows in (tldr_rows(200, seed=101), routing_rows(200, seed=101), leads_rows(200, seed=101)):
-        for r in rows:
-            yield r.input
-            yield r.output
-    yield "You perform this task. Output rules: Answer with exactly one of these labels and nothing else."
+
+def tokenizer_corpus() -> list[str]:
+    """The strings the tiny base's tokenizer is trained on, in order."""
+    import gzip
+    from importlib.resources import files
+
+    text = gzip.decompress(files(__package__).joinpath(TOKENIZER_CORPUS).read_bytes()).decode("utf-8")
+    return text.split("\n")[:-1]  # every line ends with a newline; no string holds one
 
 
 def build_tiny_base(
@@ -124,7 +131,7 @@ def build_tiny_base(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
         additional_special_tokens=["<|im_start|>"],

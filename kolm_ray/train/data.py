@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 IGNORE = -100
 _PLAIN_FORMAT = "### Task\n{system}\n\n### Input\n{input}\n\n### Response\n"
@@ -72,17 +72,22 @@ def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, window: i
     return batches
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels."""
-    import torch
+def collator(tokenizer: Any) -> Callable[[Sequence[Example]], dict[str, Any]]:
+    """What turns a batch of examples into right-padded tensors (``input_ids`` padded with the
+    tokenizer's pad token, ``attention_mask``, ``labels`` padded with -100): transformers'
+    ``DataCollatorForSeq2Seq``. Right-padded whatever side ``tokenizer`` pads on for generation
+    (a causal LM's positions count from the left); ``tokenizer`` itself is left as it is."""
+    import copy
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.padding_side != "right":
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "right"
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+
+    def collate(examples: Sequence[Example]) -> dict[str, Any]:
+        batch = pad([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    return collate

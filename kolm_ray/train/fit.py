@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -139,13 +138,14 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+def lr_schedule(optimizer: Any, warmup: int, total: int) -> Any:
+    """The fit's learning rate: linear warm-up from 0 over ``warmup`` steps to the peak, then
+    linear decay to 0 at step ``total`` (transformers' ``get_linear_schedule_with_warmup``). The
+    first step of a warm-up trains at lr 0. A ``LambdaLR``: its state (the step it is at) goes
+    into the DeepSpeed checkpoint, and a resumed fit continues the same curve."""
+    from transformers import get_linear_schedule_with_warmup
 
-    return f
+    return get_linear_schedule_with_warmup(optimizer, warmup, max(1, total))
 
 
 def ds_config(cfg: FitConfig, bf16: bool) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
     from kolm_ray.train.checkpoints import check as check_checkpoint
     from kolm_ray.train.checkpoints import checkpoint_name, write_manifest
-    from kolm_ray.train.data import build_examples, bucket_batches, collate
+    from kolm_ray.train.data import bucket_batches, build_examples, collator
 
     cfg = FitConfig.model_validate(config["fit"])
     ctx = ray.train.get_context()
@@ -219,7 +219,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, max(1, total)))
+    scheduler = lr_schedule(optimizer, cfg.warmup_steps, total)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, bf16),
         dist_init_required=False,
@@ -251,14 +251,12 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(td),
                              checkpoint_dir_name=checkpoint_name(step))
 
-    fail_at = int(config.get("fail_at_step", -1))  # fault injection: KOLM_FIT_FAIL_AT_STEP in the driver
+    collate = collator(tok)
     engine.train()
     for step in range(start, total):
-        if step == fail_at and start == 0:
-            os._exit(1)  # a worker dying mid-fit, as a preempted node would
         epoch, i = divmod(step, steps_per_epoch)
         order = bucket_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-        batch = collate([examples[j] for j in order[(i * world + rank) % len(order)]], tok.pad_token_id)
+        batch = collate([examples[j] for j in order[(i * world + rank) % len(order)]])
         batch = {k: v.to(device) for k, v in batch.items()}
         out = engine(**batch)
         engine.backward(out.loss)
@@ -328,9 +326,7 @@ def fit(
                            # The checkpoint to start from, chosen and checked here (None: step 0).
                            "resume": None if resume.name is None else {
                                "path": f"{storage_path.rstrip('/')}/{name}/{resume.name}", "step": resume.step},
-                           "storage_fs": storage_fs,
-                           # Test hook: a worker dies at this step on a fresh (not resumed) fit.
-                           "fail_at_step": int(os.environ.get("KOLM_FIT_FAIL_AT_STEP", "-1"))},
+                           "storage_fs": storage_fs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
+from tests.fit_kill import kill_fit_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = CliRunner()
@@ -70,18 +71,36 @@ def test_identical_inputs_reuse_the_version_and_pay_nothing(compiled, monkeypatc
     assert res.output.strip().splitlines()[-1] == f"artifact    {store / 'routing-1.0.kolm'}"
     assert compiled["server"].stats.requests == served  # no teacher call, not even a cached sample read
     assert sorted(p.name for p in store.glob("*.kolm")) == ["routing-1.0.kolm"]
-    # The gate still applies to the reused version: a higher one fails it, and nothing is written.
-    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=101"])
-    assert res.exit_code == 3, res.output
-    assert "compiled from identical inputs" in res.output and "below the gate K=101" in res.output
+    # The gate still applies to the reused version: one above its K-score fails it, and nothing is
+    # written (a version with K below 100; a perfect one passes every gate: tests/unit/test_compile.py).
+    k = json.loads(RUNNER.invoke(cli, ["inspect", str(store / "routing-1.0.kolm"), "--json"]).stdout)["kscore"]
+    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=100"])
+    if k["student"]["k"] < 100:
+        assert res.exit_code == 3, res.output
+        assert "compiled from identical inputs" in res.output and "below the gate K=100" in res.output
+    else:  # a perfect score meets every gate, the reused version included
+        assert res.exit_code == 0, res.output
+        assert "unchanged   identical inputs to routing-1.0: reusing it" in res.output
     assert sorted(p.name for p in store.glob("*.kolm")) == ["routing-1.0.kolm"]
 
 
-def test_gate_101_exits_3_and_leaves_no_promotable_artifact(compiled, monkeypatch):
+def _unmatchable_holdout(compiled, dest: Path) -> Path:
+    """The example's holdout with the first row's reference a label the examples never use: no
+    student can score 100 on it."""
+    src = Path(compiled["args"][compiled["args"].index("--eval") + 1])
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    rows[0]["output"] = "escalate"
+    dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def test_a_gate_no_student_can_meet_exits_3_and_leaves_no_promotable_artifact(compiled, monkeypatch, tmp_path):
     _env(compiled, monkeypatch)
-    res = RUNNER.invoke(cli, [*compiled["args"], "--gate", "K=101", "--new-version"])
+    args = list(compiled["args"])
+    args[args.index("--eval") + 1] = str(_unmatchable_holdout(compiled, tmp_path / "holdout.jsonl"))
+    res = RUNNER.invoke(cli, [*args, "--gate", "K=100", "--new-version"])
     assert res.exit_code == 3, res.output
-    assert "below the gate K=101" in res.output
+    assert "below the gate K=100" in res.output
     assert "(reused)" in res.output  # the finished fit was not redone
     store = compiled["home"] / "artifacts"
     assert sorted(p.name for p in store.glob("*.kolm")) == ["routing-1.0.kolm"]
@@ -91,11 +110,12 @@ def test_gate_101_exits_3_and_leaves_no_promotable_artifact(compiled, monkeypatc
 def test_fit_killed_midway_resumes_on_rerun(compiled, monkeypatch):
     _env(compiled, monkeypatch)
     args = [*compiled["args"], "--seed", "7", "--max-steps", "30", "--checkpoint-every", "10", "--max-failures", "0"]
-    monkeypatch.setenv("KOLM_FIT_FAIL_AT_STEP", "25")
-    res = RUNNER.invoke(cli, args)
+    # The worker is SIGKILLed from outside once Ray Train has registered the step-10 checkpoint.
+    with kill_fit_worker(compiled["work"] / "train", after_step=10) as killer:
+        res = RUNNER.invoke(cli, args)
+    assert killer.killed, killer.why_not()
     assert res.exit_code == 1, res.output
     assert "re-run the same compile to resume" in res.output
-    monkeypatch.delenv("KOLM_FIT_FAIL_AT_STEP")
     res = RUNNER.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "resumed at step" in res.output
@@ -109,9 +129,11 @@ def test_fit_killed_midway_resumes_on_rerun(compiled, monkeypatch):
 
 def test_a_dying_worker_is_replaced_and_the_fit_resumes(compiled, monkeypatch):
     _env(compiled, monkeypatch)
-    monkeypatch.setenv("KOLM_FIT_FAIL_AT_STEP", "12")
-    res = RUNNER.invoke(cli, [*compiled["args"], "--seed", "8", "--max-steps", "16", "--checkpoint-every", "5",
-                              "--max-failures", "1"])
+    # Killed from outside once Ray Train has registered the step-5 checkpoint; its replacement is left alone.
+    with kill_fit_worker(compiled["work"] / "train", after_step=5) as killer:
+        res = RUNNER.invoke(cli, [*compiled["args"], "--seed", "8", "--max-steps", "16", "--checkpoint-every", "5",
+                                  "--max-failures", "1"])
+    assert killer.killed, killer.why_not()
     assert res.exit_code == 0, res.output
     assert "resumed at step" in res.output
 

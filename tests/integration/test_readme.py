@@ -55,10 +55,12 @@ def test_readme_blocks_are_parsed_and_skips_say_why():
 
 
 def _script(blocks: list[Block], workdir: Path) -> str:
+    # `::: at N s` (seconds since the script began) before each block: the log says which step took long.
     out = ["set -euo pipefail"]
     for i, b in enumerate(blocks):
         if b.skip is not None or b.lang not in ("bash", "python"):
             continue
+        out.append('echo "::: at ${SECONDS} s"')
         out.append(f"echo '::: README.md:{b.line}'")
         if b.lang == "bash":
             out.append(b.body)
@@ -66,6 +68,7 @@ def _script(blocks: list[Block], workdir: Path) -> str:
             path = workdir / f"readme-block-{i}.py"
             path.write_text(b.body)
             out.append(f"python {path}")
+    out.append('echo "::: at ${SECONDS} s"')
     out.append("echo '::: done'")
     return "\n".join(out) + "\n"
 
@@ -88,6 +91,11 @@ def _clean_env(home: Path, ray_tmp: Path) -> dict[str, str]:
             if not k.startswith(("RAY_", "KOLM_", "ANTHROPIC_", "PYTEST_", "VIRTUAL_ENV"))}
     keep["PATH"] = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and p != venv_bin)
     keep.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    # DeepSpeed JIT-builds its CPU shared-memory collective op (deepspeed_shm_comm, C++ against
+    # torch's headers) into ~/.cache/torch_extensions the first time a fit starts: with the empty
+    # home, every run of this test rebuilt it (40 s on an idle 2-core machine, minutes on a busy
+    # one). The build is DeepSpeed's, not the README's: share the suite's own cache.
+    keep.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     return keep
 
 

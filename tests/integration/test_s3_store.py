@@ -22,6 +22,7 @@ from kolm_ray.testing.messages_api import replay_responder, sample_variants
 from tests.conftest import ROUTING_REFS, write_jsonl
 from tests.conftest import ROUTING_TASK as SPECIALIST_TASK
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
+from tests.fit_kill import kill_fit_worker
 from tests.races import race
 
 RUNNER = CliRunner()
@@ -240,14 +241,15 @@ def test_a_fit_checkpoints_to_s3_and_a_rerun_resumes_from_there(ray_session, tin
     cfg = FitConfig(max_steps=40, checkpoint_every=5, batch_size=2, max_length=64, max_failures=0, seed=5,
                     lora_r=4, lora_alpha=8)
     storage = f"{s3_bucket}/train"
-    # The worker dies at step 38. Ray Train's controller collects reported checkpoints every 2 s,
-    # so the last one or two may die with the worker; the early ones are in the run's snapshot.
-    monkeypatch.setenv("KOLM_FIT_FAIL_AT_STEP", "38")
-    with pytest.raises(KolmRuntimeError, match=f"kept under {storage}/fit-"):
-        fit(base, SPECIALIST_TASK, pairs, cfg, storage=storage, dest=tmp_path / "adapter")
+    # The worker is SIGKILLed from outside once Ray Train has registered a checkpoint of step 20
+    # or later. It collects reported checkpoints every 2 s, so one or two more may be in the bucket
+    # that its snapshot does not name; the re-run checks them against their manifests.
+    with kill_fit_worker(storage, after_step=20) as killer:
+        with pytest.raises(KolmRuntimeError, match=f"kept under {storage}/fit-"):
+            fit(base, SPECIALIST_TASK, pairs, cfg, storage=storage, dest=tmp_path / "adapter")
+    assert killer.killed, killer.why_not()
     name = run_name(base, SPECIALIST_TASK, pairs, cfg)
     assert any(k.startswith(f"{name}/step-") and k.endswith("/state.json") for k in open_store(storage).list(name))
-    monkeypatch.delenv("KOLM_FIT_FAIL_AT_STEP")
     result = fit(base, SPECIALIST_TASK, pairs, cfg, storage=storage, dest=tmp_path / "adapter")
     assert result.resumed_from_step >= 5 and result.resumed_from_step % 5 == 0, result
     assert result.steps == 40 and result.steps_this_run == 40 - result.resumed_from_step

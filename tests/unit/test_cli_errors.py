@@ -147,6 +147,11 @@ BAD: dict[str, list[Bad]] = {
         Bad("bad-hold", ["publish", "{art}", "--to", "prod", "--hold", "soon"], 2, "invalid duration"),
         Bad("bad-canary", ["publish", "{art}", "--to", "prod", "--canary", "0"], 2, "'--canary'"),
     ],
+    "report": [
+        Bad("no-such-env", ["report", "--env", "prod"], 2, "no environment 'prod'"),
+        Bad("bad-since", ["report", "--env", "prod", "--since", "soon"], 2, "invalid duration"),
+        Bad("missing-prices", ["report", "--env", "prod", "--prices", "{missing}"], 2, "price file not found"),
+    ],
     "status": [
         Bad("no-such-env", ["status", "--env", "prod"], 2, "no environment 'prod'"),
         Bad("bad-env-name", ["status", "--env", "Prod!"], 2, "invalid environment name"),

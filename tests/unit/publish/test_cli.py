@@ -6,7 +6,7 @@ import time
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
-from kolm_ray.publish.release import EnvState, ReleaseStore, Version, publish
+from kolm_ray.publish.release import EnvState, ReleaseStore, Version, add_version
 
 RUNNER = CliRunner()
 
@@ -16,8 +16,8 @@ def _state(home) -> None:
         return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64)
 
     now = time.time()
-    r = publish(publish(None, "tldr", v("1.0"), now=now - 60, weight=0.05, hold_s=3600, min_samples=10, tolerance=0.5),
-                "tldr", v("1.1"), now=now, weight=0.05, hold_s=3600, min_samples=10, tolerance=0.5)
+    first = add_version(None, "tldr", v("1.0"), now=now - 60, weight=0.05, hold_s=3600, min_samples=10, tolerance=0.5)
+    r = add_version(first, "tldr", v("1.1"), now=now, weight=0.05, hold_s=3600, min_samples=10, tolerance=0.5)
     ReleaseStore(home, "prod").update(lambda s: EnvState(env="prod", releases={"tldr": r}))
 
 
@@ -60,9 +60,9 @@ def test_status_shows_the_audited_evidence_behind_the_decision(kolm_home, monkey
         return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64)
 
     started = time.time() - 30
-    r = publish(publish(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=10,
-                        tolerance=0.5), "tldr", v("1.1"), now=started, weight=0.5, hold_s=3600, min_samples=10,
-                tolerance=0.5, audit=AuditSettings(rate=1.0, tolerance=5))
+    first = add_version(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=10, tolerance=0.5)
+    r = add_version(first, "tldr", v("1.1"), now=started, weight=0.5, hold_s=3600, min_samples=10, tolerance=0.5,
+                    audit=AuditSettings(rate=1.0, tolerance=5))
     ReleaseStore(kolm_home, "prod").update(lambda s: EnvState(env="prod", releases={"tldr": r}))
     w = ReceiptWriter(kolm_home / "receipts" / "kolm-prod", "w1")
     for i in range(40):
@@ -105,9 +105,9 @@ def test_status_reads_a_format_2_receipt_log_on_the_0_to_100_scale(kolm_home, mo
         return Version(version=ver, artifact=f"/a/t-{ver}.kolm", artifact_sha256="0" * 64)
 
     started = 1_780_000_000.0 - 60  # the asset's receipts start at 1_780_000_000
-    r = publish(publish(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=4,
-                        tolerance=0.5), "tldr", v("1.1"), now=started, weight=0.5, hold_s=0, min_samples=4,
-                tolerance=0.5, audit=AuditSettings(rate=1.0, min_audits=4))
+    first = add_version(None, "tldr", v("1.0"), now=started - 60, weight=0.5, hold_s=0, min_samples=4, tolerance=0.5)
+    r = add_version(first, "tldr", v("1.1"), now=started, weight=0.5, hold_s=0, min_samples=4, tolerance=0.5,
+                    audit=AuditSettings(rate=1.0, min_audits=4))
     ReleaseStore(kolm_home, "prod").update(lambda s: EnvState(env="prod", releases={"tldr": r}))
     logs = kolm_home / "receipts" / "kolm-prod"
     shutil.copytree(Path(__file__).parents[2] / "assets" / "receipts-format-2", logs)

@@ -4,12 +4,15 @@ import errno
 import io
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from kolm_ray.errors import InputError, KolmRuntimeError
-from kolm_ray.publish.release import EnvState, ReleaseStore, Version, promote, publish, rollback, routes
+from kolm_ray.publish.release import EnvState, ReleaseStore, Version, add_version, promote, rollback, routes
 
 
 def v(ver: str) -> Version:
@@ -20,9 +23,9 @@ KW = dict(weight=0.05, hold_s=60, min_samples=10, tolerance=0.5)
 
 
 def test_first_version_is_stable_then_canary_then_promoted_then_rolled_back():
-    r = publish(None, "t", v("1.0"), now=1, **KW)
+    r = add_version(None, "t", v("1.0"), now=1, **KW)
     assert r.phase == "stable" and r.canary is None
-    r = publish(r, "t", v("1.1"), now=2, **KW)
+    r = add_version(r, "t", v("1.1"), now=2, **KW)
     assert r.phase == "canary" and r.canary.version == "1.1" and r.canary.weight == 0.05
     r = promote(r, now=3, reason="online K fine")
     assert (r.phase, r.stable.version, r.previous.version, r.canary) == ("promoted", "1.1", "1.0", None)
@@ -36,34 +39,34 @@ def test_first_version_is_stable_then_canary_then_promoted_then_rolled_back():
 
 
 def test_a_rolled_back_canary_leaves_stable_serving_and_stays_loaded():
-    r = rollback(publish(publish(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW), now=3,
+    r = rollback(add_version(add_version(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW), now=3,
                  reason="regressed")
     assert (r.phase, r.stable.version, r.canary) == ("rolled_back", "1.0", None)
     assert {x.version for x in r.hosted()} == {"1.0", "1.1"}
     with pytest.raises(InputError, match="nothing to roll back to"):
         rollback(r, now=4, reason="again")
     with pytest.raises(InputError, match="already released"):
-        publish(r, "t", v("1.1"), now=5, **KW)
+        add_version(r, "t", v("1.1"), now=5, **KW)
     assert routes(EnvState(env="e", releases={"t": r})) == {"t": {"stable": "1.0", "canary": None, "weight": 0.0,
                                                                   "audit_rate": 0.0, "shadow": False}}
 
 
 def test_publishing_over_a_running_canary_needs_force_and_a_version_once():
-    r = publish(publish(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW)
+    r = add_version(add_version(None, "t", v("1.0"), now=1, **KW), "t", v("1.1"), now=2, **KW)
     with pytest.raises(InputError, match="still in canary"):
-        publish(r, "t", v("1.2"), now=3, **KW)
-    assert publish(r, "t", v("1.2"), now=3, force=True, **KW).canary.version == "1.2"
+        add_version(r, "t", v("1.2"), now=3, **KW)
+    assert add_version(r, "t", v("1.2"), now=3, force=True, **KW).canary.version == "1.2"
     with pytest.raises(InputError, match="already released"):
-        publish(r, "t", v("1.1"), now=3, force=True, **KW)
+        add_version(r, "t", v("1.1"), now=3, force=True, **KW)
     with pytest.raises(InputError, match="no canary to promote"):
-        promote(publish(None, "t", v("1.0"), now=1, **KW), now=2, reason="x")
+        promote(add_version(None, "t", v("1.0"), now=1, **KW), now=2, reason="x")
 
 
 def test_state_survives_a_new_store_and_concurrent_writers_serialize(tmp_path):
     def add(i):
         def change(s: EnvState) -> EnvState:
-            return s.model_copy(update={"releases": {**s.releases, f"s{i}": publish(None, f"s{i}", v("1.0"), now=i,
-                                                                                      **KW)}})
+            first = add_version(None, f"s{i}", v("1.0"), now=i, **KW)
+            return s.model_copy(update={"releases": {**s.releases, f"s{i}": first}})
         ReleaseStore(tmp_path, "prod").update(change)
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(12)]
@@ -80,9 +83,53 @@ def test_bad_environment_names_are_refused(tmp_path):
         ReleaseStore(tmp_path, "../prod")
 
 
+# Another process inside ReleaseStore.update: it says so once it holds the lock, then waits.
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from kolm_ray.publish.release import ReleaseStore
+
+def change(s):
+    print("holding", flush=True)
+    time.sleep(120)
+    return s
+
+ReleaseStore(Path(sys.argv[1]), "prod").update(change)
+"""
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_writer_waits_for_the_lock_then_gives_up_saying_why(tmp_path, lock_holder):
+    start = time.monotonic()
+    with pytest.raises(KolmRuntimeError, match=r"^another publish to 'prod' held the lock for 0.5 s; try again$"):
+        ReleaseStore(tmp_path, "prod").update(_first_release("t"), timeout_s=0.5)
+    assert time.monotonic() - start >= 0.5
+    assert not ReleaseStore(tmp_path, "prod").exists()
+
+
+def test_a_lock_held_by_a_killed_writer_is_not_left_stale(tmp_path, lock_holder):
+    """A publish killed mid-update (SIGKILL: no cleanup runs) must not wedge the environment:
+    the OS lets go of its lock with the process, and the next writer takes it at once."""
+    lock_holder.kill()
+    lock_holder.wait()
+    assert (tmp_path / "envs" / "prod" / "release.lock").exists()  # the file stays: only the lock went
+    state = ReleaseStore(tmp_path, "prod").update(_first_release("t"), timeout_s=0)
+    assert state.releases["t"].stable.version == "1.0" and state.revision == 1
+
+
 def _first_release(name: str):
     def change(s: EnvState) -> EnvState:
-        return s.model_copy(update={"releases": {**s.releases, name: publish(None, name, v("1.0"), now=1, **KW)}})
+        return s.model_copy(update={"releases": {**s.releases, name: add_version(None, name, v("1.0"), now=1, **KW)}})
     return change
 
 

@@ -75,7 +75,7 @@ print(json.dumps({"texts": out.column("text").to_pylist()}))
 
 
 def plan_for(cache_dir: str, k: int = K, max_attempts: int = 10):
-    from kolm_ray.sampling.fanout import SamplingPlan
+    from kolm_ray.sampling.calls import SamplingPlan
     from kolm_ray.sampling.prompt import system_blocks
 
     return SamplingPlan(task="Answer.", system=system_blocks("Answer.", None, []),

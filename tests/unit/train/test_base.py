@@ -39,3 +39,29 @@ def test_tiny_base_loads_with_its_chat_template(tiny_base):
     text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert tok.decode(tok("unseen wörds ✓").input_ids) == "unseen wörds ✓"  # byte-level: nothing is unknown
+
+
+def test_the_tokenizer_corpus_ships_with_the_package_and_is_the_synthetic_corpus():
+    """The tiny base's tokenizer is trained on package data, not on the test support; the file is
+    the text the seeded generators make, so every tiny base (and the tests' expectations of it)
+    stays what it was."""
+    import tomllib
+    from pathlib import Path
+
+    from kolm_ray.testing.corpus import leads_rows, routing_rows, tldr_rows
+    from kolm_ray.train.base import TOKENIZER_CORPUS, tokenizer_corpus
+
+    expected = [s for rows in (tldr_rows(200, seed=101), routing_rows(200, seed=101), leads_rows(200, seed=101))
+                for r in rows for s in (r.input, r.output)]
+    expected.append("You perform this task. Output rules: Answer with exactly one of these labels and nothing else.")
+    assert tokenizer_corpus() == expected
+    root = Path(__file__).resolve().parents[3]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert TOKENIZER_CORPUS in package_data["kolm_ray.train"]
+
+
+def test_tiny_bases_are_built_the_same_every_time(tiny_base, tmp_path):
+    """Seeded weights and a tokenizer trained on fixed text: two builds are the same files."""
+    from kolm_ray.train.base import build_tiny_base, directory_digest
+
+    assert directory_digest(build_tiny_base(tmp_path / "again")) == directory_digest(tiny_base)

@@ -1,11 +1,12 @@
-"""What a failed fit tells the user: "re-run to resume" only where a re-run can help."""
+"""What a failed fit tells the user ("re-run to resume" only where a re-run can help), and the
+fit's learning-rate schedule."""
 
 from __future__ import annotations
 
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-from kolm_ray.train.fit import failure_message, resumable
+from kolm_ray.train.fit import failure_message, lr_schedule, resumable
 
 RESUME = "re-run the same compile to resume"
 
@@ -56,3 +57,60 @@ def test_ray_2_60_hands_over_the_raised_exception_itself():
 
     assert resumable(WorkerGroupError("worker errors", {0: ActorDiedError()}))
     assert resumable(WorkerGroupError("worker errors", {0: ConnectionResetError("reset by peer")}))
+
+
+# ----- the learning-rate schedule ----------------------------------------------------------------
+
+
+def _optimizer(lr: float = 1.0):
+    import torch
+
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def _lrs(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(round(scheduler.get_last_lr()[0], 6))
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_the_lr_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
+    lrs = _lrs(lr_schedule(_optimizer(2.0), warmup=4, total=10), 11)
+    assert lrs == [0.0, 0.5, 1.0, 1.5, 2.0, round(2 * 5 / 6, 6), round(2 * 4 / 6, 6), 1.0, round(2 * 2 / 6, 6),
+                   round(2 / 6, 6), 0.0]
+
+
+def test_without_warm_up_the_lr_starts_at_its_peak():
+    assert _lrs(lr_schedule(_optimizer(), warmup=0, total=4), 4) == [1.0, 0.75, 0.5, 0.25]
+    assert _lrs(lr_schedule(_optimizer(), warmup=0, total=0), 1) == [1.0]  # no steps: nothing to divide by
+
+
+def test_a_resumed_fit_continues_the_schedule_from_its_checkpoint(tmp_path):
+    """DeepSpeed saves the scheduler's state_dict in the checkpoint and loads it into the one a
+    resumed worker builds (same warm-up, same total): the curve goes on where it stopped."""
+    import torch
+
+    whole = _lrs(lr_schedule(_optimizer(), warmup=3, total=12), 12)
+    first = lr_schedule(_optimizer(), warmup=3, total=12)
+    before = _lrs(first, 5)
+    torch.save({"lr_scheduler": first.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = lr_schedule(_optimizer(), warmup=3, total=12)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["lr_scheduler"])
+    assert before + _lrs(resumed, 7) == whole
+
+
+def test_a_checkpoint_of_the_hand_written_schedule_still_resumes(tmp_path):
+    """Fits checkpointed before the schedule came from transformers saved a LambdaLR over a plain
+    function (its state: the step, no lambda): it loads, and the fit goes on at that step."""
+    import torch
+
+    old = torch.optim.lr_scheduler.LambdaLR(  # the old curve: warm-up from 1/warmup, same decay
+        _optimizer(), lambda step: (step + 1) / 2 if step < 2 else max(0.0, (10 - step) / 8))
+    _lrs(old, 6)
+    torch.save({"lr_scheduler": old.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = lr_schedule(_optimizer(), warmup=2, total=10)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["lr_scheduler"])
+    assert _lrs(resumed, 5) == [0.5, 0.375, 0.25, 0.125, 0.0]
