@@ -38,6 +38,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from kolm_ray.metrics import record_call, record_error
 from kolm_ray.serve.catalog import Specialist, UnknownModel, adapter_name, open_specialist, resolve_model
 from kolm_ray.serve.protocol import (
     ERROR_TYPES, STREAM_DONE, ChatCompletion, ChatCompletionChunk, ErrorResponse, Health, HealthDetails, ModelList,
@@ -62,14 +63,15 @@ class BaseModelServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="kolm-serve-"))
         self.live: dict[str, Specialist] = {}  # adapter name -> Specialist
         self.refused: dict[str, str] = {}  # artifact -> reason
+        self._batcher = _Batcher(self._generate_batch)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``{"specialists": [...], "max_batch_size": n, "batch_wait_s": s}``: load what is new
         (verified first), unload what is gone."""
         from kolm_ray.errors import KolmError
 
-        self.generate.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.generate.set_batch_wait_timeout_s(float(config.get("batch_wait_s", 0.01)))
+        self._batcher.max_batch_size = int(config.get("max_batch_size", 8))
+        self._batcher.wait_s = float(config.get("batch_wait_s", 0.01))
         wanted = {adapter_name(s): s for s in (Specialist.model_validate(d) for d in config.get("specialists", []))}
         for name, s in wanted.items():
             if name in self.live and self.live[name].artifact_sha256 == s.artifact_sha256:
@@ -98,15 +100,18 @@ class BaseModelServer:
     def status(self) -> dict[str, Any]:
         return {"live": sorted(s.ref for s in self.live.values()), "refused": dict(self.refused)}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request, generated in a batch with whatever else is waiting (``_Batcher``)."""
+        return await self._batcher.submit(request)
+
+    async def _generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A batch of requests, possibly for different adapters. A request for an adapter that is
         not live gets an error entry; the rest of the batch is served."""
         from kolm_ray.serve.host import Generation
 
         gens = [Generation(**{**r, "stop": tuple(r.get("stop", ()))}) for r in requests]
         try:
-            done: list[Any] = await asyncio.to_thread(lambda: self.host.generate(gens, strict=False))
+            done: list[Any] = await asyncio.to_thread(self.host.generate, gens, strict=False)
         except Exception:  # noqa: BLE001 - one request's failure must not fail its batch-mates: each alone
             log.exception("a batch of %d failed; generating its requests one by one", len(gens))
             done = [await self._alone(g) for g in gens]
@@ -144,6 +149,67 @@ class BaseModelServer:
 
     def __del__(self) -> None:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+class _Batcher:
+    """Gathers a replica's concurrent requests into batches for ``run`` (one batch at a time).
+
+    A batch starts as soon as the model is free, with what queued meanwhile (up to
+    ``max_batch_size``). It waits for more (up to ``wait_s``) only while it is smaller than the
+    batch before it: the load just seen. So a request that comes alone never waits (Serve's
+    ``@serve.batch`` held every batch for its whole timeout unless it filled, 10 ms added to a
+    lone request), while a steady N in flight, which come back in a burst, are batched N at a
+    time. A request whose caller is gone before its batch starts is dropped.
+    """
+
+    def __init__(self, run: Any, max_batch_size: int = 8, wait_s: float = 0.01) -> None:
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._last = 1  # the size of the batch before
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        future = loop.create_future()
+        self._queue.append((item, future))
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            want = min(self.max_batch_size, self._last)
+            deadline = loop.time() + self.wait_s
+            while len(self._queue) < want and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+            batch = [(x, f) for x, f in self._queue[: self.max_batch_size] if not f.done()]
+            del self._queue[: self.max_batch_size]
+            if not batch:
+                continue
+            self._last = len(batch)
+            try:
+                results = await self.run([x for x, _ in batch])
+            except Exception as e:  # noqa: BLE001 - the batch's callers get it; the worker carries on
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
 
 
 def _audit_teacher(store: str, options: Any) -> Any:
@@ -447,13 +513,14 @@ class Ingress:
         checks = None
         if out is not None:
             checks = self.verifiers[s.artifact_sha256].score(out["text"], p.input)
-        self.receipts.append(Receipt(
+        self.receipts.append(receipt := Receipt(
             time=time.time(), request_id=rid, specialist=s.name, version=s.version,
             artifact_sha256=s.artifact_sha256, route=route, status=status, input_sha256=digest(p.input),
             output_sha256=digest(out["text"]) if out else None, latency_ms=round(1000 * (time.perf_counter() - started), 3),
             prompt_tokens=out["prompt_tokens"] if out else 0, completion_tokens=out["completion_tokens"] if out else 0,
             **points(checks), api_key=key,
         ))
+        record_call(receipt)  # the receipt's own figures: metrics and receipts never disagree
 
     async def _dispatch(self, s: Specialist, p: Parsed, route: str, call: Any) -> tuple[Specialist, str, Any]:
         """``await call(handle, request, wait_s) -> (result, first_item)`` on ``s``'s base
@@ -643,11 +710,14 @@ class Ingress:
         except RequestError as e:
             if s is not None and p is not None and e.status >= 500:
                 self._receipt(s, p, rid, started, "error", None, key, route)
+            record_error(s, e.code or e.type)
             return _error_response(e)
         except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+            record_error(s, "client_disconnect")
             return JSONResponse(error_body("the client disconnected", "invalid_request_error"), status_code=400)
         except Exception as e:  # noqa: BLE001 - a bug: a 500 in OpenAI's shape, logged and counted
             log.exception("request %s failed", rid)
+            record_error(s, "server_error")
             if s is not None and p is not None:
                 self._receipt(s, p, rid, started, "error", None, None, route)
             return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
@@ -717,6 +787,8 @@ class Ingress:
             yield f"data: {json.dumps(err)}\n\n"
         finally:
             self._receipt(s, p, rid, started, status, final, key, route)
+            if status == "error":
+                record_error(s, "stream")
             if status == "ok" and final is not None:
                 self._maybe_audit(s, p, rid, final["text"], route)
 

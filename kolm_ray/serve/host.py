@@ -10,6 +10,14 @@ batch-mates (padding, batch size, PEFT's per-adapter sub-batches), which can fli
 so a batch of one is the only shape that gives the same tokens whoever else is asking. Sampled
 requests (temperature > 0) share batches, requests for different adapters included.
 
+The model is used by one thread at a time (``_lock``, first come first served). A stream gives
+its turn up between decoding steps whenever a batch is waiting, so a batch never waits for a
+long stream to end, only for the stream's current step; one stream runs at a time (two paused
+generations on the same PEFT model would see each other's adapter hooks), and loading or
+unloading an adapter waits for the running stream to end. Generation halts at a stop string
+(transformers' ``StopStringCriteria``, each hit confirmed on the row's answer text), so a plain
+request no longer decodes past it to ``max_new_tokens``.
+
 This is the model half of serving, free of Ray: the Serve deployment (``deployments.py``) and
 the eval's Ray workers (``train/eval.py``) wrap it, and the serving benchmark calls it
 in-process. Must not verify artifacts (the caller hands it adapter folders it already verified)
@@ -124,7 +132,9 @@ class AdapterHost:
         self.model: Any = AutoModelForCausalLM.from_pretrained(
             base_path, dtype=torch_dtype, attn_implementation=attn).to(self.device).eval()
         self._peft = False
-        self._lock = threading.Lock()
+        self._lock = _FairLock()  # the model: one generation step or batch, or one load, at a time
+        self._stream_slot = threading.Lock()  # held by the one stream generating, for its whole length
+        self._stop_finders: dict[tuple[str, ...], Any] = {}  # stop strings -> StopStringCriteria (built once)
         self.batch_greedy = batch_greedy
         self.adapters: dict[str, str] = {}  # name -> folder it was loaded from
 
@@ -134,7 +144,7 @@ class AdapterHost:
         """Load a PEFT adapter folder under ``name`` (a no-op when already loaded from there)."""
         from peft import PeftModel
 
-        with self._lock:
+        with self._stream_slot, self._lock:  # never under a paused stream: it would see its model change
             if self.adapters.get(name) == str(folder):
                 return
             if name in self.adapters:
@@ -148,7 +158,7 @@ class AdapterHost:
             self.adapters[name] = str(folder)
 
     def unload_adapter(self, name: str) -> None:
-        with self._lock:
+        with self._stream_slot, self._lock:
             if name in self.adapters:
                 if len(self.adapters) > 1:
                     self.model.delete_adapter(name)
@@ -204,12 +214,16 @@ class AdapterHost:
 
     def _generate_group(self, gens: Sequence[Generation]) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         names = self._adapter_names(gens)
         enc = self._encode(gens)
         kwargs: dict[str, Any] = {}
         if self._peft:
             kwargs["adapter_names"] = names
+        stop = self._stop_criteria(gens, enc["input_ids"].shape[1])
+        if stop:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stop)
         with torch.no_grad():
             ids = self.model.generate(
                 **enc, max_new_tokens=max(g.max_new_tokens for g in gens), pad_token_id=self.tok.pad_token_id,
@@ -218,6 +232,30 @@ class AdapterHost:
         prompt_len = enc["input_ids"].shape[1]
         return [self._completion(row[prompt_len:].tolist(), g, int(mask.sum()))
                 for row, g, mask in zip(ids, gens, enc["attention_mask"])]
+
+    def _stop_criteria(self, gens: Sequence[Generation], prompt_len: int) -> list[Any]:
+        """The criterion that halts a row at its stop strings: empty when no row has any."""
+        stops = tuple(sorted({s for g in gens for s in g.stop if s}))
+        if not stops:
+            return []
+        finder = self._stop_finders.get(stops)
+        if finder is None:
+            from transformers import StopStringCriteria
+
+            # What generate(stop_strings=...) builds, but once per set of stop strings: building
+            # one walks the tokenizer's whole vocabulary (milliseconds on the tiny base, far more
+            # on a 150k-token one), too slow for every request.
+            if len(self._stop_finders) >= 64:
+                self._stop_finders.pop(next(iter(self._stop_finders)))
+            finder = self._stop_finders[stops] = StopStringCriteria(self.tok, list(stops))
+        return [_StopAt(finder, self, prompt_len, [g.stop for g in gens])]
+
+    def _answer(self, new: list[int]) -> tuple[list[int], bool]:
+        """``new`` up to its first eos or pad token; whether there was one."""
+        for end in (self.tok.eos_token_id, self.tok.pad_token_id):
+            if end is not None and end in new:
+                return new[: new.index(end)], True
+        return new, False
 
     def _completion(self, new: list[int], g: Generation, prompt_tokens: int) -> Completion:
         """One answer from the tokens generated for it: the one place that decides its text, its
@@ -229,10 +267,8 @@ class AdapterHost:
         stop string cuts the text before it, and the tokens counted are those up to the one that
         completed it (a stream halts there; a plain request's later tokens are not the answer).
         """
-        finish = "length"
-        for end in (self.tok.eos_token_id, self.tok.pad_token_id):
-            if end is not None and end in new:
-                new, finish = new[: new.index(end)], "stop"
+        new, ended = self._answer(new)
+        finish = "stop" if ended else "length"
         if len(new) > g.max_new_tokens:
             new, finish = new[: g.max_new_tokens], "length"
         text, stopped = _apply_stop(self.tok.decode(new, skip_special_tokens=True), g.stop)
@@ -255,29 +291,39 @@ class AdapterHost:
 
     def stream(self, g: Generation) -> Iterator[str | Completion]:
         """Text deltas for one request as the model produces them; the last item is a Completion.
-        Closing the iterator early (a client gone, a stop string) halts the generation."""
+        Closing the iterator early (a client gone) halts the generation.
+
+        The generation holds the model only one decoding step at a time while anyone else waits
+        for it: a batch that arrives mid-stream is generated between two of the stream's steps."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        names = self._adapter_names([g])
-        enc = self._encode([g])
+        self._adapter_names([g])  # an unknown adapter fails here, before anything starts
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs: dict[str, Any] = {"adapter_names": names} if self._peft else {}
         produced: dict[str, Any] = {}
         halt = threading.Event()
 
         def run() -> None:
             import torch
 
-            with self._lock, torch.no_grad():
-                try:
-                    produced["ids"] = self.model.generate(
-                        **enc, max_new_tokens=g.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                        eos_token_id=self.tok.eos_token_id, streamer=streamer, **self._sampling(g), **kwargs,
-                        stopping_criteria=StoppingCriteriaList([_Halt(halt)]),
-                    )
-                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
-                    produced["error"] = e
-                    streamer.end()
+            try:
+                with self._stream_slot:
+                    self._lock.acquire()
+                    try:
+                        names = self._adapter_names([g])  # again: it may have been unloaded meanwhile
+                        enc = produced["enc"] = self._encode([g])
+                        kwargs: dict[str, Any] = {"adapter_names": names} if self._peft else {}
+                        criteria = [_Step(halt, self._lock), *self._stop_criteria([g], enc["input_ids"].shape[1])]
+                        with torch.no_grad():
+                            produced["ids"] = self.model.generate(
+                                **enc, max_new_tokens=g.max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                eos_token_id=self.tok.eos_token_id, streamer=streamer, **self._sampling(g),
+                                stopping_criteria=StoppingCriteriaList(criteria), **kwargs,
+                            )
+                    finally:
+                        self._lock.release()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
+                produced["error"] = e
+                streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -294,7 +340,7 @@ class AdapterHost:
                     yield text[sent:ready]
                     sent = ready
                 if stopped:
-                    break
+                    break  # the generation halts on the same stop string by itself
         finally:
             halt.set()
             worker.join()
@@ -302,6 +348,7 @@ class AdapterHost:
             raise produced["error"]
         if len(text) > sent:
             yield text[sent:]  # it ended on what only looked like the start of a stop string
+        enc = produced["enc"]
         done = self._completion(produced["ids"][0, enc["input_ids"].shape[1]:].tolist(), g,
                                 int(enc["attention_mask"].sum()))
         # Token count and finish as a plain request reports them; the text is what was streamed
@@ -310,16 +357,84 @@ class AdapterHost:
                          finish_reason=done.finish_reason)
 
 
-class _Halt:
-    """A stopping criterion that ends generation once its event is set."""
+class _FairLock:
+    """A lock taken in the order it was asked for (``threading.Lock`` lets a thread that releases
+    it take it straight back), with ``yield_turn``: the holder steps aside for whoever waits."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket handed out
+        self._serving = 0  # the ticket that holds the lock
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def waiting(self) -> int:
+        """How many threads wait for the lock (besides its holder)."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+    def yield_turn(self) -> None:
+        """Held: let everyone already waiting have the lock first, then hold it again."""
+        with self._cond:
+            if self._next - self._serving <= 1:
+                return
+            ticket = self._next
+            self._next += 1
+            self._serving += 1
+            self._cond.notify_all()
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Step:
+    """A stream's stopping criterion, called once per decoding step: ends the generation once
+    ``halt`` is set, and otherwise lets a waiting batch have the model before the next step."""
+
+    def __init__(self, halt: threading.Event, lock: _FairLock) -> None:
+        self.halt, self.lock = halt, lock
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        if not self.halt.is_set():
+            self.lock.yield_turn()
+        return torch.full((input_ids.shape[0],), self.halt.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAt:
+    """Ends a row once its answer holds one of its stop strings. ``finder`` (transformers'
+    ``StopStringCriteria`` for every stop string of the batch) spots a candidate in a few tensor
+    operations per step; a candidate is confirmed on the row's own answer text, with the rule
+    ``_completion`` cuts by (its own stop strings, after the prompt: ``StopStringCriteria`` also
+    matches one that straddles the prompt's end), so halting early never changes an answer."""
+
+    def __init__(self, finder: Any, host: AdapterHost, prompt_len: int, stops: list[tuple[str, ...]]) -> None:
+        self.finder, self.host, self.prompt_len, self.stops = finder, host, prompt_len, stops
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        hits = self.finder(input_ids, scores)
+        for row in hits.nonzero().flatten().tolist():
+            new, _ = self.host._answer(input_ids[row, self.prompt_len:].tolist())
+            text = self.host.tok.decode(new, skip_special_tokens=True)
+            if not _apply_stop(text, self.stops[row])[1]:
+                hits[row] = False
+        return hits
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -150,3 +150,76 @@ def test_a_temperature_near_zero_decodes_greedily_instead_of_failing(host):
         assert h.generate([_gen(sp["route"], "I was charged twice", temperature=t, top_p=5e-324)]) == [greedy]
     *_, done = h.stream(_gen(sp["route"], "I was charged twice", temperature=5e-324))
     assert done == greedy
+
+
+def test_a_batch_is_generated_between_a_streams_steps_and_neither_answer_changes(host, monkeypatch):
+    """A stream gives the model up between decoding steps while a batch waits for it: the batch
+    (another adapter: PEFT's per-call adapter hooks must not leak between the two) completes while
+    the stream is still generating, and both answers are the tokens each gets alone."""
+    import threading
+
+    from kolm_ray.serve import host as host_mod
+
+    h, sp = host
+    long = _gen(sp["tldr"], "summarize this message please", n=24)
+    short = _gen(sp["route"], "I was charged twice", n=6)
+    alone_stream, alone_batch = h.generate([long])[0], h.generate([short])[0]
+    assert alone_stream.completion_tokens >= 3  # steps left after the batch has gone
+
+    events: list[str] = []
+    batch: list = []
+    real_step = host_mod._Step.__call__
+
+    def step(self, input_ids, scores, **kw):
+        if not batch and "step" not in events:  # the first step: a batch arrives and queues for the model
+            def run() -> None:
+                batch.append(h.generate([short])[0])
+                events.append("batch done")
+
+            threading.Thread(target=run, daemon=True).start()
+            for _ in range(10_000):  # until it waits for the model (the stream holds it now)
+                if h._lock.waiting():
+                    break
+                threading.Event().wait(0.001)
+        events.append("step")
+        return real_step(self, input_ids, scores, **kw)
+
+    monkeypatch.setattr(host_mod._Step, "__call__", step)
+    items = list(h.stream(long))
+    assert "batch done" in events
+    assert "step" in events[events.index("batch done"):]  # the stream went on after the batch finished
+    assert batch == [alone_batch]
+    assert items[-1] == alone_stream and "".join(items[:-1]).strip() == alone_stream.text
+
+
+def test_generation_halts_at_a_stop_string_instead_of_running_to_max_tokens(host, monkeypatch):
+    """A plain request used to decode to max_new_tokens and cut the text afterwards; it now halts
+    at the token that completes a stop string, with the same answer and usage."""
+    h, sp = host
+    words = h.generate([_gen(sp["tldr"], "please sum this up", n=40)])[0].text.split()
+    g = _gen(sp["tldr"], "please sum this up", n=40, stop=(words[1],))
+    lengths = []
+    real = h.model.generate
+
+    def counting(**kw):
+        out = real(**kw)
+        lengths.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(h.model, "generate", counting)
+    done = h.generate([g])[0]
+    assert done.text == words[0] and done.finish_reason == "stop"
+    assert lengths == [done.completion_tokens] and done.completion_tokens < 40
+
+
+def test_a_stop_string_straddling_the_prompts_end_does_not_end_the_answer(host):
+    """transformers' StopStringCriteria matches across the prompt's end; the answer's own text
+    decides (the prompt ends in a newline: a stop string of two would otherwise match at once)."""
+    h, sp = host
+    g = _gen(sp["route"], "hello", n=12)
+    plain = h.generate([g])[0]
+    # The prompt's last character and the answer's first ones: matched only across the boundary.
+    stop = "\n" + plain.text[:3]
+    assert len(plain.text) > 3 and stop not in plain.text, plain.text
+    with_stop = h.generate([_gen(sp["route"], "hello", n=12, stop=(stop,))])[0]
+    assert with_stop == plain

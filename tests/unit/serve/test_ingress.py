@@ -201,7 +201,7 @@ def test_a_batch_that_fails_is_generated_one_by_one_so_only_the_culprit_fails():
     server = SimpleNamespace(host=Host())
     server._alone = lambda g: BaseModelServer._alone(server, g)
     reqs = [{"adapter": "a", "system": "", "input": t, "max_new_tokens": 4} for t in ("good", "bad", "fine")]
-    out = asyncio.run(BaseModelServer.generate.__wrapped__(server, reqs))
+    out = asyncio.run(BaseModelServer._generate_batch(server, reqs))
     assert [o.get("text") for o in out] == ["GOOD", None, "FINE"]
     assert out[1]["failed"] and "RuntimeError" in out[1]["error"]
 
@@ -276,3 +276,36 @@ def test_a_body_that_stops_arriving_is_a_408_and_frees_the_ingress():
     with pytest.raises(RequestError) as e:
         asyncio.run(Ingress._read_body(SimpleNamespace(max_body_bytes=4096, body_read_timeout_s=0.2), Request(scope, receive)))
     assert e.value.status == 408 and e.value.code == "request_timeout"
+
+
+def test_the_batcher_starts_a_lone_request_at_once_and_batches_what_queued_meanwhile():
+    """No batch waits for company it has no reason to expect (a lone request used to wait out
+    Serve's batch timeout); requests that queue while a batch runs go together in the next; a
+    request whose caller is gone before its batch starts is dropped."""
+    from kolm_ray.serve.deployments import _Batcher
+
+    async def main() -> None:
+        sizes: list[list[int]] = []
+        gate = asyncio.Event()
+
+        async def run(items: list[int]) -> list[int]:
+            sizes.append(list(items))
+            if len(sizes) == 1:
+                await gate.wait()
+            return [2 * i for i in items]
+
+        b = _Batcher(run, max_batch_size=4, wait_s=3600)  # a batch that waited to fill would hang here
+        first = asyncio.create_task(b.submit(1))
+        while not sizes:
+            await asyncio.sleep(0)
+        assert sizes == [[1]]  # started alone, at once
+        later = [asyncio.create_task(b.submit(i)) for i in (2, 3, 4, 5, 6)]
+        await asyncio.sleep(0)
+        later[1].cancel()  # 3: its caller is gone
+        b.wait_s = 0
+        gate.set()
+        assert await asyncio.wait_for(first, 60) == 2
+        assert await asyncio.wait_for(asyncio.gather(later[0], *later[2:]), 60) == [4, 8, 10, 12]
+        assert sizes == [[1], [2, 4, 5], [6]]
+
+    asyncio.run(main())
