@@ -44,7 +44,11 @@ from kolm_ray.durable import json_bytes
 from kolm_ray.errors import InputError, KolmError, KolmRuntimeError
 from kolm_ray.store import Store, fetched, is_remote, open_store
 
-ARTIFACT_FORMAT_VERSION = 1
+# 2: the manifest records provenance: a hub base's commit (``base.revision``, and the branch
+#    asked for as ``base.requested``), ``packages``, ``teacher.prompt_sha256`` and ``parent``.
+#    Format 1 artifacts (a hub base recorded as ``revision: main``) are still read.
+ARTIFACT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 CONTENT_DIR = "specialist"
 SIGNATURE = "specialist.sig"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -122,6 +126,17 @@ def reserve_version(store: str | Path | Store, name: str, *, max_tries: int = 10
             continue
         return version
     raise KolmRuntimeError(f"could not reserve a version of {name!r} in {s.uri} after {max_tries} tries")
+
+
+def parent_version(store: str | Path | Store, name: str, version: tuple[int, int]) -> str | None:
+    """The version a compile of ``name`` as ``version`` follows: the highest ``MAJOR.MINOR``
+    below it whose artifact is in ``store`` (a reservation without one does not count); None
+    for the first compile of a name."""
+    s = open_store(store)
+    found = [(int(m["major"]), int(m["minor"])) for f in s.list("", recursive=False)
+             if (m := _FILE.match(f)) and m["name"] == name]
+    below = [v for v in found if v < version]
+    return f"{max(below)[0]}.{max(below)[1]}" if below else None
 
 
 def release_version(store: str | Path | Store, name: str, version: tuple[int, int]) -> bool:
@@ -374,8 +389,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"the artifact's {CONTENT_DIR}/manifest.json is not JSON ({e})") from None
     version = data.get("format_version") if isinstance(data, dict) else None
-    if version != ARTIFACT_FORMAT_VERSION:
-        raise InputError(f"artifact format_version {version!r} is not supported")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise InputError(f"artifact format_version {version!r} is not supported (this kolm reads "
+                         f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     return data
 
 

@@ -26,13 +26,16 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, check_within_limits, file_digest, pack, put_artifact,
-    release_version, reserve_version,
+    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, check_within_limits, file_digest, pack, parent_version,
+    put_artifact, release_version, reserve_version,
 )
 from kolm_ray.durable import json_bytes, write_json
 from kolm_ray.errors import GateFailed, InputError
 from kolm_ray.home import store_uri, teacher_cache_dir
 from kolm_ray.kscore import KScore
+from kolm_ray.metrics import finishes_stage_clocks
+from kolm_ray.provenance import package_versions
+from kolm_ray.progress import NoProgress, StageProgress
 from kolm_ray.rows import read_rows
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.fanout import SampleOutcome, sample_rows, write_samples
@@ -265,7 +268,8 @@ def distillation_pairs(outcome: SampleOutcome) -> list[tuple[str, str]]:
     return [(r["input"], r["text"]) for r in outcome.samples.to_pylist() if r["chosen"] and r["passed"]]
 
 
-def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig, say: Progress = lambda s: None) -> FitResult:
+def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig, say: Progress = lambda s: None,
+              progress: StageProgress | None = None) -> FitResult:
     if not pairs and (cfg.max_steps is None or cfg.max_steps > 0):
         raise InputError("no teacher sample passed the verifier: nothing to distill (see samples/summary.json)")
     name = run_name(p.base, p.cfg.task, pairs, cfg)
@@ -277,12 +281,13 @@ def stage_fit(p: Prepared, pairs: list[tuple[str, str]], cfg: FitConfig, say: Pr
         return FitResult(**{**data, "adapter_dir": Path(data["adapter_dir"]), "steps_this_run": 0})
     # Checkpoints go where every node can reach them: the object store when KOLM_HOME is one.
     storage = join(store_uri(), "train", p.cfg.name) if is_remote(store_uri()) else p.cfg.work_dir / "train"
-    result = fit(p.base, p.cfg.task, pairs, cfg, storage=storage, dest=done / "adapter", say=say)
+    result = fit(p.base, p.cfg.task, pairs, cfg, storage=storage, dest=done / "adapter", say=say, progress=progress)
     write_json(marker, {**result.__dict__, "adapter_dir": str(result.adapter_dir)})
     return result
 
 
-def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: FitConfig) -> EvalResult:
+def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: FitConfig,
+               on_rows: Callable[[int], None] = lambda n: None) -> EvalResult:
     h = p.holdout
     key = hashlib.sha256(json.dumps([
         EVAL_PATH_VERSION, verifier.to_json(), p.base.fingerprint(), p.cfg.task, h.to_pylist(),
@@ -291,13 +296,15 @@ def stage_eval(p: Prepared, verifier: Verifier, adapter: Path | None, fit_cfg: F
     cached = p.cfg.work_dir / "eval" / f"{key}.json"
     if cached.is_file():
         data = json.loads(cached.read_text())
+        on_rows(h.num_rows)
         return EvalResult(score=KScore.model_validate(data["score"]), outputs=data["outputs"])
     import ray
 
     use_gpu = fit_cfg.use_gpu if fit_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    result = evaluate(verifier, p.base.path, str(adapter) if adapter else None, p.cfg.task,
+    result = evaluate(verifier, p.base.source, str(adapter) if adapter else None, p.cfg.task,
                       h.column("id").to_pylist(), h.column("input").to_pylist(), h.column("output").to_pylist(),
-                      workers=fit_cfg.workers, use_gpu=use_gpu, cpus_per_worker=fit_cfg.cpus_per_worker)
+                      workers=fit_cfg.workers, use_gpu=use_gpu, cpus_per_worker=fit_cfg.cpus_per_worker,
+                      on_rows=on_rows)
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json(cached, {"score": result.score.model_dump(), "outputs": result.outputs})
     return result
@@ -360,6 +367,7 @@ def stage_sign(p: Prepared, version: tuple[int, int], files: dict[str, Any], ada
 # ----- the pipeline --------------------------------------------------------------------------
 
 
+@finishes_stage_clocks  # a stage that raises is timed too (its StageClock is finished on the way out)
 def compile_specialist(
     p: Prepared,
     *,
@@ -373,11 +381,13 @@ def compile_specialist(
     teacher_progress: Callable[[int], None] | None = None,
     monitor: StageMonitor | None = None,
     recipe: str | None = None,
+    progress: StageProgress | None = None,
 ) -> CompileResult:
     """verifier -> teacher -> fit -> eval -> gate -> sign.
 
     ``recipe`` (``recipe_digest``) is recorded in the manifest and the store, so a later compile
-    of identical inputs finds this version (``stage_reuse``).
+    of identical inputs finds this version (``stage_reuse``). ``progress`` is told of each
+    stage's progress: teacher calls, fit steps (with the loss), eval rows.
 
     Raises:
         GateFailed: the student's holdout K-score is below the gate (no artifact written).
@@ -391,8 +401,11 @@ def compile_specialist(
 
     watch = StageClock(monitor or _Unwatched(), cfg.name, quota.tenant)  # times each stage, as a metric
 
+    shown = progress or NoProgress()
+
     def on_teacher(n: int) -> None:
         watch.progress(n)
+        shown.advance(n)
         if teacher_progress:
             teacher_progress(n)
 
@@ -405,6 +418,7 @@ def compile_specialist(
 
     rows = p.rows.num_rows if sample.n is None else min(sample.n, p.rows.num_rows)
     watch.stage("teacher", rows * sample.k)
+    shown.stage("teacher", rows * sample.k, "calls")
     outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, on_teacher, say)
     if verifier is None:
         say("verifier    " + " · ".join(outcome.verifier.learned()))
@@ -420,7 +434,8 @@ def compile_specialist(
 
     pairs = distillation_pairs(outcome)
     watch.stage("fit")
-    fitted = stage_fit(p, pairs, fit_cfg, say)
+    shown.stage("fit", None, "steps")  # the total is known once the workers have tokenized the pairs
+    fitted = stage_fit(p, pairs, fit_cfg, say, shown)
     resumed = f", resumed at step {fitted.resumed_from_step}" if fitted.resumed_from_step else ""
     reused = " (reused)" if fitted.steps_this_run == 0 and fitted.steps else ""
     loss = (f"loss {fitted.loss_start:.3f} → {fitted.loss_end:.3f}" if fitted.loss_curve else "no steps")
@@ -429,9 +444,11 @@ def compile_specialist(
 
     watch.stage("eval", 2)
     eval_started = time.perf_counter()  # the manifest's eval_*_seconds (kolm report prices the compile with it)
-    student = stage_eval(p, verifier, fitted.adapter_dir, fit_cfg)
+    shown.stage("eval", 2 * p.holdout.num_rows, "rows")  # the student's outputs, then the base's
+    student = stage_eval(p, verifier, fitted.adapter_dir, fit_cfg, shown.advance)
     watch.progress(1)
-    base = stage_eval(p, verifier, None, fit_cfg)
+    base = stage_eval(p, verifier, None, fit_cfg, shown.advance)
+    shown.done()
     eval_seconds = round((time.perf_counter() - eval_started) * fit_cfg.workers, 3)  # wall x workers, as the fit's
     say(f"eval        student {student.score.line()} · base {base.score.line()}")
 
@@ -461,11 +478,12 @@ def compile_specialist(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "task": cfg.task,
         "recipe": recipe,
-        "base": {"name": p.base.name, **p.base.fingerprint()},
+        "base": p.base.manifest_entry(),  # a hub base: its commit, what fit, eval and serving load
         "prompt": {"system": cfg.task, "format": "chat_template"},
         "generation": decoding_for(verifier).manifest(),  # what the eval decoded with; serving reads it
         "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
                     "recorded": s.recorded, "served_by": s.served_by,
+                    "prompt_sha256": outcome.prompt_sha256,  # the system prompt every call shared
                     "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,
                     "paid_this_run_usd": s.cost_usd},
         "digests": {"examples": file_digest(cfg.examples), "holdout": file_digest(cfg.holdout),
@@ -477,6 +495,8 @@ def compile_specialist(
                     "compile_seconds": round(time.perf_counter() - started, 1)},
         "fit": {"steps": fitted.steps, "examples": len(pairs), "loss_start": fitted.loss_start,
                 "loss_end": fitted.loss_end, "tokens": fitted.tokens},
+        "packages": package_versions(),
+        "parent": parent_version(cfg.store, cfg.name, version),  # the version this one recompiles, if any
     }
     train = {"config": fit_cfg.model_dump(mode="json"), "loss_curve": fitted.loss_curve, "tokens": fitted.tokens,
              "train_seconds": fitted.train_seconds, "workers": fitted.workers, "device": fitted.device,
@@ -526,6 +546,8 @@ def queued_compile(p: Prepared, *, state_dir: Path, fit_cfg: FitConfig, quota: Q
     setup = check_setup(p.base, fit_cfg, stages["signer"], store=p.cfg.store, work_dir=p.cfg.work_dir,
                         teacher_cache=teacher_cache_dir())
     fit_cfg = setup.fit_cfg  # the target modules resolved: the recipe and the run name hash these
+    # A hub base pinned to its commit: the recipe, the run name, the eval and the manifest use it.
+    p = Prepared(cfg=p.cfg, rows=p.rows, holdout=p.holdout, base=setup.base.ref)
     recipe = recipe_digest(p, stages["teacher"], stages["sample"], fit_cfg, stages["signer"])
     if recipe is not None and not new_version and (same := stage_reuse(p, recipe, stages["signer"], say)) is not None:
         say(f"unchanged   identical inputs to {p.cfg.name}-{same.version}: reusing it, nothing paid or trained "

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kolm_ray.compile import CompileConfig, CompileResult, Prepared, parse_gate
 from kolm_ray.errors import InputError
+from kolm_ray.progress import StageProgress
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.train.config import FitConfig
 
@@ -69,7 +70,7 @@ class CompileSettings(BaseModel):
     def _gate(cls, v: Any) -> Any:
         if isinstance(v, str):
             try:
-                return parse_gate(v)
+                return float(v) if v.strip().replace(".", "", 1).isdigit() else parse_gate(v)
             except InputError as e:
                 raise ValueError(str(e)) from None
         return v
@@ -188,6 +189,9 @@ def settings_from(overrides: Mapping[str, Any], data: Mapping[str, Any] | None =
     if base_dir is not None:
         data = _relative_to(data, base_dir)
     merged = dict(data)
+    if {"task", "task_file"} & set(overrides):  # one setting, two spellings: the command line's wins whole
+        merged.pop("task", None)
+        merged.pop("task_file", None)
     for key, value in overrides.items():
         if key in SECTIONS and isinstance(merged.get(key), Mapping):
             merged[key] = {**merged[key], **value}
@@ -404,14 +408,14 @@ def plan_compile(s: CompileSettings, say: Say = lambda m: None) -> CompilePlan:
                        signer=signer, new_version=s.new_version, address=s.address)
 
 
-def run_compile(plan: CompilePlan, *, say: Say = lambda m: None,
-                teacher_progress: Callable[[int], None] | None = None) -> CompileResult:
+def run_compile(plan: CompilePlan, *, say: Say = lambda m: None, progress: StageProgress | None = None) -> CompileResult:
     """The compile behind the cluster's compile queue (``kolm_ray.compile.queued_compile``):
-    an artifact of identical inputs is reused unless ``plan.new_version``.
+    an artifact of identical inputs is reused unless ``plan.new_version``. ``progress`` is told
+    of each stage's progress (teacher calls, fit steps and loss, eval rows).
     Raises: whatever ``queued_compile`` raises (GateFailed below the gate)."""
     from kolm_ray.compile import queued_compile
     from kolm_ray.home import kolm_home
 
     return queued_compile(plan.prepared, state_dir=kolm_home(), teacher=plan.teacher, sample=plan.sample,
                           quota=plan.quota, prices=plan.prices, fit_cfg=plan.fit, signer=plan.signer, say=say,
-                          teacher_progress=teacher_progress, new_version=plan.new_version, address=plan.address)
+                          progress=progress, new_version=plan.new_version, address=plan.address)

@@ -14,6 +14,18 @@ Ray exports them on each node's metrics endpoint (``ray start --metrics-export-p
 (``exported_names``). The serving metrics are ``ray.serve.metrics``, which add the replica's
 ``deployment``, ``replica`` and ``application`` (``kolm-ENV`` for an environment) tags.
 
+Compile series are one-shot: a compile driver records each (specialist, tenant, stage) series
+once, at its full value (a Ray counter cannot be created at 0: ``inc`` refuses 0), and Prometheus's
+``increase``/``rate`` take a series' first sample as its baseline, so a compile's figures would
+count ~0 there. The dashboard's compile panels therefore add the value of a series that did not
+exist one window earlier (``X unless X offset W``) to the ``increase`` of the others, rather
+than this module recording a second, zero-initialised copy of every series.
+
+Ray has no call that flushes application metrics: each process hands its records to the node's
+metrics agent every ``metrics_report_interval_ms`` (10 s by default). A compile driver that exits
+sooner after its last stage may take that stage's figures with it; a driver that stays up (a
+``kolm serve`` or a queue worker) exports them on the next report.
+
 Must never fail a request, a tick or a compile: a metrics error is logged once per metric and
 counted (``errors()``, and ``kolm_metrics_errors`` when that can still be recorded), never
 raised. Outside Ray (no worker connected) every function is a no-op. Must not read receipts,
@@ -22,12 +34,14 @@ release state or samples itself: callers hand it what they already hold.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import threading
 import time
 from collections import Counter as _Tally
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Self
 
 log = logging.getLogger("kolm_ray.metrics")
 
@@ -121,12 +135,21 @@ def exported_names(spec: MetricSpec) -> set[str]:
 _lock = threading.Lock()
 _objects: dict[str, Any] = {}
 _errors: _Tally = _Tally()
+_errors_lock = threading.Lock()  # recorded from the ingress's threads and a compile's at once
 _canaries: dict[tuple[str, str], str] = {}  # (env, specialist) -> the canary version whose weight was set
 
 
 def errors() -> dict[str, int]:
     """Metric records that failed in this process, by metric name."""
-    return dict(_errors)
+    with _errors_lock:
+        return dict(_errors)
+
+
+def _count_error(name: str) -> int:
+    """One more failed record of ``name``; how many so far."""
+    with _errors_lock:
+        _errors[name] += 1
+        return _errors[name]
 
 
 def _connected() -> bool:
@@ -176,8 +199,7 @@ def _record(name: str, value: float, tags: Mapping[str, Any]) -> None:
         else:
             m.observe(value, tags=t)
     except Exception as e:  # noqa: BLE001 - metrics must never fail what they measure
-        _errors[name] += 1
-        if _errors[name] == 1:
+        if _count_error(name) == 1:
             log.warning("could not record metric %s (%s: %s); counting further failures silently",
                         name, type(e).__name__, e)
         if name != "kolm_metrics_errors":
@@ -192,7 +214,7 @@ def _guarded(fn: Any) -> Any:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - e.g. a receipt or summary of an unexpected shape
-            _errors[fn.__name__] += 1
+            _count_error(fn.__name__)
             log.warning("metrics: %s failed (%s: %s)", fn.__name__, type(e).__name__, e)
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
@@ -279,12 +301,16 @@ def record_teacher(specialist: str, tenant: str | None, summary: Any) -> None:
 class StageClock:
     """A compile's ``StageMonitor`` that also times its stages: each ``stage(name)`` ends the
     previous stage (recorded with ``record_stage``), ``finish()`` ends the last. Everything is
-    passed on to the monitor it wraps."""
+    passed on to the monitor it wraps. Used as a context manager (``with StageClock(...) as
+    watch:``) it finishes on the way out, so a stage that raises is timed too."""
 
     def __init__(self, inner: Any, specialist: str, tenant: str | None,
                  clock: Any = time.monotonic) -> None:
         self.inner, self.specialist, self.tenant, self._clock = inner, specialist, tenant, clock
         self._current: tuple[str, float] | None = None
+        opened = _open_clocks.get()
+        if opened is not None:
+            opened.append(self)
 
     def _end(self) -> None:
         if self._current is not None:
@@ -305,6 +331,32 @@ class StageClock:
 
     def finish(self) -> None:
         self._end()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+_open_clocks: contextvars.ContextVar[list[StageClock] | None] = contextvars.ContextVar("kolm_stage_clocks",
+                                                                                    default=None)
+
+
+def finishes_stage_clocks(fn: Any) -> Any:
+    """Decorate a compile: every ``StageClock`` made during the call is finished when it returns
+    or raises, so the stage that failed is timed too (without wrapping the body in a ``with``)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _open_clocks.set([])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clocks = _open_clocks.get() or []
+            _open_clocks.reset(token)
+            for c in clocks:
+                c.finish()
+    return wrapper
 
 
 def names(specs: Iterable[MetricSpec] = ()) -> set[str]:

@@ -38,7 +38,7 @@ from kolm_ray.admission import Demand, QueuePolicy, grant_for, load_policy
 from kolm_ray.errors import InputError, KolmRuntimeError, ServiceUnreachable
 from kolm_ray.signing import KeySigner, Signer, SigstoreSigner
 from kolm_ray.store import is_remote, open_store
-from kolm_ray.train.base import BaseRef
+from kolm_ray.train.base import BaseRef, hub_cache, hub_gated, hub_offline, hub_unreachable, pin_base, who
 from kolm_ray.train.config import FitConfig
 
 # Files a tokenizer loads from; one is enough (tokenizer.json for fast tokenizers, the others
@@ -101,33 +101,19 @@ def _folder_missing(folder: Path) -> list[str]:
 
 
 def _hub_cache() -> str:
-    """The Hugging Face cache as a fresh process would find it now (the library reads it at import)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return constants.HF_HUB_CACHE
+    return hub_cache()
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    on = {"1", "ON", "YES", "TRUE"}
-    return (constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in on
-            or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in on)
+    return hub_offline()
 
 
 def _who(ref: BaseRef) -> str:
-    return f"{ref.name} ({ref.path})" if ref.name != ref.path else ref.path
+    return who(ref)
 
 
 def _unreachable(ref: BaseRef, why: str) -> ServiceUnreachable:
-    return ServiceUnreachable(
-        f"cannot reach the Hugging Face hub for {_who(ref)}: {why}, and the cache at {_hub_cache()} does not have "
-        f"it. Download it first (`hf download {ref.path} --local-dir DIR`) and pass --base DIR, or set HF_HOME to a "
-        "cache that has it")
+    return hub_unreachable(ref, why)
 
 
 def _cached_snapshot(ref: BaseRef) -> Path | None:
@@ -135,7 +121,8 @@ def _cached_snapshot(ref: BaseRef) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(ref.path, local_files_only=True, cache_dir=_hub_cache()))
+        folder = Path(snapshot_download(ref.path, revision=ref.revision, local_files_only=True,
+                                        cache_dir=_hub_cache()))
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or an unreadable cache: ask the hub
         return None
     return folder if folder.is_dir() and not _folder_missing(folder) else None
@@ -149,10 +136,9 @@ def _from_hub(ref: BaseRef, timeout_s: float) -> Path:
         raise _unreachable(ref, "HF_HUB_OFFLINE is set")
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
-        info = HfApi(endpoint=endpoint).model_info(ref.path, timeout=timeout_s)
+        info = HfApi(endpoint=endpoint).model_info(ref.path, revision=ref.revision, timeout=timeout_s)
     except GatedRepoError:
-        raise ServiceUnreachable(f"{_who(ref)} is gated on the Hugging Face hub: accept its terms at "
-                                 f"https://huggingface.co/{ref.path} and set HF_TOKEN (or `hf auth login`)") from None
+        raise hub_gated(ref) from None
     except RepositoryNotFoundError:
         raise InputError(f"unknown base model {ref.name!r}: the Hugging Face hub has no model {ref.path} (a private "
                          "one needs HF_TOKEN), and there is no such local folder") from None
@@ -163,7 +149,8 @@ def _from_hub(ref: BaseRef, timeout_s: float) -> Path:
         raise InputError(f"base model {_who(ref)} on the Hugging Face hub has no {', '.join(missing)}: kolm fits "
                          "transformers checkpoints (config.json, a tokenizer, *.safetensors)")
     try:
-        folder = snapshot_download(ref.path, allow_patterns=HUB_SMALL_FILES, cache_dir=_hub_cache(),
+        folder = snapshot_download(ref.path, revision=ref.revision, allow_patterns=HUB_SMALL_FILES,
+                                   cache_dir=_hub_cache(),
                                    endpoint=endpoint, etag_timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 - as above
         raise _unreachable(ref, _why(e)) from None
@@ -176,7 +163,8 @@ def check_base(ref: BaseRef, *, timeout_s: float = HUB_TIMEOUT_S) -> BaseFiles:
 
     Raises:
         InputError: a folder without a config, tokenizer or weights (or a shard its index names),
-            or a hub id the hub does not know or that has no checkpoint.
+            a hub id the hub does not know or that has no checkpoint, or a revision (``ID@REV``)
+            neither the hub nor, offline, the cache has (``train.base.pin_base``).
         ServiceUnreachable: a base that is not cached while the hub cannot be reached (offline,
             refused, timed out) or is gated.
     """
@@ -188,10 +176,15 @@ def check_base(ref: BaseRef, *, timeout_s: float = HUB_TIMEOUT_S) -> BaseFiles:
                              "save_pretrained (`kolm base tiny DIR` writes one), a short name or a hub id",
                              path=ref.name)
         return BaseFiles(ref, folder, "local folder")
+    ref = pin_base(ref, timeout_s=timeout_s)  # a branch resolved to its commit, once: what every stage loads
     cached = _cached_snapshot(ref)
     if cached is not None:
         return BaseFiles(ref, cached, "HF cache")
-    return BaseFiles(ref, _from_hub(ref, timeout_s), "hub")
+    folder = _from_hub(ref, timeout_s)
+    if not ref.pinned:  # the hub answered without a commit: nothing to record that pins the weights
+        raise ServiceUnreachable(f"the Hugging Face hub named no commit for {_who(ref)} at revision "
+                                 f"{ref.revision or 'main'}: cannot pin the base; give ID@COMMIT")
+    return BaseFiles(ref, folder, "hub")
 
 
 def check_chat_template(base: BaseFiles) -> str:

@@ -11,6 +11,7 @@ from kolm_ray.artifact import CONTENT_DIR, open_verified, read_manifest, unpacke
 from kolm_ray.cli.app import cli
 from kolm_ray.cli.options import epilog, trust_options, trust_or_default
 from kolm_ray.compare import compare, load_side
+from kolm_ray.provenance import lineage, lineage_lines
 from kolm_ray.train.base import build_tiny_base
 
 
@@ -32,30 +33,37 @@ def verify(artifact: str, key: str | None, identity: str | None, issuer: str | N
                    f"signed by {trust.describe()}")
 
 
-@cli.command(short_help="Show an artifact's manifest (unverified).", epilog=epilog(
+@cli.command(short_help="Show an artifact's manifest and lineage (unverified).", epilog=epilog(
     "kolm inspect ~/.kolm/artifacts/routing-1.0.kolm",
-    "kolm inspect routing-1.0.kolm --json | jq .kscore",
+    "kolm inspect routing-1.0.kolm --json | jq .lineage",
     codes={0: "shown", 2: "bad input: no such artifact, or not a readable .kolm file"}))
 @click.argument("artifact", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the file list as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest, its lineage and the file list as JSON.")
 def inspect(artifact: str, as_json: bool) -> None:
-    """Show ARTIFACT's manifest (unverified: use `kolm verify` to check the signature)."""
+    """Show ARTIFACT's manifest and lineage: the base's pinned commit or content hash, the
+    teacher and its prompt digest, the rows' digests, the parent version, the package versions
+    (unverified: use `kolm verify` to check the signature)."""
     with unpacked(artifact) as root:
         m = read_manifest(root)
         files = sorted(p.relative_to(root / CONTENT_DIR).as_posix() for p in (root / CONTENT_DIR).rglob("*") if p.is_file())
     if as_json:
-        click.echo(json.dumps({**m, "files": files}, indent=2))
+        click.echo(json.dumps({**m, "lineage": lineage(m), "files": files}, indent=2))
         return
+    for k, v in inspect_rows(m, files):
+        click.echo(f"{k:<12}{v}")
+
+
+def inspect_rows(m: dict, files: list[str]) -> list[tuple[str, str]]:
+    """`kolm inspect`'s text: (label, value) rows of a manifest, its lineage last."""
     ks, kb = m["kscore"]["student"], m["kscore"]["base"]
 
     def line(k: dict) -> str:
         f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
         return f"K {k['k']:.1f} (T {f(k['t'])} / C {f(k['c'])} / L {f(k['l'])}), {k['passed']}/{k['n']} rows pass"
 
-    rows = [
+    return [
         ("specialist", f"{m['name']} {m['version']}  (format {m['format_version']}, created {m['created_at']})"),
         ("task", m["task"]),
-        ("base", f"{m['base'].get('name')}  {m['base'].get('revision') or m['base'].get('sha256', '')[:16]}"),
         ("teacher", teacher_line(m["teacher"])),
         ("fit", f"{m['fit']['steps']} steps on {m['fit']['examples']} examples, loss "
                 f"{m['fit']['loss_start']} → {m['fit']['loss_end']}"),
@@ -64,9 +72,9 @@ def inspect(artifact: str, as_json: bool) -> None:
         ("gate", "none" if not m.get("gate") else f"K={m['gate']['k']:g} passed"),
         ("compute", ", ".join(f"{k} {v}" for k, v in m["compute"].items())),
         ("files", ", ".join(files)),
+        ("lineage", ""),
+        *((f"  {k}", v) for k, v in lineage_lines(lineage(m), m.get("format_version"))),
     ]
-    for k, v in rows:
-        click.echo(f"{k:<12}{v}")
 
 
 @cli.command(name="compare", short_help="Compare two artifacts' holdout scores.", epilog=epilog(

@@ -6,8 +6,8 @@ import click
 from click.core import ParameterSource
 
 from kolm_ray.cli.app import cli
-from kolm_ray.cli.progress import TeacherBar
-from kolm_ray.cli.options import claim_options, fit_options, option_help
+from kolm_ray.cli.options import claim_options, fit_options, option_help, progress_option
+from kolm_ray.cli.progress import progress_display
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
 
 
@@ -60,7 +60,7 @@ Exit codes:
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Working state (samples, checkpoints) [default: runs/NAME].")
 @click.option("--sign", default=None, help="key:PATH, or sigstore [default: kolm's own key].")
-@click.option("--batch", is_flag=True, help=option_help(SampleConfig, "batch"))
+@click.option("--batch/--no-batch", default=False, help=option_help(SampleConfig, "batch"))
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1), help=option_help(SampleConfig, "concurrency"))
 @click.option("--min-agreement", default=SampleConfig.model_fields["min_agreement"].default, show_default=True,
               type=click.FloatRange(0, 1), help=option_help(SampleConfig, "min_agreement"))
@@ -68,15 +68,16 @@ Exit codes:
               help=option_help(SampleConfig, "max_failed_fraction"))
 @click.option("--prices", type=click.Path(dir_okay=False), help="JSON price table overriding the built-in one.")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS or a local instance].")
-@click.option("--new-version", is_flag=True, help="Compile again even when an artifact of identical inputs exists "
+@click.option("--new-version/--no-new-version", default=False, help="Compile again even when an artifact of identical inputs exists "
               "(by default it is reused: same version, nothing paid or trained).")
 @claim_options
 @fit_options
+@progress_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A compile config (YAML) with these "
               "options' fields; a flag given here overrides it. `--print-config` shows every field.")
 @click.option("--print-config", is_flag=True, help="Print the effective config (commented YAML) and exit.")
 @click.pass_context
-def compile_cmd(ctx: click.Context, config_file: str | None, print_config: bool, **flags) -> None:
+def compile_cmd(ctx: click.Context, config_file: str | None, print_config: bool, progress_mode: str, **flags) -> None:
     """Compile TASK into a signed Specialist: verifier, teacher, fit, eval, gate, sign.
 
     Every option can come from a --config file instead; one given here wins."""
@@ -89,7 +90,7 @@ def compile_cmd(ctx: click.Context, config_file: str | None, print_config: bool,
         click.echo(to_yaml(settings), nl=False)
         return
     plan = plan_compile(settings, say=lambda m: click.echo(m, err=True))
-    with TeacherBar(plan.teacher_calls) as bar:
-        result = run_compile(plan, say=bar.say, teacher_progress=bar.update)
+    with progress_display(progress_mode) as shown:
+        result = run_compile(plan, say=shown.say, progress=shown)
     click.echo(result.student.line())
     click.echo(f"artifact    {result.artifact}")

@@ -61,6 +61,14 @@ def address_option(f):
                         help="Ray cluster address [default: RAY_ADDRESS or a local instance].")(f)
 
 
+def progress_option(f):
+    """--progress: how a long command shows its stages' progress (``kolm_ray.cli.progress``)."""
+    return click.option("--progress", "progress_mode", default="auto", show_default=True, envvar="KOLM_PROGRESS",
+                        type=click.Choice(["auto", "live", "lines", "off"]),
+                        help="Stage progress on stderr: live on a terminal, plain lines in a pipe or job log "
+                             "(auto chooses by whether stderr is a terminal), or none [env: KOLM_PROGRESS].")(f)
+
+
 def teacher_options(f):
     """The teacher and its sampling, as a compile and `kolm sample` both take them (``TeacherConfig``,
     ``SampleConfig``), and --prices."""

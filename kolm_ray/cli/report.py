@@ -11,6 +11,7 @@ from kolm_ray.cli.options import epilog
 @cli.command(name="report", short_help="The bill: frontier cost against self-hosted, payback.", epilog=epilog(
     "kolm report --env prod",
     "kolm report --env prod --since 7d --frontier claude-sonnet-4-6 --gpu-hour-price 2.50 --gpu-share 0.25",
+    "kolm report --env prod --gpu-share 0",
     "kolm report --env prod --json",
     "kolm report --env prod --html report.html",
     codes={0: "reported", 1: "a runtime failure (an unwritable --html file)",
@@ -22,8 +23,9 @@ from kolm_ray.cli.options import epilog
               "file's default_frontier].")
 @click.option("--gpu-hour-price", type=click.FloatRange(0), default=None,
               help="US dollars per GPU-hour of the lease [default: the price file's lease.gpu_hour].")
-@click.option("--gpu-share", type=click.FloatRange(0, min_open=True), default=None,
-              help="GPUs the serving replicas hold (0.25: a quarter of one) [default: the price file's "
+@click.option("--gpu-share", type=click.FloatRange(0), default=None,
+              help="GPUs the serving replicas hold (0.25: a quarter of one); 0: price the replica-seconds the "
+                   "calls measured instead, whatever the price file says [default: the price file's "
                    "lease.gpu_share; none: the replica-seconds the calls measured].")
 @click.option("--prices", "prices_file", type=click.Path(dir_okay=False), default=None,
               help="Price file (YAML) laid over kolm's default [default: $KOLM_HOME/prices.yaml if present].")

@@ -15,13 +15,14 @@ from kolm_ray.cli.options import (
     claim_options,
     epilog,
     option_help,
+    progress_option,
     quota_claim,
     task_text,
     teacher_options,
     trust_options,
     trust_or_default,
 )
-from kolm_ray.cli.progress import TeacherBar
+from kolm_ray.cli.progress import progress_display
 from kolm_ray.errors import InputError
 from kolm_ray.kscore import score_rows
 from kolm_ray.sampling.config import SampleConfig, TeacherConfig
@@ -49,12 +50,13 @@ from kolm_ray.verifier import Verifier, synthesize
               type=click.IntRange(1), help=option_help(TeacherConfig, "max_attempts"))
 @claim_options
 @address_option
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None, batch: bool,
            concurrency: int, min_agreement: float, max_failed_fraction: float, prices: str | None, out_dir: str | None,
            batch_poll_s: float, actors: int, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
            max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
-           max_cost_usd: float | None, address: str | None, as_json: bool) -> None:
+           max_cost_usd: float | None, address: str | None, progress_mode: str, as_json: bool) -> None:
     """Sample the teacher k times per example row and keep the best sample per row."""
     # Imports Ray (the fan-out runs on Ray Data): loaded when a sample runs, not for `kolm --help`.
     from kolm_ray.sampling.standalone import prepare_sampling, run_sampling
@@ -65,8 +67,8 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
         sample=SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
                             max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s),
         quota=quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd))
-    with TeacherBar(run.calls) as bar:
-        outcome, written = run_sampling(run, address, progress=bar.update,
+    with progress_display(progress_mode) as shown:
+        outcome, written = run_sampling(run, address, progress=shown,
                                         on_budget=lambda check: [click.echo(line, err=True) for line in check.lines()])
     if as_json:
         click.echo(json.dumps({**outcome.summary.model_dump(), "out": str(written)}, indent=2))

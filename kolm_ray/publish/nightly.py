@@ -85,8 +85,10 @@ def load_specs(folder: Path) -> list[tuple[Path, NightlySpec]]:
             compile_settings(f, spec)
             specs.append((f, spec))
         except InputError as e:
-            if e.path is not None and e.path != str(f):  # the compile config file it names
-                raise
+            if e.path is not None and e.path != str(f):  # the compile config file it names, and which spec did
+                where = f"{e.path}:{e.line}: " if e.line is not None else f"{e.path}: "
+                raise InputError(f"{str(e).removeprefix(where)} (the compile config of {f.name})",
+                                 path=e.path, line=e.line) from None
             raise InputError(f"invalid spec: {e}", path=str(f)) from None
         except json.JSONDecodeError as e:
             raise InputError(f"not valid JSON ({e.msg})", path=str(f), line=e.lineno) from None

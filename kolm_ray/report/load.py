@@ -19,8 +19,27 @@ from kolm_ray.report.prices import PriceBook
 MAX_MANIFEST_BYTES = 1 << 20
 
 
+def teacher_paid(manifest: dict[str, Any]) -> tuple[float, str | None]:
+    """What this version's compile paid the teacher, and a note where that is not plainly it.
+
+    The manifest's ``teacher.cost_usd`` is the whole dataset at list price, cached samples
+    included: a recompile from the same teacher cache carries it again, so summing it over
+    versions would count those samples twice. ``teacher.paid_this_run_usd`` is what the compile
+    itself paid (``SampleSummary.cost_usd``); a recorded stand-in (``teacher.recorded``) was
+    paid nothing."""
+    teacher = manifest.get("teacher") or {}
+    if teacher.get("recorded"):
+        return 0.0, "recorded stand-in teacher: $0 paid"
+    if teacher.get("paid_this_run_usd") is not None:
+        return float(teacher["paid_this_run_usd"]), None
+    listed = float(teacher.get("cost_usd") or (manifest.get("compute") or {}).get("teacher_cost_usd") or 0.0)
+    return listed, ("teacher dollars at list price for the whole dataset (compiled before kolm recorded what "
+                    "each run paid): samples cached from an earlier version are counted again") if listed else None
+
+
 def manifest_facts(path: str, name: str, version: str) -> ArtifactFacts:
-    """The compile's cost figures from ``path``'s manifest: teacher dollars, fit and eval seconds."""
+    """The compile's cost figures from ``path``'s manifest (teacher dollars paid, fit and eval
+    seconds) and ``train.json``'s fit config (the CPUs each worker held, when recorded)."""
     from kolm_ray.artifact import CONTENT_DIR
     from kolm_ray.store import fetched
 
@@ -35,6 +54,7 @@ def manifest_facts(path: str, name: str, version: str) -> ArtifactFacts:
                 if not member.isfile() or member.size > MAX_MANIFEST_BYTES:
                     raise ValueError("manifest.json is not a small regular file")
                 manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                train = _small_json(tar, f"{CONTENT_DIR}/train.json")
     except FileNotFoundError:
         return ArtifactFacts(name=name, version=version, found=False, artifact=str(path), note=f"no artifact at {path}")
     except (OSError, KeyError, ValueError, tarfile.TarError, InputError) as e:
@@ -44,12 +64,31 @@ def manifest_facts(path: str, name: str, version: str) -> ArtifactFacts:
     compute = manifest.get("compute") or {}
     secs = {dev: sum(float(compute.get(f"{stage}_{dev}_seconds") or 0) for stage in ("fit", "eval"))
             for dev in ("gpu", "cpu")}
-    note = None if any(f"eval_{d}_seconds" in compute for d in ("gpu", "cpu")) else \
-        "no eval seconds recorded (compiled before kolm recorded them)"
+    notes = [] if any(f"eval_{d}_seconds" in compute for d in ("gpu", "cpu")) else \
+        ["no eval seconds recorded (compiled before kolm recorded them)"]
+    paid, why = teacher_paid(manifest)
+    notes += [why] if why else []
+    # CPU seconds are worker-seconds; a core-hour price needs the cores each worker held: the
+    # compute entry if a manifest records it, else the fit config (a queued compile records its grant).
+    cores = compute.get("cpus_per_worker") or ((train or {}).get("config") or {}).get("cpus_per_worker")
+    if secs["cpu"] and not cores:
+        notes.append("CPUs per worker not recorded: CPU-seconds priced at one core per worker")
     return ArtifactFacts(name=name, version=version, artifact=str(path), artifact_sha256=h.hexdigest(),
                          teacher_model=teacher.get("model"), teacher_recorded=bool(teacher.get("recorded")),
-                         teacher_usd=float(teacher.get("cost_usd") or compute.get("teacher_cost_usd") or 0.0),
-                         gpu_seconds=secs["gpu"], cpu_seconds=secs["cpu"], note=note)
+                         teacher_usd=paid, gpu_seconds=secs["gpu"], cpu_seconds=secs["cpu"],
+                         cpus_per_worker=float(cores) if cores else None, note="; ".join(notes) or None)
+
+
+def _small_json(tar: tarfile.TarFile, name: str) -> dict[str, Any] | None:
+    """A small JSON member of the artifact, or None when absent or not small."""
+    try:
+        member = tar.getmember(name)
+    except KeyError:
+        return None
+    if not member.isfile() or member.size > MAX_MANIFEST_BYTES:
+        return None
+    data = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return data if isinstance(data, dict) else None
 
 
 def _candidates(state: EnvState, store: str) -> dict[tuple[str, str], str]:

@@ -55,10 +55,16 @@ def text(r: Report) -> str:
         if n == len(rows) - 1:
             out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    notes = [f"{x.name} {v.version}: {v.note}" for x in r.specialists for v in x.versions if v.note]
-    notes += [f"{x.name}: {x.audits_uncosted} audits not costed (no price for the teacher)"
-              for x in r.specialists if x.audits_uncosted]
-    return "\n".join(out + [f"note: {n}" for n in notes])
+    return "\n".join(out + [f"note: {n}" for n in notes(r)])
+
+
+def notes(r: Report) -> list[str]:
+    """What the table's figures rest on that the reader should know: per version, per Specialist."""
+    out = [f"{x.name} {v.version}: {v.note}" for x in r.specialists for v in x.versions if v.note]
+    out += [f"{x.name}: {x.audits_uncosted} audits not costed (no price for the teacher)"
+            for x in r.specialists if x.audits_uncosted]
+    out += [f"{x.name}: {n}" for x in r.specialists for n in x.notes]
+    return out
 
 
 # ----- HTML ---------------------------------------------------------------------------------
@@ -94,6 +100,11 @@ def _figures(r: Report) -> list[tuple[str, str, object]]:
     return [("calls", "Calls per day", calls), ("cost", "Cost per day", cost), ("k", "K over time", k)]
 
 
+def _notes_html(r: Report) -> str:
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(r))
+    return f'<ul class="notes">{items}</ul>' if items else ""
+
+
 def html_page(r: Report) -> str:
     """One self-contained page (plotly.js inlined: no network needed to open it)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ("Specialist", *(h for h, _, _ in COLUMNS)))
@@ -121,6 +132,7 @@ p.basis {{ color: #555; }}
 <h1>kolm report · {html.escape(r.env)}</h1>
 <p class="basis">{html.escape(basis_line(r))}</p>
 <table id="bill"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+{_notes_html(r)}
 {"".join(charts)}
 <script type="application/json" id="kolm-report">{data}</script>
 </body></html>

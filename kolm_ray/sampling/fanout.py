@@ -56,7 +56,7 @@ from kolm_ray.sampling.calls import CALL_SCHEMA, REQUEST_SCHEMA, SAMPLE_SCHEMA, 
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.limits import teacher_identity
 from kolm_ray.sampling.pricing import Prices, Usage, cost_usd
-from kolm_ray.sampling.prompt import message_params, system_blocks
+from kolm_ray.sampling.prompt import message_params, prompt_digest, system_blocks
 from kolm_ray.sampling.quota import NAMESPACE, quota_name, release_holder, teacher_quota
 from kolm_ray.sampling.teacher import UNAVAILABLE, AnthropicTeacher, sdk_env
 from kolm_ray.verifier import Verifier, synthesize, synthesize_from_samples
@@ -557,6 +557,7 @@ class SampleOutcome:
     samples: pa.Table  # every sample, scored, with `chosen` and its row's `agreement`
     verifier: Verifier
     summary: SampleSummary
+    prompt_sha256: str | None = None  # the teacher's system prompt (``prompt.prompt_digest``)
 
 
 def sample_rows(
@@ -634,7 +635,7 @@ def sample_rows(
             + (f"; {summary.outage.line().removeprefix('outage').strip()}" if summary.outage else "")
             + ". Every answer received is cached: re-run to resume."
         )
-    return SampleOutcome(samples=scored, verifier=verifier, summary=summary)
+    return SampleOutcome(samples=scored, verifier=verifier, summary=summary, prompt_sha256=prompt_digest(p.system))
 
 
 def samples_target(out_dir: str | Path) -> str | Path:

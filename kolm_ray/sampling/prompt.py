@@ -28,6 +28,14 @@ def system_blocks(
     return [{"type": "text", "text": "\n\n".join(parts), "cache_control": {"type": "ephemeral"}}]
 
 
+def prompt_digest(system: list[dict[str, Any]]) -> str:
+    """SHA-256 of the system blocks as sent (canonical JSON): the manifest's record of the prompt."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(system, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def message_params(
     *, model: str, system: list[dict[str, Any]], user_input: str, max_tokens: int, temperature: float | None
 ) -> dict[str, Any]:

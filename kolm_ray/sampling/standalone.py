@@ -21,6 +21,7 @@ import pyarrow as pa
 from kolm_ray import cluster
 from kolm_ray.errors import InputError
 from kolm_ray.home import teacher_cache_dir
+from kolm_ray.progress import NoProgress, StageProgress
 from kolm_ray.rows import read_rows
 from kolm_ray.sampling.budget import BudgetCheck
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
@@ -70,16 +71,20 @@ def prepare_sampling(task: str, examples: str | Path, *, teacher: TeacherConfig,
     return SamplingRun(task=task, rows=rows, teacher=teacher, sample=sample, quota=quota, prices=price, out=out)
 
 
-def run_sampling(run: SamplingRun, address: str | None = None, progress: Callable[[int], None] | None = None,
+def run_sampling(run: SamplingRun, address: str | None = None, progress: StageProgress | None = None,
                  on_budget: Callable[[BudgetCheck], None] | None = None) -> tuple[SampleOutcome, str | Path]:
     """Join Ray (its log beside a local output folder), sample, write; the outcome and where the
-    samples were written.
+    samples were written. ``progress`` is told of the teacher calls as they are answered.
 
     Raises: what ``fanout.sample_rows`` raises (BudgetExceeded, TeacherError), KolmRuntimeError
     (the cluster cannot be reached)."""
     cluster.connect(address, log_file=None if is_remote(run.out) else Path(run.out).parent / "ray.log")
+    shown = progress or NoProgress()
+    shown.stage("teacher", run.calls, "calls")  # once Ray is joined: a live display draws past its output
     outcome = sample_rows(run.task, run.rows, teacher=run.teacher, sample=run.sample, quota=run.quota,
-                          prices=run.prices, cache_dir=teacher_cache_dir(), progress=progress, on_budget=on_budget)
+                          prices=run.prices, cache_dir=teacher_cache_dir(), progress=lambda n: shown.advance(n),
+                          on_budget=on_budget)
+    shown.done()
     return outcome, write_samples(run.out, outcome)
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kolm_ray.errors import InputError, KolmError
 from kolm_ray.serve.host import Decoding
+from kolm_ray.train.base import COMMIT
 
 log = logging.getLogger("kolm_ray.serve")
 
@@ -37,7 +38,8 @@ class Specialist(BaseModel):
     artifact: str = Field(description="Path or URI of the .kolm file it came from.")
     artifact_sha256: str
     base_key: str = Field(description="Identity of the base model: its content hash, or hub id@revision.")
-    base_path: str = Field(description="What from_pretrained loads for the base: a folder or a hub id.")
+    base_path: str = Field(description="What from_pretrained loads for the base: a folder, a hub id, or "
+                           "ID@COMMIT for a hub base pinned to a commit (train.base.split_source).")
     system: str = Field(description="The task prompt the Specialist was trained with.")
     decoding: Decoding = Field(description="How it decodes: what its holdout was generated with (manifest "
                                            "'generation'); a request's own settings override it.")
@@ -85,11 +87,13 @@ def base_key(manifest_base: dict[str, Any]) -> str:
 
 def _base_path(manifest_base: dict[str, Any], base_paths: dict[str, str]) -> str:
     """Where this host finds the base: an override by id or hash, else the id itself (a hub id,
-    or the local folder the compile used)."""
+    as ``ID@COMMIT`` when the manifest pins its commit, or the local folder the compile used)."""
     for key in (manifest_base.get("sha256"), manifest_base.get("id"), manifest_base.get("name")):
         if key and key in base_paths:
             return str(Path(base_paths[key]).resolve()) if Path(base_paths[key]).is_dir() else base_paths[key]
     ref = str(manifest_base.get("id") or manifest_base.get("name"))
+    if not manifest_base.get("sha256") and COMMIT.match(str(manifest_base.get("revision") or "")):
+        return f"{ref}@{manifest_base['revision']}"  # a pinned hub base: that commit (AdapterHost splits it)
     # A local base recorded as the user typed it (maybe relative): replicas run elsewhere.
     return str(Path(ref).resolve()) if manifest_base.get("sha256") and Path(ref).is_dir() else ref
 

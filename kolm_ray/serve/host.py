@@ -118,10 +118,13 @@ class AdapterHost:
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from kolm_ray.train.base import split_source
+
         transformers.utils.logging.disable_progress_bar()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.tok = AutoTokenizer.from_pretrained(base_path)
+        base_path, revision = split_source(base_path)  # a hub base as ID@COMMIT: that commit, not the branch
+        self.tok = AutoTokenizer.from_pretrained(base_path, revision=revision)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
@@ -130,7 +133,7 @@ class AdapterHost:
         # cores would drift apart (~1e-6 in the logits on the tiny base; eager: bitwise equal).
         attn = "eager" if self.device.type == "cpu" else None
         self.model: Any = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=torch_dtype, attn_implementation=attn).to(self.device).eval()
+            base_path, revision=revision, dtype=torch_dtype, attn_implementation=attn).to(self.device).eval()
         self._peft = False
         self._lock = _FairLock()  # the model: one generation step or batch, or one load, at a time
         self._stream_slot = threading.Lock()  # held by the one stream generating, for its whole length

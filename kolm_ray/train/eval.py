@@ -12,7 +12,7 @@ the cluster has GPUs). Must not train, nor decode any other way than the host do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from kolm_ray.kscore import KScore, score_rows
 from kolm_ray.serve.host import BASE_ADAPTER, AdapterHost, Decoding
@@ -62,9 +62,11 @@ class HoldoutWorker:
 
 
 def _generate_all(base_path: str, adapter_dir: str | None, system: str, inputs: list[str], decoding: Decoding,
-                  batch_size: int, use_gpu: bool) -> list[str]:
+                  batch_size: int, use_gpu: bool) -> Iterator[list[str]]:
+    """Every input's output, one batch at a time (a streaming Ray task: the caller counts rows as they come)."""
     worker = HoldoutWorker(base_path, adapter_dir, system, decoding, use_gpu)
-    return [o for i in range(0, len(inputs), batch_size) for o in worker.generate(inputs[i:i + batch_size])]
+    for i in range(0, len(inputs), batch_size):
+        yield worker.generate(inputs[i:i + batch_size])
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,14 @@ class EvalResult:
 def generate_outputs(
     base_path: str, adapter_dir: str | None, system: str, ids: Sequence[str], inputs: Sequence[str],
     decoding: Decoding, *, workers: int = 1, batch_size: int = 8, use_gpu: bool = False,
-    cpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None, on_rows: Callable[[int], None] = lambda n: None,
 ) -> list[str]:
     """Outputs aligned with ``ids``. On one CPU worker the generation runs as one Ray task holding
     ``cpus_per_worker`` cores of one node (default: the freest node's free cores; Ray sizes
     torch's threads by a task's CPUs, and a driver such as a ``ray job submit`` entrypoint gets
     one thread); otherwise a Ray Data actor pool of ``workers``, one worker's share each.
     How the rows are split into batches does not change the outputs (the host decodes each
-    greedy row alone).
+    greedy row alone). ``on_rows`` is told of each batch's rows as they are generated.
     """
     import ray
 
@@ -91,8 +93,13 @@ def generate_outputs(
 
     cpus = cpus_per_worker or size(1 if len(ids) <= batch_size else workers, 1.0 if use_gpu else 0.0)
     if workers == 1 and not use_gpu or len(ids) <= batch_size:
-        task = ray.remote(_generate_all).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
-        return ray.get(task.remote(base_path, adapter_dir, system, list(inputs), decoding, batch_size, use_gpu))
+        task = ray.remote(_generate_all).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, num_returns="streaming")
+        outputs: list[str] = []
+        for ref in task.remote(base_path, adapter_dir, system, list(inputs), decoding, batch_size, use_gpu):
+            batch = ray.get(ref)
+            outputs += batch
+            on_rows(len(batch))
+        return outputs
     ds = ray.data.from_items([{"id": i, "input": x} for i, x in zip(ids, inputs)]).map_batches(
         HoldoutWorker,
         fn_constructor_kwargs={"base_path": base_path, "adapter_dir": adapter_dir, "system": system,
@@ -102,7 +109,10 @@ def generate_outputs(
         num_gpus=1 if use_gpu else 0,
         num_cpus=cpus,
     )
-    got = {r["id"]: r["output"] for r in ds.take_all()}
+    got: dict[str, str] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        got.update(zip(batch["id"].tolist(), batch["output"].tolist()))
+        on_rows(len(batch["id"]))
     return [got[i] for i in ids]
 
 

@@ -15,6 +15,12 @@ someone else's run.
 Each checkpoint holds the DeepSpeed engine state (every rank's ZeRO shard), the adapter in
 standard PEFT format, ``state.json`` (step, loss curve, tokens seen) and each rank's manifest of
 what it saved, written last. Must not call the teacher or score outputs.
+
+While the fit runs, rank 0 posts its step, the total and the loss to a ``StepBoard`` actor
+(throttled to a few a second) that a driver thread reads once a second and passes on to the
+caller's ``progress``: Ray Train's reported metrics reach the driver only when the fit ends
+(a ``UserCallback`` runs in Ray Train's controller, not the driver), and an actor is reachable
+from every node, where a file under the run's storage might not be.
 """
 
 from __future__ import annotations
@@ -32,10 +38,44 @@ from typing import Any, Callable, Sequence
 
 from kolm_ray.cluster import cpus_per_worker
 from kolm_ray.errors import KolmRuntimeError
-from kolm_ray.train.base import BaseRef
+from kolm_ray.progress import StageProgress
+from kolm_ray.train.base import BaseRef, split_source
 from kolm_ray.train.config import FitConfig
 
 FIT_STATE_VERSION = 1
+POST_EVERY_S = 0.25  # rank 0 posts its step to the StepBoard at most this often (and the last one always)
+READ_EVERY_S = 1.0  # the driver reads the StepBoard this often while the fit runs
+
+
+class StepBoard:
+    """The fit's latest step, its total and loss: written by rank 0, read by the driver (a Ray
+    actor, one per fit, gone with the driver)."""
+
+    def __init__(self) -> None:
+        self.latest: tuple[int, int | None, float | None] = (0, None, None)
+
+    def post(self, step: int, total: int, loss: float | None) -> None:
+        self.latest = (step, total, loss)
+
+    def read(self) -> tuple[int, int | None, float | None]:
+        return self.latest
+
+
+def follow_steps(read: Callable[[], tuple[int, int | None, float | None]], progress: StageProgress,
+                 stop: threading.Event, every_s: float = READ_EVERY_S) -> None:
+    """Pass the fit's steps on to ``progress`` until ``stop`` is set (then once more, so the last
+    step is shown): the first read gives the step it starts from (a resumed fit's), later ones
+    the steps done since. A step lower than one shown (a worker group restarted from an older
+    checkpoint) is passed on once the fit is past it again."""
+    shown: int | None = None
+    while True:
+        stopping = stop.wait(every_s)
+        step, total, loss = read()
+        if total is not None and (shown is None or step > shown):
+            progress.advance(step - (shown or 0), total=total, **({} if loss is None else {"loss": loss}))
+            shown = step
+        if stopping:
+            return
 
 
 @dataclass(frozen=True)
@@ -61,13 +101,30 @@ class FitResult:
         return self.loss_curve[-1][1] if self.loss_curve else None
 
 
+def _board_reader(board: Any) -> Callable[[], tuple[int, int | None, float | None]]:
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    last: tuple[int, int | None, float | None] = (0, None, None)
+
+    def read() -> tuple[int, int | None, float | None]:
+        nonlocal last
+        try:
+            last = ray.get(board.read.remote(), timeout=30)
+        except GetTimeoutError:
+            pass  # a busy node answered late: the next read catches up, the fit goes on regardless
+        return last
+
+    return read
+
+
 def run_name(base: BaseRef, system: str, pairs: Sequence[tuple[str, str]], cfg: FitConfig) -> str:
     """The fit's name, which its checkpoints and its finished result are kept under. Target
     modules left to the architecture are resolved first, as ``fit`` does, so both agree."""
     if cfg.target_modules is None:
         from kolm_ray.train.targets import with_targets
 
-        cfg = with_targets(cfg, base.path)
+        cfg = with_targets(cfg, base.source)
     h = hashlib.sha256()
     # Where the fit runs (how many CPUs a worker was granted) is not what it computes: a re-run
     # granted other resources resumes the same run.
@@ -204,10 +261,11 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     bf16 = bool(use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if use_gpu else torch.device("cpu")
 
-    tok = AutoTokenizer.from_pretrained(config["base_path"])
+    base_path, revision = split_source(config["base_path"])  # a hub base: its pinned commit
+    tok = AutoTokenizer.from_pretrained(base_path, revision=revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(config["base_path"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, revision=revision, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
@@ -240,6 +298,10 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     start = state["step"]
     steps_run = 0
     t0 = time.perf_counter()
+    board = config.get("board") if rank == 0 else None
+    posted = 0.0
+    if board is not None:
+        board.post.remote(start, total, None)
 
     def checkpoint(step: int, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as td:
@@ -266,6 +328,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         state["loss_curve"].append([step + 1, round(stats[0].item() / world, 5)])
         state["tokens"] += int(stats[1].item())
         steps_run += 1
+        if board is not None and (time.perf_counter() - posted >= POST_EVERY_S or step + 1 == total):
+            board.post.remote(step + 1, total, state["loss_curve"][-1][1])  # not awaited: a step never waits on it
+            posted = time.perf_counter()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
             # The final checkpoint's metrics are what the driver gets back (Result.metrics):
             # the training loop's own time, without worker start-up, model load or this save.
@@ -283,8 +348,10 @@ def fit(
     storage: str | Path,
     dest: Path,
     say: Callable[[str], None] = lambda s: None,
+    progress: StageProgress | None = None,
 ) -> FitResult:
-    """Fit a LoRA adapter; copy the final adapter to ``dest``.
+    """Fit a LoRA adapter; copy the final adapter to ``dest``. ``progress`` is told of the steps
+    (and the loss) while the fit runs.
 
     A run with checkpoints under ``storage`` resumes from the newest one that passes its
     manifest (``train.checkpoints.prepare_resume``); ``say`` gets a line when it resumes, and
@@ -304,7 +371,7 @@ def fit(
     from kolm_ray.train.checkpoints import prepare_resume
     from kolm_ray.train.targets import with_targets
 
-    cfg = with_targets(cfg, base.path)  # resolved before the run name: the default resumes as the names do
+    cfg = with_targets(cfg, base.source)  # resolved before the run name: the default resumes as the names do
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     name = run_name(base, system, pairs, cfg)
     # CPU workers take a share of one node's cores each (Ray sets a worker's torch threads to
@@ -319,14 +386,20 @@ def fit(
     resume, lines = prepare_resume(storage_fs, f"{storage_path.rstrip('/')}/{name}", world=cfg.workers)
     for line in lines:
         say(f"fit         {line}")
+    board = follower = None
+    stop = threading.Event()
+    if progress is not None:
+        board = ray.remote(num_cpus=0)(StepBoard).remote()
+        follower = threading.Thread(target=follow_steps, args=(_board_reader(board), progress, stop),
+                                    name="kolm-fit-progress", daemon=True)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"fit": cfg.model_dump(mode="json"), "base_path": base.path, "system": system,
+        train_loop_config={"fit": cfg.model_dump(mode="json"), "base_path": base.source, "system": system,
                            "pairs": [list(p) for p in pairs], "use_gpu": use_gpu,
                            # The checkpoint to start from, chosen and checked here (None: step 0).
                            "resume": None if resume.name is None else {
                                "path": f"{storage_path.rstrip('/')}/{name}/{resume.name}", "step": resume.step},
-                           "storage_fs": storage_fs},
+                           "storage_fs": storage_fs, "board": board},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -335,6 +408,8 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    if follower is not None:
+        follower.start()
     t0 = time.perf_counter()
     # Ray Train installs a SIGINT handler for the fit and leaves it behind; put ours back after,
     # so that an interrupt later in the compile (a `kolm cancel`, Ctrl-C) is not swallowed.
@@ -347,6 +422,10 @@ def fit(
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if follower is not None:
+            stop.set()
+            follower.join(2 * READ_EVERY_S + 10)
+            ray.kill(board)
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise KolmRuntimeError("the fit finished without a checkpoint")

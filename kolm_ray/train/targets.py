@@ -27,8 +27,11 @@ def base_config(folder: str) -> Any:
     """
     from transformers import AutoConfig
 
+    from kolm_ray.train.base import split_source
+
     try:
-        return AutoConfig.from_pretrained(folder)
+        path, revision = split_source(folder)  # a pinned hub base: ID@COMMIT
+        return AutoConfig.from_pretrained(path, revision=revision)
     except (ValueError, KeyError, OSError) as e:
         raise InputError(f"cannot read the model config ({_one_line(e)}): is this a model transformers supports?",
                          path=folder) from None

@@ -48,6 +48,20 @@ def test_compile_beats_the_base_and_signs_an_artifact(compiled, monkeypatch):
     assert "adapter/adapter_model.safetensors" in shown["files"]
 
 
+def test_compile_in_a_pipe_prints_progress_lines_with_the_loss_and_an_eta(compiled):
+    # Not a terminal (CliRunner's stderr, as a pipe or a job's log): plain lines on stderr, which
+    # the fixture's output holds too; the fit's come while it runs, from its workers' steps.
+    lines = compiled["res"].output.splitlines()
+    fit = [line for line in lines if line.startswith("progress    fit step ")]
+    assert fit and all(" · loss " in line for line in fit[1:]), lines
+    assert any(" · ETA " in line for line in fit), fit
+    last, total = fit[-1].split()[3].split("/")
+    assert last == total, fit  # shown to the end
+    assert lines.index(fit[-1]) < next(i for i, line in enumerate(lines) if line.startswith("fit         LoRA"))
+    assert any(line.startswith("progress    teacher ") and " calls · " in line for line in lines), lines
+    assert any(line.startswith("progress    eval ") and " rows · " in line for line in lines), lines
+
+
 def test_adapter_loads_with_peft(compiled, tiny_base, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

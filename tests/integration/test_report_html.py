@@ -45,7 +45,8 @@ def _with_costs(artifact: Path, teacher_usd: float, gpu_s: float, cpu_s: float) 
     with unpacked(artifact) as root, tempfile.TemporaryDirectory() as td:
         content = root / CONTENT_DIR
         manifest = json.loads((content / "manifest.json").read_text())
-        manifest["teacher"].update(model="claude-sonnet-4-6", cost_usd=teacher_usd)
+        manifest["teacher"].update(model="claude-sonnet-4-6", cost_usd=teacher_usd + 1.0,  # the dataset, cached
+                                   paid_this_run_usd=teacher_usd)  # samples included; what this compile paid
         manifest["compute"] = {"teacher_cost_usd": teacher_usd, "fit_gpu_seconds": gpu_s, "eval_gpu_seconds": 60.0,
                                "fit_cpu_seconds": cpu_s, "eval_cpu_seconds": 0.0}
         write_json(content / "manifest.json", manifest)
@@ -131,6 +132,8 @@ def test_the_html_report_renders_in_chromium_and_matches_the_json(env, tmp_path:
     route = next(s for s in report["specialists"] if s["name"] == "route")
     assert [v["version"] for v in route["versions"]] == ["1.0", "1.1"] and all(v["found"] for v in route["versions"])
     assert {v["artifact_sha256"] for v in route["versions"]} == {_digest(env["arts"][("route", v)]) for v in ("1.0", "1.1")}
+    assert [v["teacher_usd"] for v in route["versions"]] == [3.0, 4.0]  # paid by each compile, not the dataset's
+    assert route["frontier_monthly_usd"] == pytest.approx(route["frontier"]["usd"] * 30 / route["days"])
     assert [e["action"] for e in report["events"] if e["specialist"] == "route"] == ["publish", "publish", "promote",
                                                                                       "rollback"]
     text = page.read_text()

@@ -203,3 +203,34 @@ def test_the_example_nightly_spec_loads():
     [(path, spec)] = load_specs(ROOT / "examples" / "nightly")
     s = compile_settings(path, spec)
     assert s.examples.resolve() == (EXAMPLE / "examples.jsonl").resolve() and s.gate == 60
+
+
+def test_a_task_on_the_command_line_wins_over_the_files_task_file(config):
+    s = load_settings(config, flag_overrides({"task": "route the ticket"}))
+    assert (s.task, s.task_file) == ("route the ticket", None)
+    s = load_settings(config, flag_overrides({"task_file": str(config.parent / "other.txt")}))
+    assert (s.task, s.task_file) == (None, config.parent / "other.txt")
+
+
+def test_a_plain_number_gate_in_a_file_reads_like_k_equals(config):
+    config.write_text(CONFIG.replace("gate: K=60", 'gate: "88"'))
+    assert load_settings(config).gate == 88.0
+    config.write_text(CONFIG.replace("gate: K=60", 'gate: "101"'))
+    with pytest.raises(InputError, match="gate"):
+        load_settings(config)
+
+
+def test_on_only_flags_of_the_file_can_be_turned_off_on_the_command_line(config):
+    config.write_text(CONFIG + "new_version: true\n")
+    out = _print("--config", str(config), "--no-new-version")
+    assert "new_version: false" in out
+
+
+def test_a_missing_compile_config_names_the_spec_that_named_it(tmp_path):
+    from kolm_ray.publish.nightly import load_specs
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "routing.json").write_text('{"name": "r", "env": "prod", "compile": "nowhere.yaml"}')
+    with pytest.raises(InputError, match=r"nowhere.yaml: .*not found.*\(the compile config of routing.json\)"):
+        load_specs(specs)

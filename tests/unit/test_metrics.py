@@ -239,3 +239,76 @@ def test_the_dashboard_queries_only_series_the_code_exports_and_shows_every_metr
     for panel in dash["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+
+
+def test_a_stage_that_raises_is_timed_too(recorded):
+    now = iter([0.0, 4.0, 4.0, 9.0])
+
+    @metrics.finishes_stage_clocks
+    def compile_():
+        watch = metrics.StageClock(SimpleNamespace(stage=lambda n, total=0: None), "route", None,
+                                   clock=lambda: next(now))
+        watch.stage("teacher")
+        watch.stage("fit")
+        raise RuntimeError("the fit failed")
+
+    with pytest.raises(RuntimeError, match="the fit failed"):
+        compile_()
+    assert [(v, t["stage"]) for v, t in recorded["kolm_compile_stage_seconds"].points] == [(4.0, "teacher"),
+                                                                                            (5.0, "fit")]
+    clock = metrics.StageClock(SimpleNamespace(stage=lambda n, total=0: None), "route", None,
+                               clock=iter([0.0, 1.5]).__next__)
+    with pytest.raises(KeyError), clock as watch:  # and as a context manager
+        watch.stage("sign")
+        raise KeyError("x")
+    assert recorded["kolm_compile_stage_seconds"].points[-1][0] == 1.5
+
+
+def test_the_compile_finishes_its_stage_clock_when_a_stage_raises():
+    from kolm_ray import compile as compile_module
+
+    wrapper_code = metrics.finishes_stage_clocks(lambda: None).__code__
+    assert compile_module.compile_specialist.__code__ is wrapper_code  # decorated with finishes_stage_clocks
+
+
+def test_failed_records_are_counted_under_a_lock(monkeypatch):
+    class Checked(metrics._Tally):
+        def __setitem__(self, key, value):
+            assert metrics._errors_lock.locked(), "counted without the lock"
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(metrics, "_connected", lambda: True)
+    monkeypatch.setattr(metrics, "_metric", lambda name: FakeMetric(name, fail=True))
+    monkeypatch.setattr(metrics, "_errors", Checked())
+    metrics.record_error(None, "overloaded")
+    metrics.record_teacher("route", None, None)
+    assert metrics.errors() == {"kolm_serve_errors": 1, "kolm_metrics_errors": 1, "record_teacher": 1}
+
+
+def _targets(dash):
+    def panels(ps):
+        for p in ps:
+            yield p
+            yield from panels(p.get("panels", []))
+    return [(p["title"], t["expr"]) for p in panels(dash["panels"]) for t in p.get("targets", [])]
+
+
+def test_serving_panels_are_per_environment():
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert "application" in variables["application"]["definition"]
+    serving = [(title, e) for title, e in _targets(dash) if "kolm_serve_" in e]
+    assert serving
+    for title, e in serving:
+        selectors = re.findall(r"ray_kolm_serve_[a-z_]+(\{[^}]*\})?", e)
+        assert all('application=~"$application"' in s for s in selectors), (title, e)
+        assert all("application" in by for by in re.findall(r"by \(([^)]*)\)", e)), (title, e)
+
+
+def test_compile_panels_count_a_series_first_value():
+    """A compile's series appear at their full value; increase() alone would count them as ~0."""
+    compile_exprs = [(title, e) for title, e in _targets(json.loads(DASHBOARD.read_text())) if "kolm_compile_" in e]
+    assert compile_exprs
+    for title, e in compile_exprs:
+        for sel, window in re.findall(r"increase\((ray_kolm_compile_[a-z_]+(?:\{[^}]*\})?)\[([^\]]+)\]\)", e):
+            assert f"({sel} unless {sel} offset {window}) or increase({sel}[{window}])" in e, (title, e)
