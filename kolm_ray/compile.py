@@ -417,8 +417,8 @@ def compile_specialist(
         say("verifier    deferred: no reference outputs; learned from the teacher's samples by consensus")
 
     rows = p.rows.num_rows if sample.n is None else min(sample.n, p.rows.num_rows)
-    watch.stage("teacher", rows * sample.k)
-    shown.stage("teacher", rows * sample.k, "calls")
+    watch.stage("teacher", rows * sample.samples_per_input)
+    shown.stage("teacher", rows * sample.samples_per_input, "calls")
     outcome = stage_teacher(p, verifier, teacher, sample, quota, prices, on_teacher, say)
     if verifier is None:
         say("verifier    " + " · ".join(outcome.verifier.learned()))
@@ -481,7 +481,7 @@ def compile_specialist(
         "base": p.base.manifest_entry(),  # a hub base: its commit, what fit, eval and serving load
         "prompt": {"system": cfg.task, "format": "chat_template"},
         "generation": decoding_for(verifier).manifest(),  # what the eval decoded with; serving reads it
-        "teacher": {"model": teacher.model, "k": sample.k, "mode": s.mode, "samples": s.samples,
+        "teacher": {"model": teacher.model, "samples_per_input": sample.samples_per_input, "mode": s.mode, "samples": s.samples,
                     "recorded": s.recorded, "served_by": s.served_by,
                     "prompt_sha256": outcome.prompt_sha256,  # the system prompt every call shared
                     "usage": s.dataset_usage.model_dump(), "cost_usd": s.dataset_cost_usd,

@@ -93,9 +93,10 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "--prices": ("prices",), "--address": ("address",), "--new-version": ("new_version",),
     "--teacher": ("teacher", "model"),
     **{f"--{f.replace('_', '-')}": ("sample", f) for f in
-       ("k", "n", "batch", "concurrency", "min_agreement", "max_failed_fraction")},
+       ("samples_per_input", "n", "batch", "concurrency", "min_agreement", "max_failed_fraction")},
     **{f"--{f.replace('_', '-')}": ("quota", f) for f in
        ("tenant", "max_in_flight", "calls_per_minute", "tokens_per_minute")},
+    "--k": ("sample", "samples_per_input"),  # the short spelling of --samples-per-input
     "--max-cost": ("quota", "max_cost_usd"),
     **{f"--{f.replace('_', '-')}": ("fit", f) for f in
        ("epochs", "max_steps", "lr", "lora_r", "lora_alpha", "target_modules", "workers", "cpus_per_worker",
@@ -188,6 +189,8 @@ def settings_from(overrides: Mapping[str, Any], data: Mapping[str, Any] | None =
     data = dict(data or {})
     if base_dir is not None:
         data = _relative_to(data, base_dir)
+    if isinstance(data.get("sample"), Mapping) and "k" in data["sample"]:  # the short spelling, as `--k`
+        data["sample"] = {("samples_per_input" if k == "k" else k): v for k, v in data["sample"].items()}
     merged = dict(data)
     if {"task", "task_file"} & set(overrides):  # one setting, two spellings: the command line's wins whole
         merged.pop("task", None)
@@ -359,7 +362,7 @@ class CompilePlan:
     @property
     def teacher_calls(self) -> int:
         rows = self.prepared.rows.num_rows
-        return min(rows, self.sample.n or rows) * self.sample.k
+        return min(rows, self.sample.n or rows) * self.sample.samples_per_input
 
 
 def read_task(task: str | None, task_file: Path | None) -> str:

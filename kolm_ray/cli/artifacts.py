@@ -139,4 +139,4 @@ def teacher_line(t: dict) -> str:
     if not t.get("recorded") and paid is not None:
         cost += (" (all paid by the compile that made it)" if abs(paid - t["cost_usd"]) < 5e-5 else
                  f" (${paid:.4f} paid by the compile that made it; the rest came from the cache)")
-    return f"{t['model']} k={t['k']} ({source}), {cost}"
+    return f"{t['model']} k={t.get('samples_per_input', t.get('k'))} ({source}), {cost}"

@@ -52,7 +52,8 @@ Exit codes:
 @click.option("--task-file", type=click.Path(dir_okay=False), help="Read the task instruction from this file.")
 @click.option("--teacher", default=TeacherConfig.model_fields["model"].default, show_default=True,
               help=option_help(TeacherConfig, "model"))
-@click.option("--k", default=4, show_default=True, type=click.IntRange(1, 64), help=option_help(SampleConfig, "k"))
+@click.option("--samples-per-input", "--k", "samples_per_input", default=4, show_default=True,
+              type=click.IntRange(1, 64), help=option_help(SampleConfig, "samples_per_input"))
 @click.option("--n", default=None, type=click.IntRange(1), help=option_help(SampleConfig, "n"))
 @click.option("--name", default=None, help="Specialist name [default: from the task].")
 @click.option("--out", default=None, type=click.Path(file_okay=False),

@@ -75,7 +75,8 @@ def teacher_options(f):
     return _apply(f, [
         click.option("--teacher", default=TeacherConfig.model_fields["model"].default, show_default=True,
                      help=option_help(TeacherConfig, "model")),
-        click.option("--k", default=4, show_default=True, type=click.IntRange(1, 64), help=option_help(SampleConfig, "k")),
+        click.option("--samples-per-input", "--k", "samples_per_input", default=4, show_default=True,
+              type=click.IntRange(1, 64), help=option_help(SampleConfig, "samples_per_input")),
         click.option("--n", default=None, type=click.IntRange(1), help=option_help(SampleConfig, "n")),
         click.option("--batch", is_flag=True, help=option_help(SampleConfig, "batch")),
         click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),

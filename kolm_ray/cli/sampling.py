@@ -52,7 +52,7 @@ from kolm_ray.verifier import Verifier, synthesize
 @address_option
 @progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def sample(task: str | None, examples: str, task_file: str | None, teacher: str, k: int, n: int | None, batch: bool,
+def sample(task: str | None, examples: str, task_file: str | None, teacher: str, samples_per_input: int, n: int | None, batch: bool,
            concurrency: int, min_agreement: float, max_failed_fraction: float, prices: str | None, out_dir: str | None,
            batch_poll_s: float, actors: int, max_tokens: int, timeout_s: float, max_attempts: int, tenant: str | None,
            max_in_flight: int | None, calls_per_minute: int | None, tokens_per_minute: int | None,
@@ -64,7 +64,7 @@ def sample(task: str | None, examples: str, task_file: str | None, teacher: str,
     run = prepare_sampling(  # everything the user gave is checked before Ray starts or a call is paid for
         task_text(task, task_file), examples, prices_file=prices, out_dir=out_dir,
         teacher=TeacherConfig(model=teacher, max_tokens=max_tokens, timeout_s=timeout_s, max_attempts=max_attempts),
-        sample=SampleConfig(k=k, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
+        sample=SampleConfig(samples_per_input=samples_per_input, n=n, concurrency=concurrency, actors=actors, min_agreement=min_agreement,
                             max_failed_fraction=max_failed_fraction, batch=batch, batch_poll_s=batch_poll_s),
         quota=quota_claim(tenant, max_in_flight, calls_per_minute, tokens_per_minute, max_cost_usd))
     with progress_display(progress_mode) as shown:

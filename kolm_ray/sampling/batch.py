@@ -195,7 +195,7 @@ def call_teacher_batch(plan: SamplingPlan, rows: pa.Table, progress: Callable[[i
     reqs: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     params_of: dict[str, dict[str, Any]] = {}
     for row in rows.to_pylist():
-        for req in expand(row, cfg.k):
+        for req in expand(row, cfg.samples_per_input):
             params = message_params(model=tcfg.model, system=plan.system, user_input=req["input"],
                                     max_tokens=tcfg.max_tokens, temperature=tcfg.temperature)
             key = request_key(params, req["sample_index"])

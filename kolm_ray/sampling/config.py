@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class TeacherConfig(BaseModel):
@@ -60,7 +60,9 @@ class SampleConfig(BaseModel):
     """The fan-out: how many samples, how wide, and when the stage gives up."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    k: int = Field(4, ge=1, le=64, description="Teacher samples per input row.")
+    # Named for what it counts: "k" alone is also the K-score. `k` still reads (older configs, `--k`).
+    samples_per_input: int = Field(4, ge=1, le=64, validation_alias=AliasChoices("samples_per_input", "k"),
+                                   description="Teacher samples per input row.")
     n: int | None = Field(None, ge=1, description="Use only the first N rows.")
     concurrency: int = Field(64, ge=1, description="Calls in flight from this compile (the quota may allow fewer).")
     actors: int = Field(2, ge=1, description="Ray Data async actors making the calls.")

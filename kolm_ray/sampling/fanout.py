@@ -272,14 +272,14 @@ def call_teacher(plan: SamplingPlan, rows: pa.Table, progress: Callable[[int], N
     if plan.quota.holder is None:  # one holder for the whole run, so its caps hold across its actors
         plan = SamplingPlan(**{**plan.__dict__, "quota": plan.quota.model_copy(
             update={"holder": f"run-{uuid.uuid4().hex[:12]}"})})
-    n_samples = rows.num_rows * cfg.k
+    n_samples = rows.num_rows * cfg.samples_per_input
     per_actor = max(1, -(-cfg.concurrency // cfg.actors))
     # The (row, sample) requests are made here, not in a Ray Data task: a task holds a whole
     # CPU, and on a busy cluster (a fit, Serve replicas, other compiles) that CPU may never come,
     # while the calls themselves need none. Enough blocks that every actor gets work; batches
     # small enough that one slow retry holds back few finished samples, large enough to keep
     # `per_actor` calls in flight.
-    requests = pa.Table.from_pylist([q for r in rows.to_pylist() for q in expand(r, cfg.k)], schema=REQUEST_SCHEMA)
+    requests = pa.Table.from_pylist([q for r in rows.to_pylist() for q in expand(r, cfg.samples_per_input)], schema=REQUEST_SCHEMA)
     n_blocks = max(1, min(requests.num_rows, cfg.actors * 8))
     step = max(1, -(-requests.num_rows // n_blocks))
     blocks = [requests.slice(i, step) for i in range(0, requests.num_rows, step)] or [requests]
@@ -520,7 +520,7 @@ def summarize(
     return SampleSummary(
         teacher=plan.teacher.model,
         mode="batch" if plan.sample.batch else "online",
-        rows=len(by_row), k=plan.sample.k, samples=len(recs),
+        rows=len(by_row), k=plan.sample.samples_per_input, samples=len(recs),
         calls=len(paid), cache_hits=sum(1 for r in recs if r["cached"]),
         retries=sum(max(0, r["attempts"] - 1) for r in recs if not r["cached"]),
         retries_by_kind=dict(kinds),
@@ -600,7 +600,7 @@ def sample_rows(
     api_key, base_url = teacher_identity()  # the quota's identity: the API key, else the auth token
     handle = teacher_quota(api_key, base_url)
     budget, spent = ray.get(handle.tenant_view.remote(quota.tenant))
-    check = budget_check(rows, sample.k, teacher, prices, system=p.system, cache=ResponseCache(p.cache_dir),
+    check = budget_check(rows, sample.samples_per_input, teacher, prices, system=p.system, cache=ResponseCache(p.cache_dir),
                          batch=sample.batch, claim=quota, budget=budget, spent=spent)
     if on_budget:
         on_budget(check)

@@ -50,7 +50,7 @@ class SamplingRun:
     @property
     def calls(self) -> int:
         """Teacher samples asked for: k per row sampled."""
-        return min(self.rows.num_rows, self.sample.n or self.rows.num_rows) * self.sample.k
+        return min(self.rows.num_rows, self.sample.n or self.rows.num_rows) * self.sample.samples_per_input
 
 
 def prepare_sampling(task: str, examples: str | Path, *, teacher: TeacherConfig, sample: SampleConfig,

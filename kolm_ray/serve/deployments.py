@@ -27,6 +27,8 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -151,15 +153,33 @@ class BaseModelServer:
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
+BATCH_MEMORY = 4  # batches the load is remembered over: a load that falls is forgotten within 4
+FOLLOW_SHARE = 0.1  # of the last batch's run time, waited for its callers to come back
+FOLLOW_MAX_S = 0.1  # ... but never longer: the callers' round trip, not a generation
+
+
+def batch_plan(recent: Sequence[int], last_run_s: float, max_batch_size: int, wait_s: float) -> tuple[int, float]:
+    """How many requests the next batch waits for, and at most how long (pure).
+
+    It waits for the largest of the last few batches (the load just seen; 1 for a lone caller,
+    who so never waits), for ``wait_s`` or a share of the last batch's run time, whichever is
+    longer. The callers of a batch that just ended come back together, one round trip later
+    (proxy, ingress, replica: tens of ms on a busy host): a wait shorter than that split 8 in
+    flight into batches of 1 and 7, halving what batching buys.
+    """
+    want = min(max_batch_size, max(recent, default=1))
+    return want, max(wait_s, min(FOLLOW_MAX_S, FOLLOW_SHARE * last_run_s))
+
+
 class _Batcher:
     """Gathers a replica's concurrent requests into batches for ``run`` (one batch at a time).
 
     A batch starts as soon as the model is free, with what queued meanwhile (up to
-    ``max_batch_size``). It waits for more (up to ``wait_s``) only while it is smaller than the
-    batch before it: the load just seen. So a request that comes alone never waits (Serve's
-    ``@serve.batch`` held every batch for its whole timeout unless it filled, 10 ms added to a
-    lone request), while a steady N in flight, which come back in a burst, are batched N at a
-    time. A request whose caller is gone before its batch starts is dropped.
+    ``max_batch_size``). It waits for more only while it is smaller than the load just seen
+    (``batch_plan``). So a request that comes alone never waits (Serve's ``@serve.batch`` held
+    every batch for its whole timeout unless it filled, 10 ms added to a lone request), while a
+    steady N in flight, which come back in a burst, are batched N at a time. A request whose
+    caller is gone before its batch starts is dropped.
     """
 
     def __init__(self, run: Any, max_batch_size: int = 8, wait_s: float = 0.01) -> None:
@@ -167,7 +187,8 @@ class _Batcher:
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._last = 1  # the size of the batch before
+        self._recent: deque[int] = deque(maxlen=BATCH_MEMORY)  # the sizes of the last batches
+        self._last_run_s = 0.0  # how long the last batch ran
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -187,8 +208,8 @@ class _Batcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            want = min(self.max_batch_size, self._last)
-            deadline = loop.time() + self.wait_s
+            want, wait_s = batch_plan(self._recent, self._last_run_s, self.max_batch_size, self.wait_s)
+            deadline = loop.time() + wait_s
             while len(self._queue) < want and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 try:
@@ -199,7 +220,8 @@ class _Batcher:
             del self._queue[: self.max_batch_size]
             if not batch:
                 continue
-            self._last = len(batch)
+            self._recent.append(len(batch))
+            started = loop.time()
             try:
                 results = await self.run([x for x, _ in batch])
             except Exception as e:  # noqa: BLE001 - the batch's callers get it; the worker carries on
@@ -207,6 +229,8 @@ class _Batcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            finally:
+                self._last_run_s = loop.time() - started
             for (_, f), r in zip(batch, results):
                 if not f.done():
                     f.set_result(r)

@@ -57,14 +57,14 @@ def test_the_file_loads_into_the_typed_configs_with_paths_relative_to_it(config)
     s = load_settings(config)
     assert s.examples == config.parent / "examples.jsonl" and s.task_file == config.parent / "task.txt"
     assert (s.gate, s.name, s.base) == (60.0, "routing", "qwen-2.5-3b-instruct")
-    assert s.sample.k == 2 and s.fit.epochs == 10 and s.fit.lr == 3e-3 and s.fit.target_modules == ("q_proj", "v_proj")
+    assert s.sample.samples_per_input == 2 and s.fit.epochs == 10 and s.fit.lr == 3e-3 and s.fit.target_modules == ("q_proj", "v_proj")
     assert s.teacher.model == CompileSettings().teacher.model  # untouched sections keep their defaults
 
 
 def test_a_flag_given_on_the_command_line_overrides_the_file_and_a_default_does_not(config):
     text = _print("--config", str(config), "--epochs", "4", "--gate", "K=70", "--k", "3")
     s = load_settings_text(text, config.parent)
-    assert (s.fit.epochs, s.gate, s.sample.k) == (4, 70.0, 3)
+    assert (s.fit.epochs, s.gate, s.sample.samples_per_input) == (4, 70.0, 3)
     assert s.fit.lr == 3e-3  # only in the file: kept
     # --lr's default (2e-4) was not given: the file's value stands.
     assert s.fit.lr != CompileSettings().fit.lr

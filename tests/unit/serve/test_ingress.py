@@ -5,6 +5,7 @@ OpenAPI schema, and the one-request fallback of a failed batch."""
 import asyncio
 import json
 import re
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -309,3 +310,23 @@ def test_the_batcher_starts_a_lone_request_at_once_and_batches_what_queued_meanw
         assert sizes == [[1], [2, 4, 5], [6]]
 
     asyncio.run(main())
+
+
+def test_the_batch_plan_waits_for_the_load_just_seen_and_never_for_a_lone_caller():
+    """Driven batch by batch: 8 callers in flight whose batch just ended come back one round
+    trip later, so a batch that starts with only the straggler waits for them (long enough for
+    a round trip, not a generation) instead of splitting into 1 and 7; a lone caller never waits;
+    a load that falls is forgotten after a few batches."""
+    from kolm_ray.serve.deployments import BATCH_MEMORY, FOLLOW_MAX_S, batch_plan
+
+    assert batch_plan([], 0.0, 8, 0.01) == (1, 0.01)  # the first request: nothing to wait for
+    assert batch_plan([1, 1, 1], 0.5, 8, 0.01)[0] == 1  # concurrency 1: a batch of one starts at once
+    want, wait = batch_plan([8, 7], 0.5, 8, 0.01)
+    assert want == 8 and 0.01 < wait <= FOLLOW_MAX_S  # the 7 that just ended are waited for
+    assert batch_plan([8], 60.0, 8, 0.01)[1] == FOLLOW_MAX_S  # a long generation: still only a round trip
+    assert batch_plan([8], 0.5, 4, 0.01)[0] == 4  # never more than a batch holds
+    assert batch_plan([8], 0.0, 8, 0.5)[1] == 0.5  # the configured wait is the floor
+    recent: deque[int] = deque([8], maxlen=BATCH_MEMORY)
+    for _ in range(BATCH_MEMORY):
+        recent.append(1)  # the load fell to one caller
+    assert batch_plan(recent, 0.5, 8, 0.01)[0] == 1
