@@ -3,30 +3,44 @@ the same model in-process, at the same batching; proxy + ingress requests/s alon
 against four on one base; memory of four adapters on one base against four merged models; and
 the cost of a receipt per call.
 
-    python benchmarks/serve.py [--requests 96] [--concurrency 8] [--hidden 256] [--layers 4] [--write]
+    python benchmarks/serve.py [--rounds 5] [--requests 16] [--ones 6] [--concurrency 8] [--write]
 
-All in the same run, on the same random-init Qwen2 and the same prompts (TL;DR inputs, 16 new
-tokens, greedy), like for like:
+On a shared machine the load moves within minutes, so the two halves of a comparison must run
+under the same load. The Serve apps start and the in-process hosts load once; then ``--rounds``
+rounds each measure every cell in-process and over HTTP back to back (which of the two goes
+first alternates, from cell to cell and from round to round). A ratio is the median of its
+per-round ratios, with their min-max across rounds; an absolute figure is the median of its
+per-round figures. The load average before and after, and at each round's start, is printed
+with them. All on the same random-init Qwen2 and the same prompts (TL;DR inputs, 16 new tokens,
+greedy), like for like:
 
-- concurrency 1: one request at a time, in-process (``AdapterHost.generate([g])``) and over
-  HTTP; the difference of the p50s is the latency the HTTP path adds.
-- N in flight: in-process, ``AdapterHost.generate`` on batches of N (the batch the replica
-  gets); over HTTP, N requests in flight. Both by default (a greedy request is decoded alone,
-  so it gets the eval's tokens: a batch is N generations one after another) and with
-  ``--batch-greedy`` (greedy requests share padded batches).
+- concurrency 1: ``--ones`` requests one at a time, in-process (``AdapterHost.generate([g])``)
+  and over HTTP; the difference of the p50s is the latency the HTTP path adds.
+- N in flight: ``--requests`` requests; in-process, ``AdapterHost.generate`` on batches of N
+  (the batch the replica gets); over HTTP, N requests in flight. Both by default (a greedy
+  request is decoded alone, so it gets the eval's tokens: a batch is N generations one after
+  another) and with ``--batch-greedy`` (greedy requests share padded batches).
+- 1 adapter and 4 adapters on one base (requests spread over the 4): each cell for both; the
+  ratio 4 / 1 of the throughputs is taken within each round.
 - an instant model (a replica whose host answers at once, no torch): requests/s and p50 of Serve's
   proxy and kolm's ingress alone, at N in flight and at 1.
 
-The Serve replica gets the same CPU cores (torch threads) as the in-process host. On a shared
-machine the absolute figures move from run to run: compare the ratios, taken in one run.
+Every Serve replica and the in-process host use the same number of torch threads (the machine's
+cores, OMP_NUM_THREADS); the five apps stay deployed side by side for the whole run (their
+replicas ask Ray for a fraction of a CPU each so that they all fit), so the idle ones weigh on
+both halves alike. Before the rounds, every app and host generates once (not counted); in the
+rounds, every cell, HTTP or in-process, starts with a one-token warm-up of the requests it keeps
+in flight. Defaults take about 4 minutes on 2 cores: run it with ``--write`` on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,10 +49,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from _machine import machine  # noqa: E402
 
+CELLS = ("one", "batched", "batch_greedy")  # concurrency 1; N in flight, greedy alone; --batch-greedy
+
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
 def make_specialists(base: Path, store: Path, n: int) -> list[Path]:
@@ -50,72 +70,70 @@ def make_specialists(base: Path, store: Path, n: int) -> list[Path]:
                           max_new_tokens=16) for i in range(n)]
 
 
-def inprocess(base: Path, artifacts: list[Path], trust, prompts: list[str], max_tokens: int,
-              batch: int) -> dict:
-    """In-process figures: one call at a time, and batches of ``batch`` (greedy decoded alone, and
-    with ``batch_greedy``), on one host."""
+def open_host(base: Path, artifacts: list[Path], trust, dest: Path):
+    """An in-process ``AdapterHost`` with ``artifacts``' adapters, and their Specialists."""
     from kolm_ray.serve.catalog import adapter_name, open_specialist
-    from kolm_ray.serve.host import AdapterHost, Generation
+    from kolm_ray.serve.host import AdapterHost
 
     host = AdapterHost(str(base))
     specs = []
-    with tempfile.TemporaryDirectory() as d:
-        for a in artifacts:
-            s = open_specialist(a, trust, dest=Path(d) / a.stem)
-            host.load_adapter(adapter_name(s), s.adapter_dir)
-            specs.append(s)
-        gens = [Generation(adapter=adapter_name(specs[i % len(specs)]), system=specs[i % len(specs)].system,
-                           input=p, max_new_tokens=max_tokens) for i, p in enumerate(prompts)]
-        host.generate(gens[:2])  # warm-up
-        out = {"one": _timed(host, [[g] for g in gens])}
-        batches = [gens[i:i + batch] for i in range(0, len(gens), batch)]
-        out["batched"] = _timed(host, batches)
-        host.batch_greedy = True
-        host.generate(gens[:batch])
-        out["batch_greedy"] = _timed(host, batches)
-    return out
+    for a in artifacts:
+        s = open_specialist(a, trust, dest=dest / a.stem)
+        host.load_adapter(adapter_name(s), s.adapter_dir)
+        specs.append(s)
+    return host, specs
 
 
-def _timed(host, batches: list[list]) -> dict:
-    """Requests/s over ``batches`` called one after another; p50/p99 of a request (its batch's time)."""
+def generations(specs, prompts: list[str], max_tokens: int) -> list:
+    """The in-process requests for ``prompts``: request i for Specialist i mod len(specs), as over HTTP."""
+    from kolm_ray.serve.catalog import adapter_name
+    from kolm_ray.serve.host import Generation
+
+    return [Generation(adapter=adapter_name(specs[i % len(specs)]), system=specs[i % len(specs)].system,
+                       input=p, max_new_tokens=max_tokens) for i, p in enumerate(prompts)]
+
+
+def timed(host, gens: list, batch: int, batch_greedy: bool) -> dict:
+    """In-process: ``gens`` in batches of ``batch`` called one after another (after a one-token
+    warm-up batch); requests/s, and p50/p99 of a request (its batch's time)."""
+    host.batch_greedy = batch_greedy
+    host.generate([dataclasses.replace(g, max_new_tokens=1) for g in gens[:batch]])  # warm-up
     lat, n = [], 0
     t0 = time.perf_counter()
-    for b in batches:
+    for b in (gens[i:i + batch] for i in range(0, len(gens), batch)):
         t = time.perf_counter()
         host.generate(b)
         lat += [time.perf_counter() - t] * len(b)
         n += len(b)
     wall = time.perf_counter() - t0
-    return {"rps": n / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    return {"rps": n / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "latencies": lat}
 
 
-async def http_load(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int,
-                    keep: bool = False) -> dict:
-    """Requests/s and p50/p99 of ``prompts`` sent ``concurrency`` at a time; ``keep`` adds every latency."""
-    import aiohttp
-
+async def http_load(session, url: str, models: list[str], prompts: list[str], concurrency: int,
+                    max_tokens: int) -> dict:
+    """Over HTTP: ``prompts`` sent ``concurrency`` at a time (after a one-token warm-up of
+    ``concurrency`` requests); requests/s, p50/p99, every latency, non-200 answers."""
     lat: list[float] = []
     sem = asyncio.Semaphore(concurrency)
     errors = 0
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as c:
-        async def one(i: int, p: str) -> None:
-            nonlocal errors
-            async with sem:
-                t = time.perf_counter()
-                async with c.post(f"{url}/v1/completions", json={"model": models[i % len(models)], "prompt": p,
-                                                                 "max_tokens": max_tokens, "temperature": 0}) as r:
-                    await r.read()
-                    errors += r.status != 200
-                lat.append(time.perf_counter() - t)
+    async def one(i: int, p: str, tokens: int) -> None:
+        nonlocal errors
+        async with sem:
+            t = time.perf_counter()
+            async with session.post(f"{url}/v1/completions", json={"model": models[i % len(models)], "prompt": p,
+                                                                   "max_tokens": tokens, "temperature": 0}) as r:
+                await r.read()
+                errors += r.status != 200
+            lat.append(time.perf_counter() - t)
 
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts[:concurrency])))  # warm-up
-        lat.clear()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        wall = time.perf_counter() - t0
+    await asyncio.gather(*(one(i, p, 1) for i, p in enumerate(prompts[:concurrency])))  # warm-up
+    lat.clear()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, p, max_tokens) for i, p in enumerate(prompts)))
+    wall = time.perf_counter() - t0
     return {"rps": len(prompts) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "errors": errors,
-            **({"latencies": list(lat)} if keep else {})}
+            "latencies": list(lat)}
 
 
 def served(artifacts: list[Path], trust_key: Path, home: Path, port: int, cpus: float, batch: int,
@@ -165,6 +183,60 @@ def instant_server():
             self._batcher = _Batcher(self._generate_batch)
 
     return InstantServer
+
+
+def replica_threads() -> str:
+    """OMP_NUM_THREADS as a Ray worker on this cluster sees it (torch's thread count there)."""
+    import ray
+
+    @ray.remote(num_cpus=0.01)
+    def threads() -> str:
+        return os.environ.get("OMP_NUM_THREADS", "?")
+
+    return ray.get(threads.remote(), timeout=120)
+
+
+async def rounds(args, hosts: dict, urls: dict, instant_url: str, prompts: list[str], ones: list[str]) -> dict:
+    """``args.rounds`` rounds: every cell in-process and over HTTP back to back (alternating which
+    goes first), then the instant model; per-round figures and the load at each round's start."""
+    import aiohttp
+
+    n, mt = args.concurrency, args.max_tokens
+    out: dict = {"cells": {(label, cell): [] for label in hosts for cell in CELLS}, "instant": [], "loads": []}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        # Not counted: every replica's and host's first generations (lazy initialisation), both modes.
+        warm = prompts[:2]
+        for label, (host, specs) in hosts.items():
+            for bg in (False, True):
+                timed(host, generations(specs, warm, mt), len(warm), bg)
+                await http_load(session, urls[(label, bg)], [f"spec{i}" for i in range(len(specs))], warm, 2, mt)
+        await http_load(session, instant_url, ["spec0"], prompts[:n], n, 1)
+        for r in range(args.rounds):
+            out["loads"].append(os.getloadavg()[0])
+            t_round = time.perf_counter()
+            k = 0
+            for label, (host, specs) in hosts.items():
+                models = [f"spec{i}" for i in range(len(specs))]
+                for cell in CELLS:
+                    subset, conc = (ones, 1) if cell == "one" else (prompts, n)
+                    gens = generations(specs, subset, mt)
+                    url = urls[(label, cell == "batch_greedy")]
+                    http_first = (r + k) % 2 == 1
+                    k += 1
+                    if http_first:
+                        h = await http_load(session, url, models, subset, conc, mt)
+                    i = timed(host, gens, conc, cell == "batch_greedy")
+                    if not http_first:
+                        h = await http_load(session, url, models, subset, conc, mt)
+                    out["cells"][(label, cell)].append({"inproc": i, "http": h, "http_first": http_first})
+            many = (prompts * (args.instant_requests // len(prompts) + 1))[: args.instant_requests]
+            out["instant"].append({"n": await http_load(session, instant_url, ["spec0"], many, n, 1),
+                                   "one": await http_load(session, instant_url, ["spec0"],
+                                                          many[: max(1, args.instant_requests // 4)], 1, 1)})
+            print(f"  round {r + 1}/{args.rounds}: {time.perf_counter() - t_round:.0f} s, load "
+                  f"{out['loads'][-1]:.1f} at its start", file=sys.stderr, flush=True)
+    return out
 
 
 def memory(base: Path, artifacts: list[Path], trust) -> dict:
@@ -223,16 +295,88 @@ def receipt_cost(n: int = 5000) -> dict:
     return {"per_call_ms": 1000 * per_call, "flush_ms": 1000 * flush, "n": n}
 
 
+def spread(xs: list[float], fmt: str = ".2f") -> str:
+    """``median [min-max]`` of per-round figures."""
+    return f"{med(xs):{fmt}} [{min(xs):{fmt}} to {max(xs):{fmt}}]"
+
+
+def report(args, res: dict, mem: dict, rc: dict, cpus: int, threads: str, replica: str, loads: tuple,
+           took: float) -> list[str]:
+    n, R = args.concurrency, args.rounds
+    ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
+    cells, inst = res["cells"], res["instant"]
+    lines = [
+        (f"serve: {R} rounds; in each, every cell in-process and over HTTP back to back (which goes first "
+         f"alternates): {args.ones} requests at concurrency 1, {args.requests} at {n} in flight, "
+         f"{args.instant_requests} to the instant model; {args.max_tokens} new tokens each, greedy; random-init "
+         f"Qwen2 (hidden {args.hidden}, {args.layers} layers), LoRA r=4; Serve replicas with {replica} torch "
+         f"threads, max batch {n}; in-process: the same host, {threads} torch threads, batches of the same size"),
+        f"  figures: median of the {R} per-round figures [min to max across rounds]",
+        (f"  load average (1 min) on these {cpus} cores: {loads[0]:.1f} before, {loads[1]:.1f} after, "
+         f"{', '.join(f'{x:.1f}' for x in res['loads'])} at the rounds' starts; {took / 60:.1f} min in all"),
+    ]
+    rps = {}
+    for label in ("1 adapter", "4 adapters"):
+        c = {cell: cells[(label, cell)] for cell in CELLS}
+        one = c["one"]
+        added = [1000 * (h["http"]["p50"] - h["inproc"]["p50"]) for h in one]
+        lat_ratio = [h["http"]["p50"] / h["inproc"]["p50"] for h in one]
+        p99 = pct([x for h in one for x in h["http"]["latencies"]], 0.99)
+        lines += [f"  {label}",
+                  (f"    concurrency 1             in-process p50 {ms(med([h['inproc']['p50'] for h in one]))}   "
+                   f"HTTP p50 {ms(med([h['http']['p50'] for h in one]))}   added {spread(added, '.1f')} ms   "
+                   f"ratio {spread(lat_ratio)}   (HTTP p99 {ms(p99)}, all rounds)")]
+        for cell, name in (("batched", "greedy alone"), ("batch_greedy", "--batch-greedy")):
+            http, inproc = [h["http"] for h in c[cell]], [h["inproc"] for h in c[cell]]
+            rps[(label, cell)] = ([h["rps"] for h in http], [i["rps"] for i in inproc])
+            ratio = [h["rps"] / i["rps"] for h, i in zip(http, inproc)]
+            lines.append(f"    {n} in flight, {name:<15}in-process {med([i['rps'] for i in inproc]):5.1f} req/s   "
+                         f"HTTP {med([h['rps'] for h in http]):5.1f} req/s   ratio {spread(ratio)}   "
+                         f"(HTTP p50 {ms(med([h['p50'] for h in http]))}, in-process batch "
+                         f"{ms(med([i['p50'] for i in inproc]))})")
+        lines.append(f"    {sum(h['http']['errors'] for cell in CELLS for h in c[cell])} errors")
+
+    def four_over_one(cell: str, side: int) -> str:
+        return spread([f / o for f, o in zip(rps[("4 adapters", cell)][side], rps[("1 adapter", cell)][side])])
+
+    lines += [
+        (f"  4 adapters / 1 adapter, throughput: HTTP greedy alone {four_over_one('batched', 0)}, --batch-greedy "
+         f"{four_over_one('batch_greedy', 0)}; in-process {four_over_one('batched', 1)}, "
+         f"{four_over_one('batch_greedy', 1)}"),
+        (f"  proxy + ingress alone (instant model): {spread([i['n']['rps'] for i in inst], '.1f')} req/s at {n} in "
+         f"flight (p50 {ms(med([i['n']['p50'] for i in inst]))}), {spread([i['one']['rps'] for i in inst], '.1f')} "
+         f"req/s at 1 (p50 {spread([1000 * i['one']['p50'] for i in inst], '.1f')} ms), "
+         f"{sum(i['n']['errors'] + i['one']['errors'] for i in inst)} errors"),
+        (f"  memory, 4 Specialists: one base + 4 adapters {mem['shared'] / 2**20:.1f} MiB   "
+         f"4 merged models {mem['merged'] / 2**20:.1f} MiB   ratio {mem['merged'] / mem['shared']:.2f}x"),
+        (f"  receipt per call (verifier checks + queue): {rc['per_call_ms']:.3f} ms; flushing "
+         f"{rc['n']} receipts: {rc['flush_ms']:.0f} ms off the request path"),
+        f"  machine: {machine()}",
+    ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; every ratio is the median of its per-round ratios")
+    ap.add_argument("--requests", type=int, default=16, help="requests per round for each N-in-flight cell")
+    ap.add_argument("--ones", type=int, default=6, help="requests per round for each concurrency-1 cell")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--instant-requests", type=int, default=400, help="requests sent to the instant model")
+    ap.add_argument("--instant-requests", type=int, default=200,
+                    help="requests per round to the instant model at N in flight (a quarter of them at 1)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    if min(args.rounds, args.requests, args.ones, args.concurrency, args.instant_requests) < 1:
+        ap.error("--rounds, --requests, --ones, --concurrency and --instant-requests must be at least 1")
+
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    # Before torch loads, and inherited by the Ray cluster this starts: the same torch threads everywhere.
+    os.environ.setdefault("OMP_NUM_THREADS", str(cpus))
+    threads = os.environ["OMP_NUM_THREADS"]
 
     from kolm_ray.cluster import connect
     from kolm_ray.signing import Trust, default_key_paths
@@ -241,6 +385,8 @@ def main() -> None:
     from kolm_ray.train.base import build_tiny_base
 
     n = args.concurrency
+    own_cluster = not os.environ.get("RAY_ADDRESS")  # connect(None) then starts a local cluster of our own
+    apps: list[str] = []
     with tempfile.TemporaryDirectory() as d:
         os.environ["KOLM_HOME"] = str(Path(d) / "home")
         base = build_tiny_base(Path(d) / "base", hidden_size=args.hidden, layers=args.layers,
@@ -248,67 +394,52 @@ def main() -> None:
         arts = make_specialists(base, Path(d) / "store", 4)
         pub = default_key_paths()[1]
         trust = Trust(public_key=pub)
-        prompts = [r.input[:600] for r in tldr_rows(args.requests, seed=11)]
-        ones = prompts[: max(16, args.requests // 3)]  # concurrency 1: fewer (they take longest)
-        cpus = os.cpu_count() or 1
-
-        rows = {}
-        for label, subset in (("1 adapter", arts[:1]), ("4 adapters", arts)):
-            rows[label] = {"inproc": inprocess(base, subset, trust, prompts, args.max_tokens, n)}
+        rows = tldr_rows(args.requests + args.ones, seed=11)
+        prompts = [r.input[:600] for r in rows[: args.requests]]
+        ones = [r.input[:600] for r in rows[args.requests:]]
+        subsets = {"1 adapter": arts[:1], "4 adapters": arts}
+        hosts = {label: open_host(base, subset, trust, Path(d) / "open" / label.replace(" ", "-"))
+                 for label, subset in subsets.items()}
         connect(None)
-        port = free_port()
         from ray import serve
 
-        for label, subset in (("1 adapter", arts[:1]), ("4 adapters", arts)):
-            models = [f"spec{i}" for i in range(len(subset))]
-            for batch_greedy in (False, True):  # parity with the eval (default) vs --batch-greedy
-                app = ("one" if len(subset) == 1 else "four") + ("-batched" if batch_greedy else "")
-                url = served(subset, pub, Path(d) / "home", port, cpus, n, app, batch_greedy)
-                r = rows[label]
-                r["batch_greedy" if batch_greedy else "batched"] = asyncio.run(
-                    http_load(url, models, prompts, n, args.max_tokens))
-                if not batch_greedy:
-                    r["one"] = asyncio.run(http_load(url, models, ones, 1, args.max_tokens))
-                serve.delete(app)
-        url = served(arts[:1], pub, Path(d) / "home", port, cpus, n, "instant", model_class=instant_server())
-        many = prompts * (args.instant_requests // len(prompts) + 1)
-        instant = {"n": asyncio.run(http_load(url, ["spec0"], many[: args.instant_requests], n, 1)),
-                   "one": asyncio.run(http_load(url, ["spec0"], many[: args.instant_requests // 4], 1, 1))}
-        serve.delete("instant")
+        try:
+            port = free_port()
+            replica = replica_threads()
+            # A fraction of a CPU per replica, so all five fit on any cluster; torch threads come from OMP_NUM_THREADS.
+            share = max(0.01, cpus / 10)
+            urls = {}
+            for label, subset in subsets.items():
+                for batch_greedy in (False, True):
+                    app = "bench-" + ("one" if len(subset) == 1 else "four") + ("-batched" if batch_greedy else "")
+                    apps.append(app)
+                    urls[(label, batch_greedy)] = served(subset, pub, Path(d) / "home", port, share, n, app,
+                                                         batch_greedy)
+            apps.append("bench-instant")
+            instant_url = served(arts[:1], pub, Path(d) / "home", port, share, n, "bench-instant",
+                                 model_class=instant_server())
+            print(f"serve: apps up after {time.perf_counter() - started:.0f} s; {args.rounds} rounds",
+                  file=sys.stderr, flush=True)
+            res = asyncio.run(rounds(args, hosts, urls, instant_url, prompts, ones))
+        finally:
+            for app in apps:
+                try:
+                    serve.delete(app)
+                except Exception as e:  # noqa: BLE001 - shut down what is left regardless
+                    print(f"serve: deleting {app}: {e}", file=sys.stderr)
+            if own_cluster:
+                import ray
+
+                serve.shutdown()
+                ray.shutdown()
+        load_after = os.getloadavg()[0]
+        del hosts
+        gc.collect()
         mem = memory(base, arts, trust)
         rc = receipt_cost()
 
-    ms = lambda x: f"{1000 * x:7.1f} ms"  # noqa: E731
-    lines = [f"serve: {args.requests} requests ({len(ones)} at concurrency 1), {args.max_tokens} new tokens each, "
-             f"greedy; random-init Qwen2 (hidden {args.hidden}, {args.layers} layers), LoRA r=4; Serve replica with "
-             f"{cpus} CPUs (torch threads), max batch {n}; in-process: the same host, batches of the same size"]
-    for label, r in rows.items():
-        i, one, b, bg = r["inproc"], r["one"], r["batched"], r["batch_greedy"]
-        errors = one["errors"] + b["errors"] + bg["errors"]
-        lines += [
-            f"  {label}",
-            f"    concurrency 1            in-process p50 {ms(i['one']['p50'])}   HTTP p50 {ms(one['p50'])}   "
-            f"added {1000 * (one['p50'] - i['one']['p50']):6.1f} ms  (HTTP p99 {ms(one['p99'])})",
-            f"    {n} in flight, greedy alone in-process {i['batched']['rps']:6.1f} req/s   HTTP {b['rps']:6.1f} req/s "
-            f"  ratio {b['rps'] / i['batched']['rps']:.2f}   (HTTP p50 {ms(b['p50'])}, in-process batch {ms(i['batched']['p50'])})",
-            f"    {n} in flight, --batch-greedy in-process {i['batch_greedy']['rps']:6.1f} req/s   HTTP {bg['rps']:6.1f} req/s "
-            f"  ratio {bg['rps'] / i['batch_greedy']['rps']:.2f}   (HTTP p50 {ms(bg['p50'])}, in-process batch "
-            f"{ms(i['batch_greedy']['p50'])})",
-            f"    {errors} errors",
-        ]
-    one1, four = rows["1 adapter"], rows["4 adapters"]
-    lines += [
-        f"  4 adapters / 1 adapter over HTTP: greedy alone {four['batched']['rps'] / one1['batched']['rps']:.2f}, "
-        f"--batch-greedy {four['batch_greedy']['rps'] / one1['batch_greedy']['rps']:.2f}",
-        f"  proxy + ingress alone (instant model): {instant['n']['rps']:6.1f} req/s at {n} in flight "
-        f"(p50 {ms(instant['n']['p50'])}), {instant['one']['rps']:6.1f} req/s at 1 (p50 {ms(instant['one']['p50'])}), "
-        f"{instant['n']['errors'] + instant['one']['errors']} errors",
-        f"  memory, 4 Specialists: one base + 4 adapters {mem['shared'] / 2**20:7.1f} MiB   "
-        f"4 merged models {mem['merged'] / 2**20:7.1f} MiB   ratio {mem['merged'] / mem['shared']:.2f}x",
-        f"  receipt per call (verifier checks + queue): {rc['per_call_ms']:.3f} ms; flushing "
-        f"{rc['n']} receipts: {rc['flush_ms']:.0f} ms off the request path",
-        f"  machine: {machine()}",
-    ]
+    lines = report(args, res, mem, rc, cpus, threads, replica, (load_before, load_after),
+                   time.perf_counter() - started)
     from _report import record
 
     record("serve", lines, args.write)
