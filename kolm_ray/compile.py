@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kolm_ray.artifact import (
-    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, check_within_limits, file_digest, pack, parent_version,
+    ARTIFACT_FORMAT_VERSION, artifact_name, check_name, check_within_limits, file_digest, pack,
     put_artifact, release_version, reserve_version,
 )
 from kolm_ray.durable import json_bytes, write_json
@@ -34,8 +34,8 @@ from kolm_ray.errors import GateFailed, InputError
 from kolm_ray.home import store_uri, teacher_cache_dir
 from kolm_ray.kscore import KScore
 from kolm_ray.metrics import finishes_stage_clocks
-from kolm_ray.provenance import package_versions
-from kolm_ray.progress import NoProgress, StageProgress
+from kolm_ray.progress import StageProgress, guarded
+from kolm_ray.provenance import package_versions, parent_or_none
 from kolm_ray.rows import read_rows
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.sampling.fanout import SampleOutcome, sample_rows, write_samples
@@ -401,7 +401,7 @@ def compile_specialist(
 
     watch = StageClock(monitor or _Unwatched(), cfg.name, quota.tenant)  # times each stage, as a metric
 
-    shown = progress or NoProgress()
+    shown = guarded(progress)  # a display that raises turns itself off: it never fails a paid compile
 
     def on_teacher(n: int) -> None:
         watch.progress(n)
@@ -496,7 +496,7 @@ def compile_specialist(
         "fit": {"steps": fitted.steps, "examples": len(pairs), "loss_start": fitted.loss_start,
                 "loss_end": fitted.loss_end, "tokens": fitted.tokens},
         "packages": package_versions(),
-        "parent": parent_version(cfg.store, cfg.name, version),  # the version this one recompiles, if any
+        "parent": parent_or_none(cfg.store, cfg.name, version, say),  # the version this one recompiles
     }
     train = {"config": fit_cfg.model_dump(mode="json"), "loss_curve": fitted.loss_curve, "tokens": fitted.tokens,
              "train_seconds": fitted.train_seconds, "workers": fitted.workers, "device": fitted.device,

@@ -30,7 +30,7 @@ import socket
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -38,7 +38,8 @@ from kolm_ray.admission import Demand, QueuePolicy, grant_for, load_policy
 from kolm_ray.errors import InputError, KolmRuntimeError, ServiceUnreachable
 from kolm_ray.signing import KeySigner, Signer, SigstoreSigner
 from kolm_ray.store import is_remote, open_store
-from kolm_ray.train.base import BaseRef, hub_cache, hub_gated, hub_offline, hub_unreachable, pin_base, who
+from kolm_ray.train.base import (BaseRef, cached_commit, hub_cache, hub_gated, hub_no_revision, hub_offline,
+                                 hub_unreachable, pin_base, who)
 from kolm_ray.train.config import FitConfig
 
 # Files a tokenizer loads from; one is enough (tokenizer.json for fast tokenizers, the others
@@ -130,13 +131,15 @@ def _cached_snapshot(ref: BaseRef) -> Path | None:
 
 def _from_hub(ref: BaseRef, timeout_s: float) -> Path:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if _hub_offline():
         raise _unreachable(ref, "HF_HUB_OFFLINE is set")
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
         info = HfApi(endpoint=endpoint).model_info(ref.path, revision=ref.revision, timeout=timeout_s)
+    except RevisionNotFoundError:  # a commit given by hand that the repository does not have
+        raise hub_no_revision(ref, ref.revision or "main") from None
     except GatedRepoError:
         raise hub_gated(ref) from None
     except RepositoryNotFoundError:
@@ -177,7 +180,13 @@ def check_base(ref: BaseRef, *, timeout_s: float = HUB_TIMEOUT_S) -> BaseFiles:
                              path=ref.name)
         return BaseFiles(ref, folder, "local folder")
     ref = pin_base(ref, timeout_s=timeout_s)  # a branch resolved to its commit, once: what every stage loads
-    cached = _cached_snapshot(ref)
+    if not ref.pinned:  # the hub answered without a commit: the cache's refs may name the one it holds
+        wanted = ref.revision or "main"
+        commit = cached_commit(ref.path, wanted)
+        if commit is not None:
+            ref = replace(ref, revision=commit, requested=wanted)
+    # Only a pinned base is taken from the cache; an unpinned one is checked on the hub, then refused.
+    cached = _cached_snapshot(ref) if ref.pinned else None
     if cached is not None:
         return BaseFiles(ref, cached, "HF cache")
     folder = _from_hub(ref, timeout_s)

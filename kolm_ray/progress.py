@@ -11,6 +11,7 @@ a live display on a terminal and plain lines in pipes and job logs.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -118,3 +119,54 @@ class StageState:
         if eta is not None and (not self.total or self.done < self.total):
             parts.append(f"ETA {duration(eta)}")
         return " · ".join(parts)
+
+
+class GuardedProgress:
+    """A ``StageProgress`` that never raises: it passes each call on to ``display`` until one
+    raises (rich failing to draw, a broken pipe on stderr), logs that first error, and shows
+    nothing after. Progress is a courtesy: it must not fail a compile that has paid its teacher.
+    A context manager (entering and leaving ``display`` when it is one, guarded the same way)."""
+
+    def __init__(self, display: StageProgress) -> None:
+        self.display = display
+        self.failed: BaseException | None = None
+
+    def _call(self, what: str, *args: object, **kwargs: object) -> None:
+        if self.failed is not None:
+            return
+        try:
+            getattr(self.display, what)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever a display raises, the work goes on without it
+            self.off(e)
+
+    def off(self, error: BaseException) -> None:
+        """Turn the display off for ``error``: logged, the first time only."""
+        if self.failed is None:
+            self.failed = error
+            logging.getLogger(__name__).warning("progress display off after an error (%s: %s)",
+                                                type(error).__name__, error)
+
+    def stage(self, name: str, total: int | None = None, unit: str = "") -> None:
+        self._call("stage", name, total, unit)
+
+    def advance(self, n: int = 1, *, total: int | None = None, **figures: float) -> None:
+        self._call("advance", n, total=total, **figures)
+
+    def done(self) -> None:
+        self._call("done")
+
+    def __enter__(self) -> "GuardedProgress":
+        if hasattr(self.display, "__enter__"):
+            self._call("__enter__")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if hasattr(self.display, "__exit__"):
+            self._call("__exit__", *exc)
+
+
+def guarded(display: StageProgress | None) -> StageProgress:
+    """``display`` wrapped in ``GuardedProgress`` (once); ``NoProgress`` for None."""
+    if display is None:
+        return NoProgress()
+    return display if isinstance(display, GuardedProgress) else GuardedProgress(display)

@@ -12,7 +12,7 @@ and the holdout, and the parent version of a recompile (``artifact.parent_versio
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 # The packages whose versions decide what a compile computes: the fit (torch, transformers, peft,
 # deepspeed), the cluster it ran on (ray), where a hub base came from (huggingface_hub), and kolm.
@@ -29,6 +29,21 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def parent_or_none(store: Any, name: str, version: tuple[int, int],
+                   say: Callable[[str], None] = lambda line: None) -> str | None:
+    """``artifact.parent_version``, or None with a note (``say``) when the store cannot be
+    listed: the parent is lineage worth recording, not worth failing a compile that has paid
+    its teacher and its fit (and holds a reserved version) for."""
+    from kolm_ray.artifact import parent_version
+
+    try:
+        return parent_version(store, name, version)
+    except Exception as e:  # noqa: BLE001 - a store's listing fails in its own types (OSError, botocore, ...)
+        say(f"note        parent version not recorded: cannot list the store ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+        return None
 
 
 def lineage(manifest: dict[str, Any]) -> dict[str, Any]:

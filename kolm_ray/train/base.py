@@ -101,6 +101,9 @@ def resolve_base(name: str) -> BaseRef:
         return BaseRef(name=name, path=str(p.resolve()), local=True)
     head, at, rev = name.rpartition("@")
     if at and head:
+        if "@" in head:
+            raise InputError(f"invalid base {name!r}: one '@' at most, before the revision, as in "
+                             "Qwen/Qwen2.5-3B-Instruct@main")
         if not _REVISION.match(rev) or ".." in rev:
             raise InputError(f"invalid revision {rev!r} in base {name!r}: give a branch, tag or commit of the hub "
                              "repository, as in Qwen/Qwen2.5-3B-Instruct@main")
@@ -108,6 +111,8 @@ def resolve_base(name: str) -> BaseRef:
         if ref.local:
             raise InputError(f"base {name!r}: a local folder has no revision (its content hash pins it): "
                              f"drop @{rev}, or give a hub id")
+        if COMMIT.match(rev.lower()):
+            rev = rev.lower()  # the hub names commits in lowercase hex: an uppercase one is the same commit
         return replace(ref, name=name, revision=rev)
     key = name.lower()
     if key in SHORT_NAMES:
@@ -152,12 +157,22 @@ def who(ref: BaseRef) -> str:
     return f"{ref.name} ({ref.path})" if ref.name != ref.path else ref.path
 
 
-def hub_unreachable(ref: BaseRef, why: str) -> ServiceUnreachable:
-    """The error for a hub base that is neither cached nor reachable."""
+def hub_unreachable(ref: BaseRef, why: str, revision: str | None = None) -> ServiceUnreachable:
+    """The error for a hub base that is neither cached nor reachable (``revision``: the one asked
+    for, default ``ref.revision``; named, with the download hint, when it is not ``main``)."""
+    rev = revision or ref.revision
+    at = f" at revision {rev!r}" if rev and rev != "main" else ""
+    flag = f" --revision {rev}" if rev and rev != "main" else ""
     return ServiceUnreachable(
         f"cannot reach the Hugging Face hub for {who(ref)}: {why}, and the cache at {hub_cache()} does not have "
-        f"it. Download it first (`hf download {ref.path} --local-dir DIR`) and pass --base DIR, or set HF_HOME to a "
-        "cache that has it")
+        f"it{at}. Download it first (`hf download {ref.path}{flag} --local-dir DIR`) and pass --base DIR, or set "
+        "HF_HOME to a cache that has it")
+
+
+def hub_no_revision(ref: BaseRef, wanted: str) -> InputError:
+    """The error for a revision the hub does not have (RevisionNotFoundError)."""
+    return InputError(f"base model {who(ref)}: the Hugging Face hub has no revision {wanted!r} of it: give a "
+                      "branch, tag or commit the repository has")
 
 
 def hub_gated(ref: BaseRef) -> ServiceUnreachable:
@@ -181,19 +196,25 @@ def cached_commit(repo_id: str, revision: str) -> str | None:
 
 def pin_base(ref: BaseRef, *, timeout_s: float = HUB_TIMEOUT_S) -> BaseRef:
     """``ref`` with its hub revision (``main`` when none was given) resolved to a commit, once;
-    a commit is kept as it is and a local folder returned unchanged. Online, the hub says where
+    a commit is kept as it is (offline, once the cache is seen to hold its snapshot) and a local
+    folder returned unchanged. Online, the hub says where
     the revision is now (``model_info(id, revision=...).sha``); offline (``HF_HUB_OFFLINE``), or
     when the hub cannot be reached, the cache's ``refs/`` say. A hub that answers without a
     commit (a stand-in) leaves ``ref`` as it is: ``ref.pinned`` says so, and the preflight
     refuses it once its own checks of the repository have run.
 
     Raises:
-        InputError: the hub (or, offline, the cache that holds the repository) has no such
-            revision, or the hub has no such repository; the message names the base.
-        ServiceUnreachable: the hub cannot be reached (or is offline) and the cache lacks it, or
-            the base is gated.
+        InputError: the hub has no such revision or repository, or, offline by request
+            (HF_HUB_OFFLINE), the cache that holds the repository lacks the revision (a branch, a
+            tag or a commit); the message names the base and the revision.
+        ServiceUnreachable: the hub cannot be reached (or is offline) and the cache lacks it (an
+            outage is never reported as a bad revision), or the base is gated.
     """
-    if ref.local or ref.pinned:
+    if ref.local:
+        return ref
+    if ref.pinned:  # a commit is used as it is; offline, only when the cache has its snapshot
+        if hub_offline() and cached_commit(ref.path, ref.revision) is None:
+            _refuse_uncached(ref, ref.revision, "HF_HUB_OFFLINE is set")
         return ref
     wanted = ref.revision or "main"
     if hub_offline():
@@ -213,24 +234,25 @@ def _hub_commit(ref: BaseRef, wanted: str, timeout_s: float) -> str | None:
         sha = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(
             ref.path, revision=wanted, timeout=timeout_s).sha
     except RevisionNotFoundError:
-        raise InputError(f"base model {who(ref)}: the Hugging Face hub has no revision {wanted!r} of it: give a "
-                         "branch, tag or commit the repository has") from None
+        raise hub_no_revision(ref, wanted) from None
     except GatedRepoError:
         raise hub_gated(ref) from None
     except RepositoryNotFoundError:
         raise InputError(f"unknown base model {ref.name!r}: the Hugging Face hub has no model {ref.path} (a private "
                          "one needs HF_TOKEN), and there is no such local folder") from None
-    except Exception as e:  # noqa: BLE001 - offline, DNS, refused, timed out, gated: the cache may say
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timed out: the cache may say
         sha = cached_commit(ref.path, wanted)
         if sha is None:
+            # Not offline by request: an outage, not a bad revision (the hub was never asked).
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-            _refuse_uncached(ref, wanted, f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__)
+            raise hub_unreachable(ref, f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__,
+                                  wanted) from None
     return sha if sha and COMMIT.match(sha) else None
 
 
 def _refuse_uncached(ref: BaseRef, wanted: str, why: str) -> None:
-    """Raises: InputError when the cache holds the repository but not ``wanted``; else
-    ServiceUnreachable (``hub_unreachable``)."""
+    """Offline by request (HF_HUB_OFFLINE) and ``wanted`` not cached. Raises: InputError when the
+    cache holds the repository but not ``wanted``; else ServiceUnreachable (``hub_unreachable``)."""
     from huggingface_hub.file_download import repo_folder_name
 
     held = Path(hub_cache()) / repo_folder_name(repo_id=ref.path, repo_type="model")
@@ -238,8 +260,8 @@ def _refuse_uncached(ref: BaseRef, wanted: str, why: str) -> None:
         known = sorted(p.name for p in (held / "refs").glob("*") if p.is_file())
         raise InputError(f"base model {who(ref)}: revision {wanted!r} is not in the Hugging Face cache at "
                          f"{hub_cache()} ({why}; cached refs: {', '.join(known) or 'none'}): give a revision the "
-                         "cache has, or download it (`hf download ... --revision`)")
-    raise hub_unreachable(ref, why)
+                         f"cache has, or download it (`hf download {ref.path} --revision {wanted}`)")
+    raise hub_unreachable(ref, why, wanted)
 
 
 def directory_digest(root: Path) -> str:

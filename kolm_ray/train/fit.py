@@ -45,6 +45,10 @@ from kolm_ray.train.config import FitConfig
 FIT_STATE_VERSION = 1
 POST_EVERY_S = 0.25  # rank 0 posts its step to the StepBoard at most this often (and the last one always)
 READ_EVERY_S = 1.0  # the driver reads the StepBoard this often while the fit runs
+READ_TIMEOUT_S = 3.0  # one read of the StepBoard: a read that outlasts it is skipped (the next catches up)
+# How long the driver waits for the follower once the fit is over: its wait, a read in flight and the
+# final read, each bounded, fit well inside it. A follower still reading then is cut off (``StepGate``).
+JOIN_TIMEOUT_S = 2 * READ_EVERY_S + 10
 
 
 class StepBoard:
@@ -78,6 +82,26 @@ def follow_steps(read: Callable[[], tuple[int, int | None, float | None]], progr
             return
 
 
+class StepGate:
+    """``progress`` for the follower, until ``close``: an ``advance`` after ``close`` has returned
+    (a late read of a follower the driver stopped waiting for) is dropped, so it cannot count
+    towards the stage shown next (the eval's rows)."""
+
+    def __init__(self, progress: StageProgress) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._open = True
+
+    def advance(self, n: int = 1, *, total: int | None = None, **figures: float) -> None:
+        with self._lock:
+            if self._open:
+                self._progress.advance(n, total=total, **figures)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+
 @dataclass(frozen=True)
 class FitResult:
     adapter_dir: Path
@@ -101,18 +125,25 @@ class FitResult:
         return self.loss_curve[-1][1] if self.loss_curve else None
 
 
-def _board_reader(board: Any) -> Callable[[], tuple[int, int | None, float | None]]:
+def _board_reader(board: Any, timeout_s: float = READ_TIMEOUT_S) -> Callable[[], tuple[int, int | None, float | None]]:
+    """A read of the StepBoard that never raises: the last step read when this one fails."""
+    import logging
+
     import ray
-    from ray.exceptions import GetTimeoutError
 
     last: tuple[int, int | None, float | None] = (0, None, None)
+    failures = 0
 
     def read() -> tuple[int, int | None, float | None]:
-        nonlocal last
+        nonlocal last, failures
         try:
-            last = ray.get(board.read.remote(), timeout=30)
-        except GetTimeoutError:
-            pass  # a busy node answered late: the next read catches up, the fit goes on regardless
+            last = ray.get(board.read.remote(), timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - a late answer (GetTimeoutError), the board killed or its
+            # node lost (RayActorError): the progress shown is not worth failing, or a traceback; the fit goes on
+            failures += 1
+            if failures == 1:
+                logging.getLogger(__name__).warning("fit progress: cannot read the step board (%s: %s); the "
+                                                    "progress shown may lag", type(e).__name__, e)
         return last
 
     return read
@@ -386,11 +417,12 @@ def fit(
     resume, lines = prepare_resume(storage_fs, f"{storage_path.rstrip('/')}/{name}", world=cfg.workers)
     for line in lines:
         say(f"fit         {line}")
-    board = follower = None
+    board = follower = gate = None
     stop = threading.Event()
     if progress is not None:
         board = ray.remote(num_cpus=0)(StepBoard).remote()
-        follower = threading.Thread(target=follow_steps, args=(_board_reader(board), progress, stop),
+        gate = StepGate(progress)
+        follower = threading.Thread(target=follow_steps, args=(_board_reader(board), gate, stop),
                                     name="kolm-fit-progress", daemon=True)
     trainer = TorchTrainer(
         _train_loop,
@@ -424,7 +456,8 @@ def fit(
             signal.signal(signal.SIGINT, previous)
         if follower is not None:
             stop.set()
-            follower.join(2 * READ_EVERY_S + 10)
+            follower.join(JOIN_TIMEOUT_S)
+            gate.close()  # a follower still reading shows nothing more
             ray.kill(board)
     wall = time.perf_counter() - t0
     if result.checkpoint is None:

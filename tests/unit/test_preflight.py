@@ -170,6 +170,32 @@ def test_a_hub_repo_without_weights_is_an_input_error(hub_says):
         check_base(resolve_base("acme/gguf-only"))  # a weight file in a subfolder is not one from_pretrained reads
 
 
+def test_a_commit_the_hub_does_not_have_is_an_input_error_naming_it(hub_says):
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    commit = "c" * 40
+    hub_says(_hub_error(RevisionNotFoundError))
+    with pytest.raises(InputError) as e:
+        check_base(resolve_base(f"acme/tiny@{commit}"))
+    assert e.value.exit_code == 2
+    assert _one_line(e.value) == (f"base model acme/tiny@{commit} (acme/tiny): the Hugging Face hub has no "
+                                  f"revision '{commit}' of it: give a branch, tag or commit the repository has")
+
+
+def test_a_hub_that_names_no_commit_never_yields_an_unpinned_base(hub_says, no_hub, tiny_base):
+    from huggingface_hub.hf_api import ModelInfo
+
+    commit = "0" * 40
+    repo = no_hub / "hub" / "models--acme--tiny"
+    shutil.copytree(tiny_base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    hub_says(ModelInfo(id="acme/tiny"))  # a stand-in hub: no sha
+    got = check_base(resolve_base("acme/tiny"))
+    assert got.ref.pinned and (got.ref.revision, got.ref.requested) == (commit, "main")  # pinned from the cache
+    assert got.source == "HF cache" and got.folder == repo / "snapshots" / commit
+
+
 # ----- LoRA target modules -------------------------------------------------------------------
 
 

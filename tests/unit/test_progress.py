@@ -140,3 +140,115 @@ def test_the_fit_follower_passes_on_steps_from_the_resumed_one():
 
     follow_steps(read, Recorder(), stop, every_s=0)
     assert got == [(50, {"total": 120}), (3, {"total": 120, "loss": 1.5}), (5, {"total": 120, "loss": 1.4})]
+
+
+def test_the_fit_follower_shows_nothing_once_the_driver_stopped_waiting():
+    """A final read that answers after the driver gave up on the follower (and moved on to the
+    eval stage) is not counted: ``StepGate`` is closed by then."""
+    from kolm_ray.train.fit import StepGate
+
+    got: list[int] = []
+
+    class Recorder:
+        def advance(self, n=1, *, total=None, **figures):
+            got.append(n)
+
+    stop, reading, answer = threading.Event(), threading.Event(), threading.Event()
+    reads = 0
+
+    def read():
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            return (10, 120, None)
+        reading.set()
+        answer.wait()  # a slow board: the driver's join gives up meanwhile
+        return (120, 120, 0.5)
+
+    gate = StepGate(Recorder())
+    follower = threading.Thread(target=follow_steps, args=(read, gate, stop), kwargs={"every_s": 0})
+    follower.start()
+    assert reading.wait(60)
+    stop.set()
+    gate.close()  # what the driver does once its join is over
+    answer.set()
+    follower.join(60)
+    assert not follower.is_alive() and got == [10]
+
+
+def test_a_failed_read_of_the_step_board_is_logged_once_and_the_last_step_kept(monkeypatch, caplog):
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from kolm_ray.train import fit
+
+    answers: list = [(5, 120, 1.0), RayActorError(), GetTimeoutError(), RuntimeError("node lost")]
+    timeouts: list[float] = []
+
+    def get(ref, timeout=None):
+        timeouts.append(timeout)
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    class Board:
+        class read:
+            @staticmethod
+            def remote():
+                return object()
+
+    monkeypatch.setattr(ray, "get", get)
+    read = fit._board_reader(Board())
+    with caplog.at_level("WARNING", logger="kolm_ray.train.fit"):
+        assert [read() for _ in range(4)] == [(5, 120, 1.0)] * 4
+    assert sum("cannot read the step board" in r.getMessage() for r in caplog.records) == 1
+    # A read in flight and the final one both end well before the driver stops waiting for them.
+    assert all(t is not None and 2 * t + fit.READ_EVERY_S < fit.JOIN_TIMEOUT_S for t in timeouts)
+
+
+class _Broken:
+    """A display whose drawing fails (rich on a closed terminal, a broken pipe on stderr)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def stage(self, name, total=None, unit=""):
+        self.calls += 1
+
+    def advance(self, n=1, *, total=None, **figures):
+        self.calls += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def done(self):
+        self.calls += 1
+        raise RuntimeError("rich failed")
+
+
+def test_a_display_that_raises_turns_itself_off_and_never_fails_the_run(caplog):
+    from kolm_ray.progress import GuardedProgress, NoProgress, guarded
+
+    broken = _Broken()
+    shown = guarded(broken)
+    with caplog.at_level("WARNING", logger="kolm_ray.progress"):
+        shown.stage("teacher", 4, "calls")
+        shown.advance(1)  # raises inside: logged, the display turned off
+        shown.advance(1, total=4, loss=1.0)
+        shown.stage("fit")
+        shown.done()
+    assert broken.calls == 2  # nothing was passed on after the error
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kolm_ray.progress"]
+    assert len(warnings) == 1 and "BrokenPipeError" in warnings[0]
+    assert guarded(shown) is shown and isinstance(guarded(None), NoProgress)
+    with GuardedProgress(LineProgress(write=lambda s: None)) as inner:  # a context manager, as the CLI's
+        inner.stage("eval", 2, "rows")
+
+
+def test_a_compile_guards_its_progress_display():
+    """compile_specialist shows its stages through ``guarded``: a display that raises cannot fail it."""
+    import inspect
+
+    from kolm_ray import compile as compile_module
+
+    source = inspect.getsource(compile_module.compile_specialist)
+    assert "shown = guarded(progress)" in source and "NoProgress()" not in source

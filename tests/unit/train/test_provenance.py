@@ -71,7 +71,17 @@ def test_a_branch_given_by_name_is_resolved_through_its_ref(hub_cache):
     assert (ref.path, ref.revision, ref.requested) == (REPO, COMMIT_A, "release")
 
 
-def test_a_commit_is_used_as_is_without_a_lookup(hub_cache):
+def _online_but_unreachable(monkeypatch) -> None:
+    """The hub asked for (not offline) at an address nothing answers: an outage."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_a_commit_is_used_as_is_without_a_lookup(hub_cache, monkeypatch):
+    _online_but_unreachable(monkeypatch)  # online, a commit is not even asked about
     ref = resolve_base(f"{REPO}@{COMMIT_B}")  # not in the cache: a commit is not resolved, only used
     assert pin_base(ref) is ref and ref.pinned and ref.source == f"{REPO}@{COMMIT_B}"
     assert "requested" not in ref.manifest_entry() and ref.manifest_entry()["revision"] == COMMIT_B
@@ -84,6 +94,49 @@ def test_an_unknown_revision_offline_is_an_input_error_naming_the_base(hub_cache
     assert e.value.exit_code == 2
     assert "acme/tiny@v9" in text and "revision 'v9' is not in the Hugging Face cache" in text
     assert "cached refs: main" in text
+
+
+def test_an_uncached_commit_offline_is_refused_like_a_branch_naming_it(hub_cache):
+    assert pin_base(resolve_base(f"{REPO}@{COMMIT_A}")).revision == COMMIT_A  # cached: used as it is
+    with pytest.raises(InputError) as e:
+        pin_base(resolve_base(f"{REPO}@{COMMIT_B}"))
+    text = str(e.value)
+    assert e.value.exit_code == 2
+    assert f"{REPO}@{COMMIT_B}" in text and f"revision '{COMMIT_B}' is not in the Hugging Face cache" in text
+    assert f"hf download {REPO} --revision {COMMIT_B}" in text
+
+
+def test_an_uncached_commit_of_an_uncached_repo_offline_names_the_commit(hub_cache):
+    from kolm_ray.errors import ServiceUnreachable
+
+    with pytest.raises(ServiceUnreachable) as e:
+        pin_base(resolve_base(f"acme/other@{COMMIT_B}"))
+    assert e.value.exit_code == 1
+    assert f"at revision '{COMMIT_B}'" in str(e.value) and f"--revision {COMMIT_B}" in str(e.value)
+
+
+def test_an_outage_is_not_reported_as_a_bad_revision(hub_cache, monkeypatch):
+    from kolm_ray.errors import ServiceUnreachable
+
+    _online_but_unreachable(monkeypatch)
+    assert pin_base(resolve_base(REPO)).revision == COMMIT_A  # the cache still says where a cached branch is
+    with pytest.raises(ServiceUnreachable) as e:
+        pin_base(resolve_base(f"{REPO}@v9"), timeout_s=2)
+    text = str(e.value)
+    assert e.value.exit_code == 1
+    assert text.startswith(f"cannot reach the Hugging Face hub for {REPO}@v9 ({REPO}): ") and "'v9'" in text
+
+
+def test_an_uppercase_commit_is_a_commit():
+    ref = resolve_base(f"{REPO}@{COMMIT_A.upper()}")
+    assert ref.pinned and ref.revision == COMMIT_A and ref.source == f"{REPO}@{COMMIT_A}"
+
+
+@pytest.mark.parametrize("bad", ["acme/tiny@a@b", f"acme/tiny@main@{COMMIT_A}"])
+def test_more_than_one_at_is_an_input_error(bad):
+    with pytest.raises(InputError, match="one '@' at most") as e:
+        resolve_base(bad)
+    assert e.value.exit_code == 2 and bad in str(e.value)
 
 
 def test_a_local_folder_has_no_revision(tiny_base):
@@ -199,6 +252,23 @@ def test_the_parent_is_the_highest_earlier_version_in_the_store(tmp_path):
     assert reserve_version(store, "route") == (1, 4)  # reserved, never written: not a parent
     assert parent_version(store, "route", (1, 5)) == "1.3"
     assert parent_version(store, "route", (1, 3)) == "1.0"
+
+
+def test_a_store_that_cannot_be_listed_records_no_parent_with_a_note(tmp_path):
+    from kolm_ray.provenance import parent_or_none
+    from kolm_ray.store import LocalStore
+
+    class Unlistable(LocalStore):
+        def list(self, *args, **kwargs):
+            raise OSError("listing refused")
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "route-1.0.kolm").write_bytes(b"x")
+    notes: list[str] = []
+    assert parent_or_none(store, "route", (1, 1), notes.append) == "1.0" and notes == []
+    assert parent_or_none(Unlistable(store), "route", (1, 1), notes.append) is None
+    assert len(notes) == 1 and "parent version not recorded" in notes[0] and "listing refused" in notes[0]
 
 
 def _manifest(**over) -> dict:
