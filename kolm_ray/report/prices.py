@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kolm_ray.errors import InputError
-from kolm_ray.sampling.pricing import Prices
+from kolm_ray.sampling.pricing import DEFAULT_PRICES, Prices
 
 DEFAULT_FILE = Path(__file__).with_name("prices.yaml")
 PRICE_FORMAT_VERSION = 1
@@ -117,7 +117,9 @@ def load_price_book(path: str | Path | None = None, home: Path | None = None) ->
     """
     user = Path(path) if path is not None else (home / "prices.yaml" if home is not None else None)
     files = [DEFAULT_FILE] + ([user] if user is not None and (path is not None or user.is_file()) else [])
-    data: dict[str, Any] = {}
+    # The frontier's token prices start from the teacher's list prices (one table: a compile and
+    # a report price a model alike); a file adds models or replaces one whole.
+    data: dict[str, Any] = {"frontier": {m: p.model_dump() for m, p in DEFAULT_PRICES.items()}}
     for f in files:
         layer, node = _read(f)
         data = _merge(data, layer)

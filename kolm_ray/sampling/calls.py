@@ -1,6 +1,6 @@
 """The teacher calls of a sampling run, as tables: what both ways of calling the teacher take and
 return, so that the online fan-out (``fanout.call_teacher``) and the Message Batches path
-(``batch.call_teacher_batch``) agree on them without importing each other.
+(``batch.call_teacher_batch``) agree on them (``fanout`` hands ``--batch`` runs to ``batch``; ``batch`` never imports ``fanout``).
 
 Owns the plan both paths are given (``SamplingPlan``), the expansion of a row into its k
 requests (``expand``, rows of ``REQUEST_SCHEMA``), and the row each answered (or failed) call
