@@ -77,9 +77,11 @@ def _lrs(scheduler, steps: int) -> list[float]:
     return out
 
 
-def test_the_lr_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
+def test_the_lr_warms_up_to_its_peak_then_decays_to_zero_at_the_last_step():
+    """The first step already trains (at 1/warmup of the peak): a warm-up from lr 0, as
+    transformers' schedule has it, cost the routing example 7.5 K points."""
     lrs = _lrs(lr_schedule(_optimizer(2.0), warmup=4, total=10), 11)
-    assert lrs == [0.0, 0.5, 1.0, 1.5, 2.0, round(2 * 5 / 6, 6), round(2 * 4 / 6, 6), 1.0, round(2 * 2 / 6, 6),
+    assert lrs == [0.5, 1.0, 1.5, 2.0, 2.0, round(2 * 5 / 6, 6), round(2 * 4 / 6, 6), 1.0, round(2 * 2 / 6, 6),
                    round(2 / 6, 6), 0.0]
 
 
@@ -100,17 +102,3 @@ def test_a_resumed_fit_continues_the_schedule_from_its_checkpoint(tmp_path):
     resumed = lr_schedule(_optimizer(), warmup=3, total=12)
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["lr_scheduler"])
     assert before + _lrs(resumed, 7) == whole
-
-
-def test_a_checkpoint_of_the_hand_written_schedule_still_resumes(tmp_path):
-    """Fits checkpointed before the schedule came from transformers saved a LambdaLR over a plain
-    function (its state: the step, no lambda): it loads, and the fit goes on at that step."""
-    import torch
-
-    old = torch.optim.lr_scheduler.LambdaLR(  # the old curve: warm-up from 1/warmup, same decay
-        _optimizer(), lambda step: (step + 1) / 2 if step < 2 else max(0.0, (10 - step) / 8))
-    _lrs(old, 6)
-    torch.save({"lr_scheduler": old.state_dict()}, tmp_path / "ckpt.pt")
-    resumed = lr_schedule(_optimizer(), warmup=2, total=10)
-    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["lr_scheduler"])
-    assert _lrs(resumed, 5) == [0.5, 0.375, 0.25, 0.125, 0.0]
