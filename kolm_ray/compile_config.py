@@ -29,6 +29,7 @@ from kolm_ray.compile import CompileConfig, CompileResult, Prepared, parse_gate
 from kolm_ray.errors import InputError
 from kolm_ray.progress import StageProgress
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
+from kolm_ray.task import GIVE_IT, read_task as read_task_text
 from kolm_ray.train.config import FitConfig
 
 Say = Callable[[str], None]
@@ -367,17 +368,7 @@ class CompilePlan:
 
 def read_task(task: str | None, task_file: Path | None) -> str:
     """The task instruction: ``task``, or the text of ``task_file``. Raises: InputError."""
-    if task_file is not None:
-        p = Path(task_file)
-        if not p.is_file():
-            raise InputError("task file not found", path=str(task_file))
-        try:
-            task = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"task file is not UTF-8 text ({e.reason} at byte {e.start})", path=str(task_file)) from None
-    if not task or not task.strip():
-        raise InputError("give the task instruction as TASK or --task-file F (task or task_file in a config)")
-    return task.strip()
+    return read_task_text(task, task_file, missing=f"{GIVE_IT} (task or task_file in a config)")
 
 
 def plan_compile(s: CompileSettings, say: Say = lambda m: None) -> CompilePlan:

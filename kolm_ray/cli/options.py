@@ -19,6 +19,7 @@ from kolm_ray.errors import InputError
 from kolm_ray.sampling.config import QuotaConfig, SampleConfig, TeacherConfig
 from kolm_ray.serve.config import token_digest
 from kolm_ray.signing import Trust, default_trust
+from kolm_ray.task import read_task
 from kolm_ray.train.config import FitConfig
 
 
@@ -35,17 +36,8 @@ def option_help(model: type, field: str) -> str:
 
 
 def task_text(task: str | None, task_file: str | None) -> str:
-    if task_file:
-        p = Path(task_file)
-        if not p.is_file():
-            raise InputError("task file not found", path=task_file)
-        try:
-            task = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"task file is not UTF-8 text ({e.reason} at byte {e.start})", path=task_file) from None
-    if not task or not task.strip():
-        raise InputError("give the task instruction as TASK or --task-file F")
-    return task.strip()
+    """Raises: InputError (see ``kolm_ray.task.read_task``)."""
+    return read_task(task, task_file)
 
 
 def _apply(f, options: list):

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kolm_ray.errors import InputError
-from kolm_ray.sampling.pricing import DEFAULT_PRICES, Prices
+from kolm_ray.sampling.pricing import DEFAULT_PRICES, Prices, read_price_text
 
 DEFAULT_FILE = Path(__file__).with_name("prices.yaml")
 PRICE_FORMAT_VERSION = 1
@@ -63,14 +63,7 @@ def _read(path: Path) -> tuple[dict[str, Any], Any]:
     """The file's data and its YAML node tree (for line numbers). Raises: InputError."""
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("price file not found", path=str(path)) from None
-    except IsADirectoryError:
-        raise InputError("a folder, not a price file", path=str(path)) from None
-    except UnicodeDecodeError:
-        raise InputError("not a price file (not UTF-8 text)", path=str(path)) from None
+    text = read_price_text(path)
     try:
         data, node = yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as e:

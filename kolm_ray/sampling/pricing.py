@@ -68,17 +68,24 @@ def price_for(model: str, overrides: dict[str, Prices] | None = None) -> Prices:
     return table[model]
 
 
+def read_price_text(path: Path, kind: str = "price file") -> str:
+    """A price file's text (the teacher's JSON table, ``kolm report``'s YAML book).
+    Raises: InputError naming the file when it is missing, a folder or not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("price file not found", path=str(path)) from None
+    except IsADirectoryError:
+        raise InputError("a folder, not a price file", path=str(path)) from None
+    except UnicodeDecodeError:
+        raise InputError(f"not a {kind} (not UTF-8 text)", path=str(path)) from None
+
+
 def load_prices(path: str | Path) -> dict[str, Prices]:
     """Raises: InputError for a missing file, bad JSON or a malformed entry."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("price file not found", path=str(p)) from None
-    except IsADirectoryError:
-        raise InputError("a folder, not a price file", path=str(p)) from None
-    except UnicodeDecodeError:
-        raise InputError("not a JSON price file (not UTF-8 text)", path=str(p)) from None
+        data = json.loads(read_price_text(p, "JSON price file"))
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON ({e.msg})", path=str(p), line=e.lineno) from None
     if not isinstance(data, dict):
