@@ -185,6 +185,23 @@ def instant_server():
     return InstantServer
 
 
+def batch_sizes(url: str):
+    """The batches the app at ``url`` has run, by size (its model replica's ``status()``)."""
+    from collections import Counter
+
+    from ray import serve
+
+    app = url.rsplit("/", 1)[1]
+    name = next(d for d in serve.status().applications[app].deployments if d.startswith("base-"))
+    got = serve.get_deployment_handle(name, app_name=app).status.remote().result()["batch_sizes"]
+    return Counter({int(k): v for k, v in got.items()})
+
+
+def mean_batch(before, after) -> float:
+    ran = after - before
+    return sum(k * v for k, v in ran.items()) / max(1, sum(ran.values()))
+
+
 def replica_threads() -> str:
     """OMP_NUM_THREADS as a Ray worker on this cluster sees it (torch's thread count there)."""
     import ray
@@ -224,11 +241,13 @@ async def rounds(args, hosts: dict, urls: dict, instant_url: str, prompts: list[
                     url = urls[(label, cell == "batch_greedy")]
                     http_first = (r + k) % 2 == 1
                     k += 1
+                    before = batch_sizes(url)
                     if http_first:
                         h = await http_load(session, url, models, subset, conc, mt)
                     i = timed(host, gens, conc, cell == "batch_greedy")
                     if not http_first:
                         h = await http_load(session, url, models, subset, conc, mt)
+                    h["batch"] = mean_batch(before, batch_sizes(url))  # the warm-up's batches included
                     out["cells"][(label, cell)].append({"inproc": i, "http": h, "http_first": http_first})
             many = (prompts * (args.instant_requests // len(prompts) + 1))[: args.instant_requests]
             out["instant"].append({"n": await http_load(session, instant_url, ["spec0"], many, n, 1),
@@ -311,6 +330,7 @@ def report(args, res: dict, mem: dict, rc: dict, cpus: int, threads: str, replic
          f"{args.instant_requests} to the instant model; {args.max_tokens} new tokens each, greedy; random-init "
          f"Qwen2 (hidden {args.hidden}, {args.layers} layers), LoRA r=4; Serve replicas with {replica} torch "
          f"threads, max batch {n}; in-process: the same host, {threads} torch threads, batches of the same size"),
+        (f"  HTTP path: {'HAProxy -> ingress replica -> model replica (Serve throughput-optimized)' if args.path == 'haproxy' else 'Serve Python proxy -> ingress replica -> model replica'}"),
         f"  figures: median of the {R} per-round figures [min to max across rounds]",
         (f"  load average (1 min) on these {cpus} cores: {loads[0]:.1f} before, {loads[1]:.1f} after, "
          f"{', '.join(f'{x:.1f}' for x in res['loads'])} at the rounds' starts; {took / 60:.1f} min in all"),
@@ -333,7 +353,8 @@ def report(args, res: dict, mem: dict, rc: dict, cpus: int, threads: str, replic
             lines.append(f"    {n} in flight, {name:<15}in-process {med([i['rps'] for i in inproc]):5.1f} req/s   "
                          f"HTTP {med([h['rps'] for h in http]):5.1f} req/s   ratio {spread(ratio)}   "
                          f"(HTTP p50 {ms(med([h['p50'] for h in http]))}, in-process batch "
-                         f"{ms(med([i['p50'] for i in inproc]))})")
+                         f"{ms(med([i['p50'] for i in inproc]))}; HTTP batches of "
+                         f"{med([h['batch'] for h in http]):.1f} on average)")
         lines.append(f"    {sum(h['http']['errors'] for cell in CELLS for h in c[cell])} errors")
 
     def four_over_one(cell: str, side: int) -> str:
@@ -367,6 +388,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--instant-requests", type=int, default=200,
                     help="requests per round to the instant model at N in flight (a quarter of them at 1)")
+    ap.add_argument("--ingress", choices=("haproxy", "python-proxy"), default="haproxy",
+                    help="Serve's HTTP path on the cluster this starts: HAProxy in front of the ingress replicas "
+                         "(what `kolm serve` and cluster.yaml start) or Serve's Python proxy; a cluster at "
+                         "RAY_ADDRESS keeps its own")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     if min(args.rounds, args.requests, args.ones, args.concurrency, args.instant_requests) < 1:
@@ -386,6 +411,10 @@ def main() -> None:
 
     n = args.concurrency
     own_cluster = not os.environ.get("RAY_ADDRESS")  # connect(None) then starts a local cluster of our own
+    if own_cluster:  # before Ray starts: its processes inherit these
+        from kolm_ray.serve.ingress_path import FAST_PATH_ENV
+
+        os.environ.update({k: "1" if args.ingress == "haproxy" else "0" for k in FAST_PATH_ENV})
     apps: list[str] = []
     with tempfile.TemporaryDirectory() as d:
         os.environ["KOLM_HOME"] = str(Path(d) / "home")
@@ -418,6 +447,9 @@ def main() -> None:
             apps.append("bench-instant")
             instant_url = served(arts[:1], pub, Path(d) / "home", port, share, n, "bench-instant",
                                  model_class=instant_server())
+            from kolm_ray.serve.ingress_path import running_path
+
+            args.path = running_path()
             print(f"serve: apps up after {time.perf_counter() - started:.0f} s; {args.rounds} rounds",
                   file=sys.stderr, flush=True)
             res = asyncio.run(rounds(args, hosts, urls, instant_url, prompts, ones))

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -100,7 +100,10 @@ class BaseModelServer:
             shutil.rmtree(self.workdir / f"{name}-{gone.artifact_sha256[:12]}", ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
-        return {"live": sorted(s.ref for s in self.live.values()), "refused": dict(self.refused)}
+        """What this replica serves and refuses, and how many batches of each size it has run
+        (``batch_sizes``: size -> count, since the replica started)."""
+        return {"live": sorted(s.ref for s in self.live.values()), "refused": dict(self.refused),
+                "batch_sizes": dict(sorted(self._batcher.sizes.items()))}
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request, generated in a batch with whatever else is waiting (``_Batcher``)."""
@@ -189,6 +192,7 @@ class _Batcher:
         self._worker: asyncio.Task | None = None
         self._recent: deque[int] = deque(maxlen=BATCH_MEMORY)  # the sizes of the last batches
         self._last_run_s = 0.0  # how long the last batch ran
+        self.sizes: Counter[int] = Counter()  # batches run, by size
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -221,6 +225,7 @@ class _Batcher:
             if not batch:
                 continue
             self._recent.append(len(batch))
+            self.sizes[len(batch)] += 1
             started = loop.time()
             try:
                 results = await self.run([x for x, _ in batch])

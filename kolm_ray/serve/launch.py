@@ -163,7 +163,10 @@ def _join_cluster(request: ServeRequest) -> tuple[str, int, float]:
     import ray
 
     from kolm_ray.cluster import connect
+    from kolm_ray.serve import ingress_path
 
+    if not (ray.is_initialized() or request.address or os.environ.get("RAY_ADDRESS")):
+        ingress_path.for_local_cluster()  # the local cluster starts as cluster.yaml's nodes do
     connect(request.address)
     num_gpus = request.num_gpus
     if num_gpus is None:
@@ -202,13 +205,18 @@ def start(launch: Launch, say: Say) -> None:
     which deploys it and keeps its canary split. Returns once deployed.
 
     Raises: InputError (a route prefix taken meanwhile), KolmRuntimeError (the deploy failed)."""
+    from kolm_ray.serve import ingress_path
+
     request = launch.request
     if request.env is None:
         serve_app.run(launch.cfg, host=launch.host, port=launch.port, catalog=launch.catalog)
-        return
-    base = launch.cfg.model_dump(exclude={"artifacts", "app_name", "pins", "routes"})
-    controller.start(request.env, kolm_home(), base, launch.host, launch.port, request.rollout_interval_s)
-    say(f"rollout     controller {controller.actor_name(request.env)} ticks every {request.rollout_interval_s:g} s")
+    else:
+        base = launch.cfg.model_dump(exclude={"artifacts", "app_name", "pins", "routes"})
+        controller.start(request.env, kolm_home(), base, launch.host, launch.port, request.rollout_interval_s)
+        say(f"rollout     controller {controller.actor_name(request.env)} ticks every {request.rollout_interval_s:g} s")
+    note = ingress_path.describe(ingress_path.running_path())
+    if note:
+        say(note)
 
 
 def serve_until_interrupted(launch: Launch) -> None:

@@ -5,6 +5,10 @@ for tests and benchmarks that need what only a real cluster has (the job server 
 
 Stopped by killing the processes that name its temp dir, never by ``ray stop`` (which stops
 every Ray instance on the machine).
+
+Every node starts as ``cluster.yaml``'s do, with Serve's fast path on (HAProxy in front of
+ingress replicas, ``kolm_ray.serve.ingress_path``); each node's HAProxy gets stats and metrics
+ports of its own, so clusters side by side on one machine do not collide.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class LocalHead:
             "ray-client-server-port", "node-manager-port", "object-manager-port")]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        _ray_start(cmd, self.env, self.stop)
+        _ray_start(cmd, {**self.env, **serve_node_env()}, self.stop)
         return self
 
     def stop(self) -> None:
@@ -107,13 +111,22 @@ class LocalWorker:
         cmd += [f"--{flag}={free_port()}" for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
             "metrics-export-port", "node-manager-port", "object-manager-port")]
-        _ray_start(cmd, self.head.env, self.stop)
+        _ray_start(cmd, {**self.head.env, **serve_node_env()}, self.stop)
         return self
 
     def stop(self) -> None:
         """Kill the node's processes at once, as a lost machine would go."""
         kill_by_temp_dir(self.temp_dir)
         self.temp_dir = None
+
+
+def serve_node_env() -> dict[str, str]:
+    """What a node of a test cluster starts with for Serve: the fast path, and free ports for
+    its HAProxy's stats and metrics listeners (Ray's defaults, 8404 and 9101, are one per machine)."""
+    from kolm_ray.serve.ingress_path import FAST_PATH_ENV
+
+    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
 def _ray_start(cmd: list[str], env: dict[str, str], cleanup) -> None:

@@ -65,6 +65,14 @@ def client(served):
     return openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
 
 
+def test_a_cluster_started_as_cluster_yaml_does_serves_behind_haproxy(served):
+    from kolm_ray.serve.ingress_path import HAPROXY, running_path
+
+    # The session's head starts with the fast path's variables, as cluster.yaml's nodes do.
+    assert running_path() == HAPROXY
+    assert "Python proxy" not in served["output"]
+
+
 def test_two_specialists_answer_through_the_openai_client_naming_their_versions(served, client):
     answers = {}
     for name in ("route", "tldr"):

@@ -308,6 +308,7 @@ def test_the_batcher_starts_a_lone_request_at_once_and_batches_what_queued_meanw
         assert await asyncio.wait_for(first, 60) == 2
         assert await asyncio.wait_for(asyncio.gather(later[0], *later[2:]), 60) == [4, 8, 10, 12]
         assert sizes == [[1], [2, 4, 5], [6]]
+        assert b.sizes == {1: 2, 3: 1}  # what a replica's status() reports as batch_sizes
 
     asyncio.run(main())
 
