@@ -193,7 +193,12 @@ def batch_sizes(url: str):
 
     app = url.rsplit("/", 1)[1]
     name = next(d for d in serve.status().applications[app].deployments if d.startswith("base-"))
-    got = serve.get_deployment_handle(name, app_name=app).status.remote().result()["batch_sizes"]
+    handle = serve.get_deployment_handle(name, app_name=app)
+    if not handle.is_initialized:
+        # Its own loop: on Serve's throughput-optimized path a driver's handle otherwise binds to
+        # the running loop (this benchmark's asyncio.run), closed before serve.shutdown.
+        handle._init(_run_router_in_separate_loop=True)
+    got = handle.status.remote().result()["batch_sizes"]
     return Counter({int(k): v for k, v in got.items()})
 
 
@@ -241,13 +246,13 @@ async def rounds(args, hosts: dict, urls: dict, instant_url: str, prompts: list[
                     url = urls[(label, cell == "batch_greedy")]
                     http_first = (r + k) % 2 == 1
                     k += 1
-                    before = batch_sizes(url)
+                    before = await asyncio.to_thread(batch_sizes, url)
                     if http_first:
                         h = await http_load(session, url, models, subset, conc, mt)
                     i = timed(host, gens, conc, cell == "batch_greedy")
                     if not http_first:
                         h = await http_load(session, url, models, subset, conc, mt)
-                    h["batch"] = mean_batch(before, batch_sizes(url))  # the warm-up's batches included
+                    h["batch"] = mean_batch(before, await asyncio.to_thread(batch_sizes, url))  # the warm-up's batches included
                     out["cells"][(label, cell)].append({"inproc": i, "http": h, "http_first": http_first})
             many = (prompts * (args.instant_requests // len(prompts) + 1))[: args.instant_requests]
             out["instant"].append({"n": await http_load(session, instant_url, ["spec0"], many, n, 1),

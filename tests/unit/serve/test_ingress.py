@@ -331,3 +331,79 @@ def test_the_batch_plan_waits_for_the_load_just_seen_and_never_for_a_lone_caller
     for _ in range(BATCH_MEMORY):
         recent.append(1)  # the load fell to one caller
     assert batch_plan(recent, 0.5, 8, 0.01)[0] == 1
+
+
+def test_a_burst_still_arriving_is_waited_for_up_to_a_round_trip():
+    """The gather deadline (pure): the plan's wait, extended while requests keep coming within
+    the gap of each other, never past FOLLOW_MAX_S."""
+    from kolm_ray.serve.deployments import FOLLOW_MAX_S, gather_deadline
+
+    assert gather_deadline(0.0, 0.0, 0.01, 0.01) == 0.01  # nothing more came: the plan's wait
+    assert gather_deadline(0.0, 0.025, 0.01, 0.01) == 0.035  # the last came at 25 ms: wait 10 ms past it
+    assert gather_deadline(0.0, 5.0, 0.01, 0.01) == FOLLOW_MAX_S  # a trickle never holds a batch long
+    assert gather_deadline(0.0, 0.0, 0.5, 0.01) == 0.5  # a configured wait above the cap stands
+
+
+def test_the_batcher_gathers_a_burst_that_arrives_spread_out_after_a_lull():
+    """Eight callers came back at once before (the load the batcher remembers); now they arrive
+    8 ms apart, 56 ms in all (each crossed the proxy and the ingress), under a 40 ms gap and the
+    100 ms cap: one batch of 8, not 1 + 7."""
+    from kolm_ray.serve.deployments import _Batcher
+
+    async def main() -> None:
+        sizes: list[int] = []
+
+        async def run(items: list[int]) -> list[int]:
+            sizes.append(len(items))
+            return items
+
+        b = _Batcher(run, max_batch_size=8, wait_s=0.04)
+        await asyncio.gather(*(b.submit(i) for i in range(8)))  # the load seen: 8 at once
+        assert sizes == [1, 7] or sizes == [8]  # the very first request had no load to remember
+        sizes.clear()
+        b._recent.extend([8] * 4)
+
+        async def late(i: int) -> int:
+            await asyncio.sleep(0.008 * i)
+            return await b.submit(i)
+
+        assert await asyncio.wait_for(asyncio.gather(*(late(i) for i in range(8))), 60) == list(range(8))
+        assert sizes == [8]
+
+    asyncio.run(main())
+
+
+def test_a_straggler_that_queued_during_a_batch_counts_in_the_load_remembered():
+    """Seven came together and an eighth while their batch ran: the load was 8. Remembering the
+    batch's size (7) split every later burst of 8 into 7 and 1, which it then remembered again."""
+    from kolm_ray.serve.deployments import _Batcher
+
+    async def main() -> None:
+        sizes: list[int] = []
+        gate = asyncio.Event()
+
+        async def run(items: list[int]) -> list[int]:
+            sizes.append(len(items))
+            if len(sizes) == 1:
+                await gate.wait()
+            return items
+
+        b = _Batcher(run, max_batch_size=8, wait_s=0.04)
+        b._recent.extend([7] * 4)  # the load seen so far: 7 at a time
+        first = [asyncio.create_task(b.submit(i)) for i in range(7)]
+        while not sizes:
+            await asyncio.sleep(0)
+        straggler = asyncio.create_task(b.submit(7))  # queued while the 7 run
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*first, straggler), 60)
+        assert sizes == [7, 1]
+
+        async def late(i: int) -> int:
+            await asyncio.sleep(0.008 * i)
+            return await b.submit(i)
+
+        await asyncio.wait_for(asyncio.gather(*(late(i) for i in range(8))), 60)
+        assert sizes == [7, 1, 8]
+
+    asyncio.run(main())
