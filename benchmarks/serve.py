@@ -3,7 +3,8 @@ the same model in-process, at the same batching; proxy + ingress requests/s alon
 against four on one base; memory of four adapters on one base against four merged models; and
 the cost of a receipt per call.
 
-    python benchmarks/serve.py [--rounds 5] [--requests 16] [--ones 6] [--concurrency 8] [--write]
+    python benchmarks/serve.py [--rounds 5] [--requests 16] [--ones 20] [--concurrency 8]
+                               [--ingress haproxy|python-proxy] [--write]
 
 On a shared machine the load moves within minutes, so the two halves of a comparison must run
 under the same load. The Serve apps start and the in-process hosts load once; then ``--rounds``
@@ -386,7 +387,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="rounds; every ratio is the median of its per-round ratios")
     ap.add_argument("--requests", type=int, default=16, help="requests per round for each N-in-flight cell")
-    ap.add_argument("--ones", type=int, default=6, help="requests per round for each concurrency-1 cell")
+    ap.add_argument("--ones", type=int, default=20, help="requests per round for each concurrency-1 cell")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
