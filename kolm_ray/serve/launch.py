@@ -214,9 +214,15 @@ def start(launch: Launch, say: Say) -> None:
         base = launch.cfg.model_dump(exclude={"artifacts", "app_name", "pins", "routes"})
         controller.start(request.env, kolm_home(), base, launch.host, launch.port, request.rollout_interval_s)
         say(f"rollout     controller {controller.actor_name(request.env)} ticks every {request.rollout_interval_s:g} s")
-    note = ingress_path.describe(ingress_path.running_path())
+    note = ingress_path.describe(ingress_path.running_path(), launch.host, _alive_nodes())
     if note:
         say(note)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def serve_until_interrupted(launch: Launch) -> None:

@@ -87,7 +87,7 @@ class LocalHead:
             "ray-client-server-port", "node-manager-port", "object-manager-port")]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        _ray_start(cmd, {**self.env, **serve_node_env()}, self.stop)
+        _ray_start(cmd, {**serve_node_env(), **self.env}, self.stop)
         return self
 
     def stop(self) -> None:
@@ -111,7 +111,7 @@ class LocalWorker:
         cmd += [f"--{flag}={free_port()}" for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
             "metrics-export-port", "node-manager-port", "object-manager-port")]
-        _ray_start(cmd, {**self.head.env, **serve_node_env()}, self.stop)
+        _ray_start(cmd, {**serve_node_env(), **self.head.env}, self.stop)
         return self
 
     def stop(self) -> None:
@@ -123,9 +123,11 @@ class LocalWorker:
 def serve_node_env() -> dict[str, str]:
     """What a node of a test cluster starts with for Serve: the fast path, and free ports for
     its HAProxy's stats and metrics listeners (Ray's defaults, 8404 and 9101, are one per machine)."""
-    from kolm_ray.serve.ingress_path import FAST_PATH_ENV
+    from kolm_ray.serve.ingress_path import FAST_PATH_ENV, LOCAL_DRAIN_ENV
 
-    return {**FAST_PATH_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    # The short drain of a local cluster: Ray's 30 s (for a cloud load balancer) would add half
+    # a minute to every app a test deletes.
+    return {**FAST_PATH_ENV, **LOCAL_DRAIN_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
