@@ -18,7 +18,10 @@ first client of the v3 one, which takes its ledger over: two would each admit th
 * **AIMD.** A 429 halves the effective in-flight limit (not below 1; once per burst: 429s of
   calls admitted before the cut do not cut again) and pauses admission for its ``retry-after``;
   every window of successes (as many as the limit) adds one, up to the organization's limit.
-  Under the real limit the limiter converges instead of hammering it.
+  Only a success that ends a call while the limit was in use (as many in flight as it allows)
+  counts: a limit the callers do not fill has shown nothing about the server (TCP's congestion
+  window validation, RFC 7661), so a run's tail or a quiet hour does not raise it past what
+  was tried. Under the real limit the limiter converges instead of hammering it.
 * **Budgets.** Each release carries the call's billed tokens and dollars; a tenant whose budget
   is spent, or a compile past its ``max_cost_usd``, is refused at ``acquire`` (``BudgetExceeded``).
 
@@ -130,9 +133,13 @@ class Aimd:
     successes: int = 0
 
 
-def aimd_success(a: Aimd, ceiling: int) -> Aimd:
-    """One call succeeded: after a window of successes (as many as the limit) the limit grows by
-    one, never above ``ceiling`` (the organization's limit)."""
+def aimd_success(a: Aimd, ceiling: int, in_flight: int) -> Aimd:
+    """One call succeeded with ``in_flight`` calls out (itself included): after a window of
+    successes (as many as the limit) the limit grows by one, never above ``ceiling`` (the
+    organization's limit). A success while fewer than the limit were out does not count: the
+    limit was not in use, so the server's answer says nothing about one higher."""
+    if in_flight < int(a.limit):
+        return a
     successes = a.successes + 1
     if successes >= max(1, int(a.limit)):
         return replace(a, limit=float(min(ceiling, int(a.limit) + 1)), successes=0)
@@ -314,6 +321,7 @@ class QuotaBook:
         """
         lease = self.leases.pop(lease_id, None)
         live = lease is not None
+        in_flight = self.state.in_flight  # this call's included while its lease is live
         if lease is None:
             self.counts["late_releases"] += 1
             lease = self._expired.pop(lease_id, None)
@@ -335,7 +343,7 @@ class QuotaBook:
             self.aimd = aimd_rate_limited(self.aimd, lease.epoch)
             self.state = replace(self.state, paused_until=max(self.state.paused_until, now + (retry_after_s or 0.0)))
         elif outcome == "ok":
-            self.aimd = aimd_success(self.aimd, self.limits.org.max_in_flight)
+            self.aimd = aimd_success(self.aimd, self.limits.org.max_in_flight, in_flight if live else 0)
         return live
 
     def release_holder(self, now: float, holder: str) -> int:

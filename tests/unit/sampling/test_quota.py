@@ -157,16 +157,44 @@ def test_429s_of_calls_sent_before_the_cut_do_not_cut_again():
 def test_a_window_of_successes_adds_one_up_to_the_ceiling():
     a = Aimd(limit=4)
     for tick in range(3):
-        a = aimd_success(a, ceiling=6)
+        a = aimd_success(a, ceiling=6, in_flight=4)
         assert a.limit == 4 and a.successes == tick + 1
-    a = aimd_success(a, ceiling=6)  # the 4th success closes a window of 4
+    a = aimd_success(a, ceiling=6, in_flight=4)  # the 4th success closes a window of 4
     assert a.limit == 5 and a.successes == 0
     for _ in range(5):
-        a = aimd_success(a, ceiling=6)
+        a = aimd_success(a, ceiling=6, in_flight=5)
     assert a.limit == 6
     for _ in range(100):
-        a = aimd_success(a, ceiling=6)
+        a = aimd_success(a, ceiling=6, in_flight=6)
     assert a.limit == 6  # the organization's limit is the ceiling
+
+
+def test_a_success_while_the_limit_was_not_in_use_does_not_raise_it():
+    """A run's tail (or a quiet hour) sends fewer calls than the limit allows: their successes
+    say nothing about the server at a higher limit, so they do not count (RFC 7661)."""
+    a = Aimd(limit=8)
+    for _ in range(100):
+        a = aimd_success(a, ceiling=64, in_flight=7)
+    assert a == Aimd(limit=8)
+    for _ in range(8):
+        a = aimd_success(a, ceiling=64, in_flight=8)
+    assert a.limit == 9
+
+
+def test_the_book_counts_only_successes_of_a_full_window():
+    b = book(RateLimits(max_in_flight=4, calls_per_minute=10**6, tokens_per_minute=10**9))
+    b.aimd = Aimd(limit=2.0)
+    # Two out at a time (the limit in use): each success counts, two make a window.
+    for _ in range(2):
+        g1, g2 = b.try_acquire(0.0, 10, claim("a")), b.try_acquire(0.0, 10, claim("a"))
+        b.release(0.0, g1.lease, estimated=10, actual=10)
+        b.release(0.0, g2.lease, estimated=10, actual=10)
+    assert b.aimd.limit == 3
+    # One at a time under a limit of 3 (a run's tail): a hundred successes raise nothing.
+    for _ in range(100):
+        g = b.try_acquire(0.0, 10, claim("a"))
+        b.release(0.0, g.lease, estimated=10, actual=10)
+    assert b.aimd.limit == 3 and b.stats()["effective_limit"] == 3
 
 
 def test_effective_limit_is_the_learned_one_under_the_orgs():
@@ -185,7 +213,7 @@ def test_aimd_converges_under_a_server_limit_instead_of_hammering_it():
         epoch = a.epoch
         ok, rejected_now = min(n, server_limit), max(0, n - server_limit)
         for _ in range(ok):
-            a = aimd_success(a, ceiling)
+            a = aimd_success(a, ceiling, in_flight=n)
         for _ in range(rejected_now):
             a = aimd_rate_limited(a, epoch)
         rejected, paid = rejected + rejected_now, paid + ok
@@ -267,14 +295,18 @@ def test_successes_grow_the_limit_back_to_the_orgs():
     g = b.try_acquire(0.0, 10, claim("c"))
     b.release(0.0, g.lease, estimated=10, actual=0, outcome="rate_limited", retry_after_s=0.0)
     assert b.stats()["effective_limit"] == 2
-    now = 0.0
-    for _ in range(2 + 3):  # a window of 2 successes, then one of 3
-        g = b.try_acquire(now, 10, claim("c"))
-        b.release(now, g.lease, estimated=10, actual=10, outcome="ok")
+    now, out = 0.0, []
+
+    def saturated(calls):
+        """A caller with more work than slots: every free slot is taken again at once."""
+        for _ in range(calls):
+            while isinstance(g := b.try_acquire(now, 10, claim("c")), Grant):
+                out.append(g)
+            b.release(now, out.pop(0).lease, estimated=10, actual=10, outcome="ok")
+
+    saturated(2 + 3)  # a window of 2 successes, then one of 3
     assert b.stats()["effective_limit"] == 4
-    for _ in range(40):
-        g = b.try_acquire(now, 10, claim("c"))
-        b.release(now, g.lease, estimated=10, actual=10, outcome="ok")
+    saturated(40)
     assert b.stats()["effective_limit"] == 4 and b.stats()["max_in_flight_seen"] <= 4
 
 
