@@ -8,7 +8,8 @@ policy, and every K judgement in it rests on an always-valid interval for the di
 (``evidence.difference_bound``), never on two bare means:
 
 * fast guards, at any time once the canary has ``min_samples`` calls: roll back when its error
-  rate exceeds stable's by more than ``max_error_rate_delta``, or when its online K is
+  rate exceeds stable's by more than ``max_error_rate_delta``, when its calls are unavailable
+  significantly more often than stable's (by more than the same delta), or when its online K is
   significantly worse than stable's by more than ``tolerance`` (the interval lies below);
 * with audits (``audited``): roll back, at any time, as soon as the canary's audited K is
   significantly worse than stable's by more than ``audit_tolerance``;
@@ -17,6 +18,15 @@ policy, and every K judgement in it rests on an always-valid interval for the di
   (never promote on no data);
 * promote once the interval shows the canary is not worse than stable by more than the
   tolerance (audited K with audits; otherwise the online K, and the reason says so).
+
+A failed call is the version's **error** (a 500: its generation failed) or the serving path's
+**unavailability** (a 503: ``overloaded``, a replica gone or restarting; the receipt's ``error``
+says which). An error is the version's own, so a bare rate over the served calls rolls back
+quickly. A 503 usually says nothing about the version: stable and canary share the base's queue
+and replicas, and an overload burst hits 5% of the canary's calls as it hits stable's, so on a
+few dozen calls a bare rate would roll back a good canary on the noise. Unavailability counts
+against the canary only when the always-valid interval shows it significantly above stable's (a
+canary on a base of its own whose replicas keep failing, say).
 
 ``choose_route`` is the ingress's split: sticky by routing key when one is given. Must not do I/O.
 """
@@ -29,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 from kolm_ray.publish.evidence import Bound, Scores, difference_bound
+from kolm_ray.serve.receipts import INFRA_ERRORS
 
 Action = Literal["wait", "promote", "rollback"]
 
@@ -38,7 +49,8 @@ class Window:
     """One version's figures over a stretch of receipts."""
 
     calls: int = 0
-    errors: int = 0
+    errors: int = 0  # the version's: its generation failed (a 500)
+    unavailable: int = 0  # the serving path's: a 503 (overloaded, a replica gone); see the module doc
     online: Scores = field(default_factory=Scores)  # reference-free K of ok calls
     audited: Scores = field(default_factory=Scores)  # K against the teacher's reference
     audit_failed: int = 0  # the teacher did not answer (outage, budget): no reference
@@ -48,7 +60,12 @@ class Window:
 
     @property
     def ok(self) -> int:
-        return self.calls - self.errors
+        return self.calls - self.errors - self.unavailable
+
+    @property
+    def served(self) -> int:
+        """Calls that reached the version (not turned away by the serving path)."""
+        return self.calls - self.unavailable
 
     @property
     def k(self) -> float | None:
@@ -62,14 +79,24 @@ class Window:
 
     @property
     def error_rate(self) -> float:
-        return self.errors / self.calls if self.calls else 0.0
+        """The version's errors over the calls that reached it."""
+        return self.errors / self.served if self.served else 0.0
+
+    @property
+    def unavailable_rate(self) -> float:
+        return self.unavailable / self.calls if self.calls else 0.0
+
+    @property
+    def unavailability(self) -> Scores:
+        """Each call as 1 (turned away) or 0, for ``difference_bound``."""
+        return Scores(n=self.calls, total=float(self.unavailable), squares=float(self.unavailable))
 
 
 def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: float) -> Window:
     """``name@version``'s figures from receipts newer than ``since``: calls (``kind`` "call", the
     default) and audits (``kind`` "audit", linked to a call by its request id). Receipts as
     ``read_receipts`` returns them, in the current format (K 0-100); the evidence works on 0-1."""
-    calls = errors = failed = dropped = uncosted = 0
+    calls = errors = unavailable = failed = dropped = uncosted = 0
     online, audited, cost = Scores(), Scores(), 0.0
     for r in receipts:
         if r["specialist"] != name or r["version"] != version or r["time"] < since:
@@ -88,11 +115,13 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
         if r["status"] == "cancelled":
             continue  # a client that hung up says nothing about the version
         calls += 1
-        if r["status"] != "ok":
+        if r["status"] != "ok" and r.get("error") in INFRA_ERRORS:
+            unavailable += 1
+        elif r["status"] != "ok":  # a receipt from before ``error`` was recorded counts as the version's
             errors += 1
         elif r.get("k") is not None:
             online = online.add(r["k"] / 100)
-    return Window(calls=calls, errors=errors, online=online, audited=audited, audit_failed=failed,
+    return Window(calls=calls, errors=errors, unavailable=unavailable, online=online, audited=audited, audit_failed=failed,
                   audit_dropped=dropped, audit_cost_usd=cost, audit_uncosted=uncosted)
 
 
@@ -107,7 +136,7 @@ class Policy:
     audit_tolerance: float = 5.0  # K points the canary's audited K may trail stable's
     confidence: float = 0.95
     min_audits: int = 10  # audited calls per version before the audited K is judged at all
-    max_error_rate_delta: float = 0.05
+    max_error_rate_delta: float = 0.05  # also how much more often the canary may be unavailable (bound)
 
 
 @dataclass(frozen=True)
@@ -132,6 +161,12 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
             return Verdict("rollback", f"error rate {100 * canary.error_rate:.1f}% vs stable's "
                                        f"{100 * stable.error_rate:.1f}% over {canary.calls} canary calls",
                            "online", online)
+        gone = difference_bound(canary.unavailability, stable.unavailability, p.confidence)
+        if gone is not None and gone.lo > 100 * p.max_error_rate_delta:
+            return Verdict("rollback", f"unavailable on {100 * canary.unavailable_rate:.1f}% of its calls vs stable's "
+                                       f"{100 * stable.unavailable_rate:.1f}%, more by over "
+                                       f"{100 * p.max_error_rate_delta:g} points ({gone.text().replace('K points', 'points')}) "
+                                       f"over {canary.calls} canary calls", "online", online)
         if online is not None and online.hi < -p.tolerance:
             return Verdict("rollback", f"online K {canary.k:.1f} is below stable's {stable.k:.1f} by more than "
                                        f"{p.tolerance:g} ({online.text()}) over {canary.calls} canary calls",

@@ -112,8 +112,8 @@ def manual(home: Path, env: str, name: str, action: str) -> EnvState:
 
 
 def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]:
-    """Each Specialist: stable and canary, weight, phase, online and audited K and calls of each,
-    audit failures and cost, hold left, and the evidence (bound) the controller decides on."""
+    """Each Specialist: stable and canary, weight, phase, online and audited K and calls of each
+    (and their failed calls: the version's errors, the serving path's 503s), audit failures and cost, hold left, and the evidence (bound) the controller decides on."""
     from kolm_ray.publish.controller import app_name, verdict_on
     from kolm_ray.serve.receipts import read_receipts
 
@@ -131,6 +131,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
         entry: dict[str, Any] = {
             "name": name, "phase": r.phase, "stable": r.stable.version,
             "stable_online_k": st.k, "stable_calls": st.calls, "stable_audited_k": st.audited_k,
+            "stable_errors": st.errors, "stable_unavailable": st.unavailable,
             "canary": None, "weight": 0.0, "previous": r.previous.version if r.previous else None,
             "audited_calls": {"stable": st.audited.n},
             "audit_failed": {"stable": st.audit_failed}, "audit_dropped": {"stable": st.audit_dropped},
@@ -143,6 +144,7 @@ def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]
             v = verdict_on(r, cw, st, now)  # since == the canary's start: the windows the controller reads
             entry.update(canary=r.canary.version, weight=r.canary.weight, canary_online_k=cw.k,
                          canary_calls=cw.calls, canary_audited_k=cw.audited_k, min_samples=r.canary.min_samples,
+                         canary_errors=cw.errors, canary_unavailable=cw.unavailable,
                          audit=r.canary.audit.model_dump(),
                          hold_left_s=max(0.0, r.canary.hold_s - (now - r.canary.started_at)),
                          audited_calls={"stable": st.audited.n, "canary": cw.audited.n},

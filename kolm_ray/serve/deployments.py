@@ -552,7 +552,7 @@ class Ingress:
                 "stop": list(p.stop) or list(d.stop)}
 
     def _receipt(self, s: Specialist, p: Parsed, rid: str, started: float, status: str, out: dict[str, Any] | None,
-                 key: str | None, route: str) -> None:
+                 key: str | None, route: str, error: str | None = None) -> None:
         from kolm_ray.serve.receipts import Receipt, digest, points
 
         checks = None
@@ -563,7 +563,7 @@ class Ingress:
             artifact_sha256=s.artifact_sha256, route=route, status=status, input_sha256=digest(p.input),
             output_sha256=digest(out["text"]) if out else None, latency_ms=round(1000 * (time.perf_counter() - started), 3),
             prompt_tokens=out["prompt_tokens"] if out else 0, completion_tokens=out["completion_tokens"] if out else 0,
-            **points(checks), api_key=key,
+            **points(checks), api_key=key, error=error if status == "error" else None,
         ))
         record_call(receipt)  # the receipt's own figures: metrics and receipts never disagree
 
@@ -754,7 +754,7 @@ class Ingress:
             s, route, out = await self._dispatch(s, p, route, self._generate_call)
         except RequestError as e:
             if s is not None and p is not None and e.status >= 500:
-                self._receipt(s, p, rid, started, "error", None, key, route)
+                self._receipt(s, p, rid, started, "error", None, key, route, error=e.code or e.type)
             record_error(s, e.code or e.type)
             return _error_response(e)
         except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
@@ -764,7 +764,7 @@ class Ingress:
             log.exception("request %s failed", rid)
             record_error(s, "server_error")
             if s is not None and p is not None:
-                self._receipt(s, p, rid, started, "error", None, None, route)
+                self._receipt(s, p, rid, started, "error", None, None, route, error="server_error")
             return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
         self._receipt(s, p, rid, started, "ok", out, key, route)
         self._maybe_audit(s, p, rid, out["text"], route)
@@ -794,7 +794,7 @@ class Ingress:
 
     async def _stream(self, s: Specialist, p: Parsed, items: Any, first_item: dict[str, Any], rid: str,
                       kolm: dict[str, Any], started: float, key: str | None, route: str) -> AsyncIterator[str]:
-        first, final, status = True, None, "error"
+        first, final, status, error = True, None, "error", "server_error"
 
         async def chain() -> AsyncIterator[dict[str, Any]]:
             yield first_item
@@ -803,7 +803,8 @@ class Ingress:
 
         try:
             async for item in chain():
-                if "error" in item:
+                if "error" in item:  # the generation failed, or the adapter is no longer loaded
+                    error = "server_error" if item.get("failed") else "unavailable"
                     yield f"data: {json.dumps(error_body(item['error'], 'server_error'))}\n\n"
                     break
                 if item.get("done"):
@@ -824,6 +825,7 @@ class Ingress:
             # OpenAI's shape, as its mid-stream errors are, rather than a cut connection; the
             # receipt says "error". A replica gone is retryable; anything else is a bug.
             if isinstance(e, _REPLICA_GONE):
+                error = "unavailable"
                 log.warning("request %s: the model replica went away mid-stream (%s)", rid, type(e).__name__)
                 err = error_body("the model replica became unavailable; retry", "server_error", None, "unavailable")
             else:
@@ -831,7 +833,7 @@ class Ingress:
                 err = error_body(f"internal error: {type(e).__name__}", "server_error")
             yield f"data: {json.dumps(err)}\n\n"
         finally:
-            self._receipt(s, p, rid, started, status, final, key, route)
+            self._receipt(s, p, rid, started, status, final, key, route, error=error)
             if status == "error":
                 record_error(s, "stream")
             if status == "ok" and final is not None:

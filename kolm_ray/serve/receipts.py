@@ -61,6 +61,8 @@ RECEIPT_FORMAT_VERSION = 4
 FIRST_FORMAT_ON_0_100 = 3
 SCORE_FIELDS = ("t", "c", "l", "k")
 GENESIS = "0" * 64
+# A failed call's ``error`` that says the serving path failed it (a 503), not the version it was routed to.
+INFRA_ERRORS = frozenset({"overloaded", "unavailable"})
 
 
 class Receipt(BaseModel):
@@ -75,7 +77,11 @@ class Receipt(BaseModel):
     version: str
     artifact_sha256: str
     route: str  # "stable" or "canary" (a release's split), "pinned" (name@version), "latest"
-    status: str  # "ok" or "error"
+    status: str  # "ok" or "error" ("cancelled": the client hung up mid-stream)
+    # What failed, when status is "error": "overloaded" or "unavailable" (INFRA_ERRORS, a 503 of
+    # the serving path: a full queue, a replica gone or restarting) or "server_error" (the
+    # version's generation failed, or a bug). Absent in receipts written before it was recorded.
+    error: str | None = None
     input_sha256: str
     output_sha256: str | None
     latency_ms: float

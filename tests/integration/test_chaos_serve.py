@@ -144,6 +144,9 @@ def test_a_model_replica_killed_under_load_costs_only_retryable_503s_and_serving
         time.sleep(0.5)
     assert sorted(r["input_sha256"] for r in mine) == sorted(expected)
     assert {r["input_sha256"]: r["status"] for r in mine} == expected
+    # A 503 for a replica gone is the serving path's, not the version's: the rollout does not
+    # count it against a canary (publish/rollout.py).
+    assert {r.get("error") for r in mine if r["status"] == "error"} == {"unavailable"}
     assert sum(r["status"] == "ok" for r in mine) == statuses.count(200)
     deadline = time.time() + 10  # a segment's head file is written after its lines: give it a flush
     while not verify_log(receipts_dir).ok and time.time() < deadline:

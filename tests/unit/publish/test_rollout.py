@@ -100,6 +100,30 @@ def test_errors_roll_back():
     assert v.action == "rollback" and "error rate 20.0%" in v.reason
 
 
+def test_an_overload_burst_both_versions_share_is_not_the_canarys_fault():
+    """Stable and canary share the base's queue: a burst of 503s lands on both. On main they
+    counted as the canary's errors, and 4 of its 20 calls (20%) against stable's 10% rolled a
+    good canary back."""
+    canary = Window(calls=20, unavailable=4, online=scores([0.9] * 16))
+    stable = Window(calls=380, unavailable=38, online=scores([0.9] * 342))
+    v = decide(canary, stable, 5, POLICY)
+    assert v.action == "wait" and canary.error_rate == 0.0 and canary.ok == 16
+
+
+def test_a_canary_that_is_unavailable_far_more_often_than_stable_is_rolled_back():
+    """A canary on a base of its own whose replicas keep failing: nearly every call a 503."""
+    v = decide(Window(calls=40, unavailable=38, online=scores([0.9] * 2)), w(400), 5, POLICY)
+    assert v.action == "rollback" and v.reason.startswith("unavailable on 95.0% of its calls vs stable's 0.0%")
+    # Not on a handful of calls: the interval is wide until the evidence is there.
+    assert decide(Window(calls=20, unavailable=5, online=scores([0.9] * 15)), w(400), 5, POLICY).action == "wait"
+
+
+def test_the_error_rate_is_over_the_calls_that_reached_the_version():
+    got = Window(calls=40, errors=3, unavailable=10)
+    assert (got.served, got.ok, got.error_rate, got.unavailable_rate) == (30, 27, 0.1, 0.25)
+    assert Window().error_rate == Window().unavailable_rate == 0.0
+
+
 def test_never_promotes_on_no_data():
     assert decide(w(0), w(0), 10**6, POLICY).action == "wait"
     assert decide(w(30), w(0), 10**6, POLICY).reason == "no online K for stable or canary yet: nothing to compare"
@@ -110,7 +134,10 @@ def test_window_counts_calls_and_audits_of_one_version_since_the_start():
     receipts = [  # K on 0-100, as read_receipts hands them over (format 3)
         {"specialist": "a", "version": "1.1", "time": 5, "status": "ok", "k": 50.0},
         {"specialist": "a", "version": "1.1", "time": 15, "status": "ok", "k": 100.0},
-        {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None},
+        {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None},  # before `error`
+        {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None, "error": "server_error"},
+        {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None, "error": "overloaded"},
+        {"specialist": "a", "version": "1.1", "time": 16, "status": "error", "k": None, "error": "unavailable"},
         {"specialist": "a", "version": "1.1", "time": 16, "status": "cancelled", "k": None},
         {"kind": "audit", "specialist": "a", "version": "1.1", "time": 17, "status": "ok", "k": 0.0,
          "cost_usd": 0.002},
@@ -120,7 +147,7 @@ def test_window_counts_calls_and_audits_of_one_version_since_the_start():
         {"specialist": "b", "version": "1.1", "time": 18, "status": "ok", "k": 0.0},
     ]
     got = window(receipts, "a", "1.1", since=10)
-    assert (got.calls, got.errors, got.k) == (2, 1, 100.0)
+    assert (got.calls, got.errors, got.unavailable, got.k) == (5, 2, 2, 100.0)
     assert (got.audited.n, got.audited_k, got.audit_failed, got.audit_dropped) == (1, 0.0, 1, 1)
     assert got.audit_cost_usd == pytest.approx(0.002)
 

@@ -207,15 +207,17 @@ def test_a_batch_that_fails_is_generated_one_by_one_so_only_the_culprit_fails():
     assert out[1]["failed"] and "RuntimeError" in out[1]["error"]
 
 
-@pytest.mark.parametrize("error, code", [("died", "unavailable"), ("bug", None)])
-def test_a_stream_whose_replica_fails_after_the_200_ends_with_an_error_event(error, code):
+@pytest.mark.parametrize("error, code, kind", [("died", "unavailable", "unavailable"), ("bug", None, "server_error")])
+def test_a_stream_whose_replica_fails_after_the_200_ends_with_an_error_event(error, code, kind):
     """The 200 is out with the first piece: a replica that dies (or a bug) mid-stream ends the
     stream with an error event in OpenAI's shape, not a cut connection, and its receipt says
-    "error" (the old stream let the exception cut the connection)."""
+    "error" (the old stream let the exception cut the connection), with what failed: the serving
+    path (a replica gone: not the version's fault) or the version (a bug)."""
     from kolm_ray.serve.protocol import Parsed
 
     receipts = []
-    ingress = SimpleNamespace(_receipt=lambda *a: receipts.append(a[4]), _maybe_audit=lambda *a: None)
+    ingress = SimpleNamespace(_receipt=lambda *a, error=None: receipts.append((a[4], error)),
+                              _maybe_audit=lambda *a: None)
 
     async def items():
         yield {"delta": " more"}
@@ -233,7 +235,7 @@ def test_a_stream_whose_replica_fails_after_the_200_ends_with_an_error_event(err
     assert len(events) == 3 and "first" in events[0] and "more" in events[1]
     last = json.loads(events[2].removeprefix("data: "))
     assert set(last["error"]) == {"message", "type", "param", "code"} and last["error"]["code"] == code
-    assert receipts == ["error"]
+    assert receipts == [("error", kind)]
 
 
 @pytest.mark.parametrize("env, audits", [
