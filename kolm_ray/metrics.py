@@ -21,10 +21,10 @@ count ~0 there. The dashboard's compile panels therefore add the value of a seri
 exist one window earlier (``X unless X offset W``) to the ``increase`` of the others, rather
 than this module recording a second, zero-initialised copy of every series.
 
-Ray has no call that flushes application metrics: each process hands its records to the node's
-metrics agent every ``metrics_report_interval_ms`` (10 s by default). A compile driver that exits
-sooner after its last stage may take that stage's figures with it; a driver that stays up (a
-``kolm serve`` or a queue worker) exports them on the next report.
+Each process hands its records to the node's metrics agent every ``metrics_report_interval_ms``
+(10 s by default), and once more when its Ray worker shuts down (Ray's OpenTelemetry reader
+flushes on shutdown): a compile driver that exits right after its last stage still gets that
+stage's figures exported (tested); one killed with SIGKILL loses its last interval's.
 
 Must never fail a request, a tick or a compile: a metrics error is logged once per metric and
 counted (``errors()``, and ``kolm_metrics_errors`` when that can still be recorded), never

@@ -138,3 +138,42 @@ def test_compile_and_rollout_figures_reach_the_endpoint_from_the_driver_and_a_wo
     assert _value(samples, "ray_kolm_compile_teacher_failures_total", **tags, kind="rate_limited") == 2
     assert _value(samples, "ray_kolm_compile_teacher_cost_usd_total", **tags) == pytest.approx(0.5)
     assert _value(samples, "ray_kolm_rollout_canary_weight", specialist=name) == 0.25
+
+
+def test_a_compile_driver_that_exits_at_once_still_gets_its_figures_exported(ray_head):
+    """A `ray job submit` compile's driver exits right after its last stage, sooner than Ray's
+    metrics report interval (10 s): its figures are still exported (Ray flushes them when the
+    driver's worker shuts down)."""
+    import os
+    import subprocess
+    import sys
+
+    name = f"metrics-exit-{time.time_ns() % 10**9}"
+    script = f"""
+import ray
+from types import SimpleNamespace
+from kolm_ray import metrics
+ray.init(address={ray_head.address!r}, namespace="kolm-test", log_to_driver=False)
+
+@metrics.finishes_stage_clocks
+def compile():
+    clock = metrics.StageClock(SimpleNamespace(stage=lambda n, total=0: None), {name!r}, "acme")
+    clock.stage("eval")
+    clock.stage("sign")
+    metrics.record_teacher({name!r}, "acme", SimpleNamespace(calls=7, cache_hits=0, retries=0,
+                           retries_by_kind={{}}, cost_usd=0.25, recorded=False))
+
+compile()
+assert metrics.errors() == {{}}, metrics.errors()
+"""
+    env = {**os.environ, **ray_head.env}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tags = {"specialist": name, "tenant": "acme"}
+    samples = _wait_for(ray_head.metrics_export_port, {
+        "ray_kolm_compile_stage_seconds_count": [{**tags, "stage": "eval"}, {**tags, "stage": "sign"}],
+        "ray_kolm_compile_teacher_calls_total": [{**tags, "stage": "teacher"}],
+    }, within_s=60)
+    assert _value(samples, "ray_kolm_compile_teacher_calls_total", **tags) == 7
+    assert _value(samples, "ray_kolm_compile_teacher_cost_usd_total", **tags) == pytest.approx(0.25)
