@@ -77,13 +77,29 @@ def messages_api(monkeypatch: pytest.MonkeyPatch):
         srv = MessagesAPIServer(responder, **kwargs).start()
         servers.append(srv)
         monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.url)
-        # A fresh key per server: the cluster-wide quota actor is per key, so tests don't share one.
-        monkeypatch.setenv("ANTHROPIC_API_KEY", f"test-key-{srv.port}")
+        # A fresh key per server: the cluster-wide quota actor is per key (and detached: it
+        # outlives a test), so tests don't share one. Not the port alone: a later server may get
+        # an earlier one's port.
+        monkeypatch.setenv("ANTHROPIC_API_KEY", f"test-key-{srv.port}-{secrets.token_hex(4)}")
         return srv
 
     yield start
     for srv in servers:
         srv.stop()
+
+
+def cli_json(result):
+    """The JSON document a `--json` command printed (a click ``Result``). The test process is a
+    Ray driver: Ray relays its raylet's warnings ("N PYTHON worker processes have been
+    started...") to it whenever they come, so a line of them may precede or follow the document
+    in the captured output. Parsed from the first line that opens an object or array."""
+    import json
+    import re
+
+    text = result.stdout
+    found = re.search(r"^[{\[]", text, re.M)
+    assert found, f"no JSON document in the output:\n{result.output[-3000:]}"
+    return json.JSONDecoder().raw_decode(text, found.start())[0]
 
 
 def write_jsonl(path: Path, rows, with_output=True) -> Path:

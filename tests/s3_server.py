@@ -1,5 +1,5 @@
 """A local S3 server for the object-storage tests: moto's S3 app in server mode (what
-``moto.server.ThreadedMotoServer`` runs) on a free loopback port, started by the tests themselves.
+``moto.server.ThreadedMotoServer`` runs) on a loopback port bound at import, started by the tests themselves.
 
 One request at a time: moto checks ``If-None-Match: *`` and then stores the object in two steps,
 so two request threads could both pass the check, where real S3 makes the conditional PUT
@@ -22,14 +22,16 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 from typing import Iterator
 
 import pytest
 
-from kolm_ray.testing.cluster import free_port
-
-PORT = free_port()
+# Bound (and listening) now, served from when the first test asks: the port is held all along,
+# so nothing else started in between (a stand-in teacher on port 0, Ray) can take it.
+_LISTENER = socket.create_server(("127.0.0.1", 0), backlog=128)
+PORT = _LISTENER.getsockname()[1]
 ENDPOINT = f"http://127.0.0.1:{PORT}"
 ENV = {
     "AWS_ENDPOINT_URL": ENDPOINT,
@@ -64,7 +66,7 @@ def s3_server() -> Iterator[str]:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     server = make_server("127.0.0.1", PORT, _OneAtATime(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True, request_handler=MotoRequestHandler)
+                         threaded=True, request_handler=MotoRequestHandler, fd=_LISTENER.fileno())
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="moto-s3")
     thread.start()
     yield ENDPOINT

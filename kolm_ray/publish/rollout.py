@@ -7,15 +7,18 @@ output scored against the teacher's reference, as the holdout is). ``decide`` is
 policy, and every K judgement in it rests on an always-valid interval for the difference
 (``evidence.difference_bound``), never on two bare means:
 
-* fast guards, at any time once the canary has ``min_samples`` calls: roll back when its error
-  rate exceeds stable's by more than ``max_error_rate_delta``, when its calls are unavailable
-  significantly more often than stable's (by more than the same delta), or when its online K is
-  significantly worse than stable's by more than ``tolerance`` (the interval lies below);
+* fast guards, at any time once the canary has ``min_samples`` calls (served, for the error
+  rate): roll back when its error rate exceeds stable's by more than ``max_error_rate_delta``,
+  when its calls are unavailable significantly more often than stable's (by more than the same
+  delta: ``unavailability_regressed``), or when its online K is significantly worse than
+  stable's by more than ``tolerance`` (the interval lies below);
 * with audits (``audited``): roll back, at any time, as soon as the canary's audited K is
   significantly worse than stable's by more than ``audit_tolerance``;
-* wait while the hold lasts, while the canary has fewer than ``min_samples`` calls, while either
-  version has fewer than ``min_audits`` audited calls, or while the evidence is inconclusive
-  (never promote on no data);
+* wait while the hold lasts, while the canary has fewer than ``min_samples`` calls, while its
+  unavailable rate is more than ``max_error_rate_delta`` above stable's (not shown to be the
+  canary's, so no rollback, but no promotion on it either), while either version has fewer
+  than ``min_audits`` audited calls, or while the evidence is inconclusive (never promote on no
+  data);
 * promote once the interval shows the canary is not worse than stable by more than the
   tolerance (audited K with audits; otherwise the online K, and the reason says so).
 
@@ -156,17 +159,12 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
     # Never judged on no audits, whatever ``min_audits`` says (a Policy built with 0 once promoted on none).
     need_audits = max(1, p.min_audits)
     enough_audits = canary.audited.n >= need_audits and stable.audited.n >= need_audits
+    if canary.served >= p.min_samples and canary.error_rate > stable.error_rate + p.max_error_rate_delta:
+        return Verdict("rollback", f"error rate {100 * canary.error_rate:.1f}% vs stable's "
+                                   f"{100 * stable.error_rate:.1f}% over {canary.served} canary calls served")
     if canary.calls >= p.min_samples:
-        if canary.error_rate > stable.error_rate + p.max_error_rate_delta:
-            return Verdict("rollback", f"error rate {100 * canary.error_rate:.1f}% vs stable's "
-                                       f"{100 * stable.error_rate:.1f}% over {canary.calls} canary calls",
-                           "online", online)
-        gone = difference_bound(canary.unavailability, stable.unavailability, p.confidence)
-        if gone is not None and gone.lo > 100 * p.max_error_rate_delta:
-            return Verdict("rollback", f"unavailable on {100 * canary.unavailable_rate:.1f}% of its calls vs stable's "
-                                       f"{100 * stable.unavailable_rate:.1f}%, more by over "
-                                       f"{100 * p.max_error_rate_delta:g} points ({gone.text().replace('K points', 'points')}) "
-                                       f"over {canary.calls} canary calls", "online", online)
+        if (why := unavailability_regressed(canary, stable, p)) is not None:
+            return Verdict("rollback", why)
         if online is not None and online.hi < -p.tolerance:
             return Verdict("rollback", f"online K {canary.k:.1f} is below stable's {stable.k:.1f} by more than "
                                        f"{p.tolerance:g} ({online.text()}) over {canary.calls} canary calls",
@@ -181,6 +179,11 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
                        signal, bound)
     if canary.calls < p.min_samples:
         return Verdict("wait", f"too few canary calls to judge: {canary.calls} of {p.min_samples}", signal, bound)
+    if canary.unavailable_rate > stable.unavailable_rate + p.max_error_rate_delta:
+        # Not yet shown to be the canary's (no rollback), but never promoted on it either.
+        return Verdict("wait", f"unavailable on {100 * canary.unavailable_rate:.1f}% of its calls vs stable's "
+                               f"{100 * stable.unavailable_rate:.1f}%: more than {100 * p.max_error_rate_delta:g} "
+                               f"points above, waiting for the evidence either way", signal, bound)
     if p.audited:
         if not enough_audits:
             return Verdict("wait", f"too few audited calls to judge: canary {canary.audited.n}, stable "
@@ -197,8 +200,29 @@ def decide(canary: Window, stable: Window, elapsed_s: float, p: Policy) -> Verdi
     if online.lo >= -p.tolerance:
         return Verdict("promote", f"online K {canary.k:.1f} vs stable's {stable.k:.1f}: not worse by more than "
                                   f"{p.tolerance:g} ({online.text()}) over {canary.calls} canary calls, error rate "
-                                  f"{100 * canary.error_rate:.1f}%; format-level K only (no audits)", signal, online)
+                                  f"{100 * canary.error_rate:.1f}%, unavailable {100 * canary.unavailable_rate:.1f}%; "
+                                  f"format-level K only (no audits)", signal, online)
     return Verdict("wait", f"online K inconclusive: {online.text()}, tolerance {p.tolerance:g}", signal, online)
+
+
+def unavailability_regressed(canary: Window, stable: Window, p: Policy) -> str | None:
+    """Why the canary's calls are turned away (503) significantly more often than stable's, by
+    more than ``max_error_rate_delta``; None when that is not shown. Without stable calls to
+    compare with, the canary's own rate against the delta."""
+    delta = 100 * p.max_error_rate_delta
+    rate = 100 * canary.unavailable_rate
+    if canary.calls == 0:
+        return None
+    if stable.calls == 0:
+        return (f"unavailable on {rate:.1f}% of its {canary.calls} calls (more than {delta:g}), and no stable "
+                f"calls to compare with") if rate > delta else None
+    b = difference_bound(canary.unavailability, stable.unavailability, p.confidence)
+    if b is None or b.lo <= delta:
+        return None
+    lo, hi = max(-100.0, b.lo), min(100.0, b.hi)
+    return (f"unavailable on {rate:.1f}% of its calls vs stable's {100 * stable.unavailable_rate:.1f}%: more by "
+            f"over {delta:g} points ({b.diff:+.1f} points, {100 * b.confidence:g}% bound [{lo:+.1f}, {hi:+.1f}]) "
+            f"over {canary.calls} canary calls")
 
 
 def choose_route(name: str, weight: float, routing_key: str | None, rng: random.Random | None = None) -> str:

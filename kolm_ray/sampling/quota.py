@@ -18,8 +18,8 @@ first client of the v3 one, which takes its ledger over: two would each admit th
 * **AIMD.** A 429 halves the effective in-flight limit (not below 1; once per burst: 429s of
   calls admitted before the cut do not cut again) and pauses admission for its ``retry-after``;
   every window of successes (as many as the limit) adds one, up to the organization's limit.
-  Only a success that ends a call while the limit was in use (as many in flight as it allows)
-  counts: a limit the callers do not fill has shown nothing about the server (TCP's congestion
+  Only a success that ends a call admitted under the current limit, while that limit was in use
+  (as many in flight as it allows), counts: a limit the callers do not fill has shown nothing about the server (TCP's congestion
   window validation, RFC 7661), so a run's tail or a quiet hour does not raise it past what
   was tried. Under the real limit the limiter converges instead of hammering it.
 * **Budgets.** Each release carries the call's billed tokens and dollars; a tenant whose budget
@@ -316,7 +316,8 @@ class QuotaBook:
         """End a call: free its slot, correct the token estimate, book its spend, and adapt.
 
         A 429 (``outcome="rate_limited"``) pauses admission for ``retry_after_s`` and cuts the
-        limit; a success counts towards the next step up. A lease that already expired is not
+        limit; a success counts towards the next step up when its call was admitted under the
+        current limit (its epoch) and the limit was in use (``aimd_success``). A lease that already expired is not
         freed twice, but its spend and outcome still count. False when the lease was not live.
         """
         lease = self.leases.pop(lease_id, None)
@@ -343,7 +344,10 @@ class QuotaBook:
             self.aimd = aimd_rate_limited(self.aimd, lease.epoch)
             self.state = replace(self.state, paused_until=max(self.state.paused_until, now + (retry_after_s or 0.0)))
         elif outcome == "ok":
-            self.aimd = aimd_success(self.aimd, self.limits.org.max_in_flight, in_flight if live else 0)
+            # Only a call admitted under the current limit tells about it: one sent before the
+            # last cut (its epoch) says nothing about the limit that replaced it.
+            in_use = in_flight if live and lease.epoch == self.aimd.epoch else 0
+            self.aimd = aimd_success(self.aimd, self.limits.org.max_in_flight, in_use)
         return live
 
     def release_holder(self, now: float, holder: str) -> int:

@@ -835,7 +835,7 @@ class Ingress:
         finally:
             self._receipt(s, p, rid, started, status, final, key, route, error=error)
             if status == "error":
-                record_error(s, "stream")
+                record_error(s, error)
             if status == "ok" and final is not None:
                 self._maybe_audit(s, p, rid, final["text"], route)
 

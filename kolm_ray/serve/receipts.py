@@ -56,6 +56,8 @@ from kolm_ray.durable import fsync_dir
 
 log = logging.getLogger("kolm_ray.serve")
 # 4: a receipt may carry ``anchors`` (other segments' heads) and ``torn_tail`` (a torn tail cut on reopen);
+# later format-4 receipts also carry ``error`` (null unless status is "error"): an added field that
+# readers take with ``.get`` (absent: the version's error), so no new format;
 # 3: T/C/L/K on 0-100 (2 and 1 held them on 0-1); 2: records carry a kind ("call" or "audit"), 1 had calls only.
 RECEIPT_FORMAT_VERSION = 4
 FIRST_FORMAT_ON_0_100 = 3

@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
+from tests.conftest import cli_json
 
 RUNNER = CliRunner()
 ENV = "prod"
@@ -32,7 +34,7 @@ def _invoke(args, compiled, mp):
 
 
 def _status(compiled, mp) -> dict:
-    [entry] = json.loads(_invoke(["status", "--env", ENV, "--json"], compiled, mp).stdout)["specialists"]
+    [entry] = cli_json(_invoke(["status", "--env", ENV, "--json"], compiled, mp))["specialists"]
     return entry
 
 
@@ -161,7 +163,7 @@ def test_canary_split_sticky_keys_and_a_serve_restart_keep_the_routing(env, comp
     got = asyncio.run(_fire(env["url"], 2000, 32))
     assert {c for c, _ in got} == {200}
     share = sum(v == "routing@2.0" for _, v in got) / len(got)
-    assert 0.035 <= share <= 0.065, share
+    assert 0.028 <= share <= 0.072, share  # 5% +- 4.5 sigma of 2000 unkeyed (random) draws
 
     users = [f"user-{i}" for i in range(40)]
     first = dict(zip(users, (v for _, v in asyncio.run(_fire(env["url"], 40, 8, user=lambda i: users[i])))))
@@ -201,7 +203,9 @@ def test_a_canary_identical_to_stable_is_promoted_once_the_audited_evidence_suff
     assert len(audits) >= 20 and all(a["request_id"] in calls for a in audits)
     assert all(calls[a["request_id"]]["output_sha256"] == a["output_sha256"] for a in audits)
     assert sum(a["cost_usd"] for a in audits) > 0
-    assert len({a["reference_sha256"] for a in audits if not a["cached"]}) <= len(HOLDOUT)  # paid once per input
+    # Paid once per input: a repeated input's audit is answered from the cache.
+    paid = Counter(calls[a["request_id"]]["input_sha256"] for a in audits if not a["cached"])
+    assert paid and max(paid.values()) == 1, paid.most_common(3)
 
 
 def test_a_canary_that_answers_valid_but_wrong_labels_is_rolled_back_on_audited_k(env, compiled, monkeypatch):

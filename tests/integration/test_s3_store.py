@@ -19,7 +19,7 @@ from kolm_ray.errors import GateFailed, InputError, KolmRuntimeError
 from kolm_ray.store import ObjectStore, open_store
 from kolm_ray.testing.corpus import ROUTING_TASK, routing_rows
 from kolm_ray.testing.messages_api import replay_responder, sample_variants
-from tests.conftest import ROUTING_REFS, write_jsonl
+from tests.conftest import ROUTING_REFS, cli_json, write_jsonl
 from tests.conftest import ROUTING_TASK as SPECIALIST_TASK
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
 from tests.fit_kill import kill_fit_worker
@@ -57,7 +57,7 @@ def test_teacher_cache_in_a_bucket_makes_the_rerun_free(ray_session, messages_ap
 
     res = RUNNER.invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    first = json.loads(res.output[res.output.index("{"):])
+    first = cli_json(res)
     assert first["calls"] == 24 and first["cache_hits"] == 0
     entries = open_store(f"{s3_bucket}/home/cache/teacher").list()
     # endpoints/DIGEST/KEY[:2]/KEY.json: the stand-in is not the default endpoint, so its answers are kept apart
@@ -67,7 +67,7 @@ def test_teacher_cache_in_a_bucket_makes_the_rerun_free(ray_session, messages_ap
     before = srv.stats.requests
     res = RUNNER.invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    again = json.loads(res.output[res.output.index("{"):])
+    again = cli_json(res)
     assert again["calls"] == 0 and again["cache_hits"] == 24 and again["cost_usd"] == 0
     assert srv.stats.requests == before  # every answer came out of the bucket
     assert not (tmp_path / "state" / "cache").exists()  # nothing cached on local disk

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kolm_ray.cli import cli
 from kolm_ray.testing.corpus import ROUTING_TASK, TLDR_TASK, routing_rows, tldr_rows
 from kolm_ray.testing.messages_api import FaultPlan, replay_responder, sample_variants
-from tests.conftest import ASSETS, write_jsonl
+from tests.conftest import ASSETS, cli_json, write_jsonl
 
 RUNNER = CliRunner()
 
@@ -42,7 +42,7 @@ def test_sample_60_rows_k4_through_429s_and_529s_then_rerun_is_free(ray_session,
     args = ["sample", TLDR_TASK, "--examples", str(path), "--k", "4", "--out", str(out), "--json", "--max-attempts", "12"]
     res = kolm(*args)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output[res.output.index("{"):])
+    summary = cli_json(res)
     assert srv.stats.succeeded == 240  # exactly one paid answer per sample
     assert srv.stats.faults["rate_limit"] > 0 and srv.stats.faults["overloaded"] > 0
     assert summary["calls"] == 240 and summary["cache_hits"] == 0
@@ -64,7 +64,7 @@ def test_sample_60_rows_k4_through_429s_and_529s_then_rerun_is_free(ray_session,
     before = srv.stats.requests
     res = kolm(*args)
     assert res.exit_code == 0, res.output
-    again = json.loads(res.output[res.output.index("{"):])
+    again = cli_json(res)
     assert srv.stats.requests == before  # not one new call
     assert again["calls"] == 0 and again["cache_hits"] == 240 and again["cost_usd"] == 0
 
@@ -97,7 +97,7 @@ def test_batch_mode_resubmits_errored_requests_and_pays_once(ray_session, messag
             "--batch-poll", "0.05", "--out", str(out), "--json"]
     res = kolm(*args)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output[res.output.index("{"):])
+    summary = cli_json(res)
     assert summary["mode"] == "batch" and summary["calls"] == 60 and summary["failed_samples"] == 0
     assert srv.stats.succeeded == 60 and srv.stats.batch_requests > 60
     assert srv.stats.requests == 0  # nothing went through the online endpoint

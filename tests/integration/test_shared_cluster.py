@@ -4,7 +4,6 @@ same head), `kolm queue` and `kolm cancel`."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from kolm_ray.cli import cli
+from tests.conftest import cli_json
 
 RUNNER = CliRunner()
 KOLM = str(Path(sys.executable).parent / "kolm")
@@ -45,7 +45,7 @@ def test_the_readme_pipeline_serves_and_compiles_on_one_head(compiled, ray_sessi
         client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="unused", timeout=60)
         reply = client.chat.completions.create(model="routing", messages=[{"role": "user", "content": "I was charged twice"}])
         assert reply.choices[0].message.content is not None
-        done = json.loads(RUNNER.invoke(cli, ["queue", "--all", "--json"]).output)
+        done = cli_json(RUNNER.invoke(cli, ["queue", "--all", "--json"]))
         mine = [t for t in done if t["name"] == "routing-beside-serving"]
         assert mine and mine[-1]["state"] == "done" and mine[-1]["grant"] is None
     finally:
@@ -67,7 +67,7 @@ def test_a_cancelled_compile_stops_and_gives_its_place_back(compiled, ray_sessio
         ticket = None
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            tickets = json.loads(RUNNER.invoke(cli, ["queue", "--json"]).output)
+            tickets = cli_json(RUNNER.invoke(cli, ["queue", "--json"]))
             running = [t for t in tickets if t["name"] == "routing-cancelled" and t["state"] == "running"
                        and t["stage"] == "fit"]
             if running:
@@ -83,7 +83,7 @@ def test_a_cancelled_compile_stops_and_gives_its_place_back(compiled, ray_sessio
             proc.kill()
     assert proc.returncode == 1, out[-3000:]
     assert "was cancelled" in out, out[-5000:]
-    listed = {t["id"]: t for t in json.loads(RUNNER.invoke(cli, ["queue", "--all", "--json"]).output)}
+    listed = {t["id"]: t for t in cli_json(RUNNER.invoke(cli, ["queue", "--all", "--json"]))}
     assert listed[ticket]["state"] == "cancelled" and listed[ticket]["grant"] is None
     assert RUNNER.invoke(cli, ["cancel", ticket]).output.startswith(f"{ticket} had already ended")
     assert RUNNER.invoke(cli, ["cancel", "no-such-ticket"]).exit_code == 2

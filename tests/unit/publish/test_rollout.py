@@ -114,8 +114,34 @@ def test_a_canary_that_is_unavailable_far_more_often_than_stable_is_rolled_back(
     """A canary on a base of its own whose replicas keep failing: nearly every call a 503."""
     v = decide(Window(calls=40, unavailable=38, online=scores([0.9] * 2)), w(400), 5, POLICY)
     assert v.action == "rollback" and v.reason.startswith("unavailable on 95.0% of its calls vs stable's 0.0%")
+    assert "bound [+" in v.reason and "+100.0]" in v.reason  # 0/1 data: the interval is clamped to the scale
     # Not on a handful of calls: the interval is wide until the evidence is there.
     assert decide(Window(calls=20, unavailable=5, online=scores([0.9] * 15)), w(400), 5, POLICY).action == "wait"
+    # With no stable calls to compare with (all traffic on the canary), its own rate.
+    v = decide(Window(calls=500, unavailable=500), Window(), 5, POLICY)
+    assert v.action == "rollback" and "no stable calls to compare with" in v.reason
+
+
+def test_a_canary_unavailable_more_often_is_not_promoted_before_it_is_shown_either_way():
+    """8% of its calls turned away against stable's 2%: worse by more than 5 points, but not
+    shown to be (the interval reaches below 5). It is held, not promoted on its K."""
+    def turned_away(calls, unavailable):
+        return Window(calls=calls, unavailable=unavailable, online=w(calls - unavailable).online)
+
+    v = decide(turned_away(2000, 160), turned_away(4000, 80), 10**6, POLICY)
+    assert v.action == "wait" and v.reason.startswith("unavailable on 8.0% of its calls vs stable's 2.0%")
+    # The same K evidence with the canary turned away as often as stable: promoted.
+    assert decide(turned_away(2000, 40), turned_away(4000, 80), 10**6, POLICY).action == "promote"
+
+
+def test_the_error_guard_needs_min_samples_served_calls():
+    """In an overload burst most canary calls are 503s: one 500 among the few it served is not
+    an error rate yet."""
+    canary = Window(calls=20, unavailable=15, errors=1, online=scores([0.9] * 4))
+    stable = Window(calls=380, unavailable=285, errors=2, online=scores([0.9] * 93))
+    assert decide(canary, stable, 5, POLICY).action == "wait"
+    v = decide(Window(calls=40, errors=8, online=scores([0.9] * 32)), w(400, errors=4), 5, POLICY)
+    assert v.action == "rollback" and v.reason.endswith("over 40 canary calls served")
 
 
 def test_the_error_rate_is_over_the_calls_that_reached_the_version():

@@ -2,8 +2,9 @@
 
 For any observed figures, ``decide`` never promotes a canary with fewer than ``min_samples``
 calls, during the hold, without the audits it needs, or whose judged K (audited K with audits,
-else the online K) trails stable's by more than the tolerance; nor one whose error rate exceeds
-stable's by more than the allowed margin. ``choose_route`` always names an existing version
+else the online K) trails stable's by more than the tolerance; nor one whose error rate, or
+unavailable rate, exceeds stable's by more than the allowed margin; and rolls back only on
+evidence against the canary (errors, a significantly worse K or unavailability). ``choose_route`` always names an existing version
 ("canary" or "stable"), sends each routing key to one version, moves a key only towards the
 canary as the weight grows, and over many keys (or draws of a seeded generator) sends a share
 within a fixed bound of the weight: deterministic, never statistically flaky.
@@ -17,7 +18,7 @@ import random
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kolm_ray.publish.evidence import Scores
+from kolm_ray.publish.evidence import Scores, difference_bound
 from kolm_ray.publish.rollout import Policy, Window, audit_share, choose_route, decide
 
 # Reproducible in CI: the same examples every run, nothing saved between runs.
@@ -48,9 +49,10 @@ def windows(draw) -> Window:
     repeat = draw(st.sampled_from([1, 1, 3, 40, 1000]))
     online = _scores(draw(few_scores), repeat)
     errors = draw(st.integers(0, 50)) * (repeat if draw(st.booleans()) else 1)
-    calls = online.n + errors + draw(st.integers(0, 30))
+    unavailable = draw(st.integers(0, 50)) * (repeat if draw(st.booleans()) else 1)
+    calls = online.n + errors + unavailable + draw(st.integers(0, 30))
     audited = _scores(draw(few_scores), draw(st.sampled_from([1, 2, 10, 100])))
-    return Window(calls=calls, errors=errors, online=online, audited=audited)
+    return Window(calls=calls, errors=errors, unavailable=unavailable, online=online, audited=audited)
 
 
 policies = st.builds(
@@ -87,6 +89,7 @@ def test_decide_never_promotes_without_the_evidence(canary, stable, elapsed_s, p
     assert canary.calls >= p.min_samples, v.reason
     assert elapsed_s >= p.hold_s, v.reason
     assert canary.error_rate <= stable.error_rate + p.max_error_rate_delta + EPS, v.reason
+    assert canary.unavailable_rate <= stable.unavailable_rate + p.max_error_rate_delta + EPS, v.reason
     assert v.bound is not None and v.bound.lo <= v.bound.diff <= v.bound.hi
     if p.audited:
         assert v.signal == "audited"
@@ -107,10 +110,16 @@ def test_decide_rolls_back_only_on_evidence_against_the_canary(canary, stable, p
     v = decide(canary, stable, 0.0, p)
     if v.action != "rollback":
         return
-    worse_errors = canary.calls >= p.min_samples and canary.error_rate > stable.error_rate + p.max_error_rate_delta
+    worse_errors = canary.served >= p.min_samples and canary.error_rate > stable.error_rate + p.max_error_rate_delta
     worse_k = v.bound is not None and (
         v.bound.hi < -(p.audit_tolerance if v.signal == "audited" else p.tolerance))
-    assert worse_errors or worse_k, v.reason
+    # Turned away significantly more often than stable by more than the delta (its own rate
+    # against the delta when stable has no calls).
+    gone = difference_bound(canary.unavailability, stable.unavailability, p.confidence)
+    worse_unavailable = canary.calls >= p.min_samples and canary.calls > 0 and (
+        canary.unavailable_rate > p.max_error_rate_delta if stable.calls == 0
+        else gone is not None and gone.lo > 100 * p.max_error_rate_delta)
+    assert worse_errors or worse_k or worse_unavailable, v.reason
     if worse_k:
         assert v.bound.diff < 0
 

@@ -290,6 +290,18 @@ def test_a_429_pauses_everyone_for_its_retry_after_and_cuts_the_limit_once_per_b
     assert isinstance(b.try_acquire(3.0, 10, claim("c")), Grant)
 
 
+def test_successes_of_calls_sent_before_a_cut_do_not_raise_the_new_limit():
+    """A cut from 4 to 2 with the other 3 calls still out: their successes (at 3, 2, 1 in
+    flight) are of calls sent under the old limit, and say nothing about the new one."""
+    b = book(RateLimits(max_in_flight=4, calls_per_minute=10**6, tokens_per_minute=10**9))
+    grants = [b.try_acquire(0.0, 10, claim("c")) for _ in range(4)]
+    b.release(0.0, grants[0].lease, estimated=10, actual=0, outcome="rate_limited", retry_after_s=0.0)
+    assert b.aimd.limit == 2
+    for g in grants[1:]:
+        b.release(0.0, g.lease, estimated=10, actual=10)
+    assert b.aimd == Aimd(limit=2.0, epoch=1, successes=0)
+
+
 def test_successes_grow_the_limit_back_to_the_orgs():
     b = book(BIG)
     g = b.try_acquire(0.0, 10, claim("c"))
