@@ -52,9 +52,10 @@ INPUTS = [r["input"] for r in HOLDOUT]
 
 
 async def _fire(url: str, n: int, concurrency: int, user=lambda i: None, offset: int = 0,
-                inputs: list[str] = INPUTS) -> list[tuple[int | str, str | None]]:
+                inputs: list[str] = INPUTS, failures: list | None = None) -> list[tuple[int | str, str | None]]:
     """``n`` calls over ``inputs`` (by default the holdout's: live traffic the teacher can answer
-    for audits). A call that fails below HTTP (a reset connection) is reported by its error."""
+    for audits). A call that fails below HTTP (a reset connection) is reported by its error; a
+    non-200's status, time and body go to ``failures`` (what a failed assertion shows)."""
     sem = asyncio.Semaphore(concurrency)
     # A fresh connection per call: a failure here is the server's, never a reused keep-alive
     # connection the server had already closed.
@@ -67,7 +68,10 @@ async def _fire(url: str, n: int, concurrency: int, user=lambda i: None, offset:
                     body["user"] = user(i)
                 try:
                     async with c.post(f"{url}/v1/completions", json=body) as r:
-                        await r.read()
+                        got = await r.read()
+                        if r.status != 200 and failures is not None:
+                            failures.append((r.status, time.strftime("%H:%M:%S"), dict(r.headers),
+                                             got[:400].decode(errors="replace")))
                         return r.status, r.headers.get("x-kolm-version")
                 except aiohttp.ClientError as e:
                     return f"{type(e).__name__}: {e}", None
@@ -79,13 +83,15 @@ class Load:
 
     def __init__(self, url: str, inputs: list[str] = INPUTS) -> None:
         self.url, self.inputs, self.codes, self._stop = url, inputs, [], threading.Event()
+        self.failures: list = []  # (status, time, headers, body) of each non-200
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
         offset = 0
         while not self._stop.is_set():
-            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4, offset=offset, inputs=self.inputs))]
+            self.codes += [c for c, _ in asyncio.run(_fire(self.url, 8, 4, offset=offset, inputs=self.inputs,
+                                                            failures=self.failures))]
             offset += 8
 
     def stop(self) -> list[int]:
@@ -193,7 +199,7 @@ def test_a_canary_identical_to_stable_is_promoted_once_the_audited_evidence_suff
     assert st["stable"] == "3.0" and st["previous"] == "1.0" and st["canary"] is None
     reason = st["last_transition"]["reason"]
     assert reason.startswith("audited K") and "not worse by more than 10" in reason, reason
-    assert codes and set(codes) == {200}, codes
+    assert codes and set(codes) == {200}, (codes, load.failures[:3])
     _wait_for(lambda: {v for _, v in asyncio.run(_fire(env["url"], 20, 8))} == {"routing@3.0"},
               "the controller to apply the promotion")
     # Every audit is in the receipts, linked to the call it audited, and costed.
@@ -217,7 +223,7 @@ def test_a_canary_that_answers_valid_but_wrong_labels_is_rolled_back_on_audited_
     reason = st["last_transition"]["reason"]
     assert st["stable"] == "3.0" and st["canary"] is None
     assert reason.startswith("audited K") and "is below stable's 100.0 by more than 5" in reason, reason
-    assert codes and set(codes) == {200}, codes
+    assert codes and set(codes) == {200}, (codes, load.failures[:3])
 
 
 def test_with_the_teacher_down_every_call_succeeds_and_status_counts_the_missing_audits(env, compiled, monkeypatch):
@@ -236,7 +242,7 @@ def test_with_the_teacher_down_every_call_succeeds_and_status_counts_the_missing
         codes = load.stop()
     finally:
         env["oracle"].faults = FaultPlan()
-    assert codes and set(codes) == {200}, codes
+    assert codes and set(codes) == {200}, (codes, load.failures[:3])
     assert st["phase"] == "canary" and st["canary_calls"] >= 3
     assert st["evidence"]["action"] == "wait"  # no reference, no audited K: never promoted on no data
     assert st["audited_calls"]["canary"] == 0 and st["canary_audited_k"] is None and st["bound"] is None
@@ -257,7 +263,7 @@ def test_in_shadow_mode_the_canary_is_judged_on_stable_traffic_its_users_never_s
     st = _wait_for(lambda: (s := _status(compiled, monkeypatch))["phase"] == "rolled_back" and s, "rollback", 240)
     codes = load.stop()
     assert "audited K" in st["last_transition"]["reason"], st["last_transition"]
-    assert codes and set(codes) == {200}, codes
+    assert codes and set(codes) == {200}, (codes, load.failures[:3])
     audits = [r for r in read_receipts(compiled["home"] / "receipts" / f"kolm-{ENV}", since=started)
               if r.get("kind") == "audit" and r["status"] == "ok"]
     shadow = [a for a in audits if a["route"] == "shadow"]
@@ -278,6 +284,6 @@ def test_a_worse_canary_is_rolled_back_and_stable_keeps_serving(env, compiled, m
     codes = load.stop()
     assert st["stable"] == "3.0" and st["canary"] is None
     assert "online K" in st["last_transition"]["reason"] and "is below stable's" in st["last_transition"]["reason"]
-    assert codes and set(codes) == {200}, codes
+    assert codes and set(codes) == {200}, (codes, load.failures[:3])
     _wait_for(lambda: {v for _, v in asyncio.run(_fire(env["url"], 20, 8))} == {"routing@3.0"},
               "the controller to apply the rollback")
