@@ -111,18 +111,18 @@ def status_cmd(env: str, as_json: bool) -> None:
         return
     f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
 
-    def failed(who: str) -> str:
-        parts = [f"{e[f'{who}_errors']} errors"] if e[f"{who}_errors"] else []
-        parts += [f"{e[f'{who}_unavailable']} unavailable (503)"] if e[f"{who}_unavailable"] else []
+    def failed(entry: dict, who: str) -> str:
+        parts = [f"{entry[f'{who}_errors']} errors"] if entry[f"{who}_errors"] else []
+        parts += [f"{entry[f'{who}_unavailable']} unavailable (503)"] if entry[f"{who}_unavailable"] else []
         return "".join(f", {x}" for x in parts)
 
     for e in st["specialists"]:
         audited = e["audited_calls"]
         click.echo(f"{e['name']:<16}{e['phase']:<12}stable {e['stable']} (online K {f(e['stable_online_k'])}, "
-                   f"{e['stable_calls']} calls{failed('stable')}; audited K {f(e['stable_audited_k'])}, {audited['stable']} audits)")
+                   f"{e['stable_calls']} calls{failed(e, 'stable')}; audited K {f(e['stable_audited_k'])}, {audited['stable']} audits)")
         if e["canary"]:
             click.echo(f"{'':<28}canary {e['canary']} at {100 * e['weight']:g}% (online K {f(e['canary_online_k'])}, "
-                       f"{e['canary_calls']}/{e['min_samples']} calls{failed('canary')}; audited K {f(e['canary_audited_k'])}, "
+                       f"{e['canary_calls']}/{e['min_samples']} calls{failed(e, 'canary')}; audited K {f(e['canary_audited_k'])}, "
                        f"{audited['canary']} audits), hold {e['hold_left_s']:.0f} s left")
             missing = {k: e["audit_failed"][k] + e["audit_dropped"][k] for k in ("stable", "canary")}
             if e["audit"]["rate"] > 0 or any(missing.values()):

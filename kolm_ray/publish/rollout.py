@@ -118,14 +118,15 @@ def window(receipts: Iterable[dict[str, Any]], name: str, version: str, since: f
         if r["status"] == "cancelled":
             continue  # a client that hung up says nothing about the version
         calls += 1
-        if r["status"] != "ok" and r.get("error") in INFRA_ERRORS:
-            unavailable += 1
-        elif r["status"] != "ok":  # a receipt from before ``error`` was recorded counts as the version's
-            errors += 1
+        if r["status"] != "ok":  # a receipt from before ``error`` was recorded counts as the version's
+            if r.get("error") in INFRA_ERRORS:
+                unavailable += 1
+            else:
+                errors += 1
         elif r.get("k") is not None:
             online = online.add(r["k"] / 100)
-    return Window(calls=calls, errors=errors, unavailable=unavailable, online=online, audited=audited, audit_failed=failed,
-                  audit_dropped=dropped, audit_cost_usd=cost, audit_uncosted=uncosted)
+    return Window(calls=calls, errors=errors, unavailable=unavailable, online=online, audited=audited,
+                  audit_failed=failed, audit_dropped=dropped, audit_cost_usd=cost, audit_uncosted=uncosted)
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,6 @@ def unavailability_regressed(canary: Window, stable: Window, p: Policy) -> str |
     compare with, the canary's own rate against the delta."""
     delta = 100 * p.max_error_rate_delta
     rate = 100 * canary.unavailable_rate
-    if canary.calls == 0:
-        return None
     if stable.calls == 0:
         return (f"unavailable on {rate:.1f}% of its {canary.calls} calls (more than {delta:g}), and no stable "
                 f"calls to compare with") if rate > delta else None

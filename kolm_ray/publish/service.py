@@ -113,7 +113,8 @@ def manual(home: Path, env: str, name: str, action: str) -> EnvState:
 
 def env_status(home: Path, env: str, now: float | None = None) -> dict[str, Any]:
     """Each Specialist: stable and canary, weight, phase, online and audited K and calls of each
-    (and their failed calls: the version's errors, the serving path's 503s), audit failures and cost, hold left, and the evidence (bound) the controller decides on."""
+    (and their failed calls: the version's errors, the serving path's 503s), audit failures and
+    cost, hold left, and the evidence (bound) the controller decides on."""
     from kolm_ray.publish.controller import app_name, verdict_on
     from kolm_ray.serve.receipts import read_receipts
 

@@ -19,9 +19,9 @@ first client of the v3 one, which takes its ledger over: two would each admit th
   calls admitted before the cut do not cut again) and pauses admission for its ``retry-after``;
   every window of successes (as many as the limit) adds one, up to the organization's limit.
   Only a success that ends a call admitted under the current limit, while that limit was in use
-  (as many in flight as it allows), counts: a limit the callers do not fill has shown nothing about the server (TCP's congestion
-  window validation, RFC 7661), so a run's tail or a quiet hour does not raise it past what
-  was tried. Under the real limit the limiter converges instead of hammering it.
+  (as many in flight as it allows), counts: a limit the callers do not fill has shown nothing
+  about the server (TCP's congestion window validation, RFC 7661), so a run's tail or a quiet
+  hour does not raise it past what was tried. Under the real limit the limiter converges instead of hammering it.
 * **Budgets.** Each release carries the call's billed tokens and dollars; a tenant whose budget
   is spent, or a compile past its ``max_cost_usd``, is refused at ``acquire`` (``BudgetExceeded``).
 
@@ -317,8 +317,8 @@ class QuotaBook:
 
         A 429 (``outcome="rate_limited"``) pauses admission for ``retry_after_s`` and cuts the
         limit; a success counts towards the next step up when its call was admitted under the
-        current limit (its epoch) and the limit was in use (``aimd_success``). A lease that already expired is not
-        freed twice, but its spend and outcome still count. False when the lease was not live.
+        current limit (its epoch) and the limit was in use (``aimd_success``). A lease that
+        already expired is not freed twice, but its spend and outcome still count. False when the lease was not live.
         """
         lease = self.leases.pop(lease_id, None)
         live = lease is not None

@@ -162,3 +162,26 @@ def test_publish_says_which_key_it_trusts_when_one_is_given(specialists, kolm_ho
     assert res.exit_code == 0 and "first version in prod" in res.stdout, res.output
     [line] = [x for x in res.stderr.splitlines() if "trust" in x]
     assert str(specialists["public_key"]) in line
+
+
+def test_status_counts_the_versions_errors_apart_from_the_serving_paths_503s(kolm_home, monkeypatch):
+    """A receipt says what failed: a 503 (overloaded, unavailable) is the serving path's, a 500
+    (server_error) or an older receipt without `error` the version's."""
+    from kolm_ray.serve.receipts import Receipt, ReceiptWriter
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _state(kolm_home)
+    w = ReceiptWriter(kolm_home / "receipts" / "kolm-prod", "w1")
+    now = time.time()
+    for i, (version, error) in enumerate([("1.1", "overloaded"), ("1.1", "unavailable"), ("1.1", "server_error"),
+                                          ("1.0", "overloaded"), ("1.0", None)]):
+        w.append(Receipt(time=now + i * 0.1, request_id=f"r{i}", specialist="tldr", version=version,
+                         artifact_sha256="0" * 64, route="canary" if version == "1.1" else "stable", status="error",
+                         error=error, input_sha256="i", output_sha256=None, latency_ms=1, prompt_tokens=0,
+                         completion_tokens=0, t=None, c=None, l=None, k=None))
+    w.close()
+    [e] = json.loads(RUNNER.invoke(cli, ["status", "--env", "prod", "--json"]).stdout)["specialists"]
+    assert (e["canary_calls"], e["canary_errors"], e["canary_unavailable"]) == (3, 1, 2)
+    assert (e["stable_calls"], e["stable_errors"], e["stable_unavailable"]) == (2, 1, 1)
+    shown = RUNNER.invoke(cli, ["status", "--env", "prod"]).output
+    assert "3/10 calls, 1 errors, 2 unavailable (503)" in shown and "2 calls, 1 errors, 1 unavailable (503)" in shown
